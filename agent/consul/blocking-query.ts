@@ -1,0 +1,99 @@
+import type { Logger } from '../log.js';
+import { errorCode, errorMessage } from '../errors.js';
+import { sleep } from '../sleep.js';
+import type { QueryResult } from './client.js';
+
+export interface BlockingQueryOptions {
+  name: string;
+  fetch: (index: bigint | undefined, signal: AbortSignal) => Promise<QueryResult>;
+  /** Called with the first answer and with every answer whose index moved. */
+  onChange: (result: QueryResult) => void;
+  /** Called on every failed call (the loop goes on by itself). */
+  onError?: (err: unknown, attempt: number, retryInMs: number) => void;
+  /** Called on the first success after failures. */
+  onRecover?: () => void;
+  logger: Logger;
+  /** Shortest time between two calls, so a flapping index cannot turn the loop into a busy loop. */
+  minIntervalMs?: number;
+  backoffBaseMs?: number;
+  backoffMaxMs?: number;
+  random?: () => number;
+}
+
+/** Next index to send, per Consul's blocking-query rules. */
+export function nextIndex(previous: bigint | undefined, received: bigint | undefined): { index: bigint | undefined; changed: boolean } {
+  if (received === undefined) return { index: undefined, changed: true };
+  // Never block on index 0: it would return at once, forever.
+  const index = received < 1n ? 1n : received;
+  if (previous === undefined) return { index, changed: true };
+  // Same index: nothing new, ask again. Lower index (a snapshot restore, a new leader): reset to it.
+  return { index, changed: index !== previous };
+}
+
+/** Exponential backoff with full jitter, capped; attempt starts at 1. */
+export function backoffDelay(attempt: number, baseMs: number, maxMs: number, random: () => number): number {
+  const ceiling = Math.min(maxMs, baseMs * 2 ** Math.min(attempt - 1, 30));
+  return Math.round(ceiling / 2 + (random() * ceiling) / 2);
+}
+
+/** One long-poll loop that never gives up: the shape of consul-template's watch/view.go. */
+export class BlockingQuery {
+  private readonly controller = new AbortController();
+  private loop: Promise<void> | undefined;
+
+  constructor(private readonly options: BlockingQueryOptions) {}
+
+  start(): void {
+    this.loop ??= this.run();
+  }
+
+  async stop(): Promise<void> {
+    this.controller.abort();
+    await this.loop;
+  }
+
+  private async run(): Promise<void> {
+    const { name, logger } = this.options;
+    const minInterval = this.options.minIntervalMs ?? 50;
+    const base = this.options.backoffBaseMs ?? 250;
+    const max = this.options.backoffMaxMs ?? 30_000;
+    const random = this.options.random ?? Math.random;
+    const signal = this.controller.signal;
+    let index: bigint | undefined;
+    let attempt = 0;
+    while (!signal.aborted) {
+      const started = Date.now();
+      let result: QueryResult;
+      try {
+        result = await this.options.fetch(index, signal);
+      } catch (err) {
+        if (signal.aborted) return;
+        attempt += 1;
+        const delay = backoffDelay(attempt, base, max, random);
+        logger.debug({ query: name, code: errorCode(err), attempt, retryInMs: delay }, errorMessage(err));
+        this.options.onError?.(err, attempt, delay);
+        await sleep(delay, signal);
+        continue;
+      }
+      if (attempt > 0) {
+        attempt = 0;
+        this.options.onRecover?.();
+      }
+      const next = nextIndex(index, result.index);
+      if (index !== undefined && next.index !== undefined && next.index < index) {
+        logger.info({ query: name, from: index.toString(), to: next.index.toString() }, 'Consul index went backwards; reset');
+      }
+      index = next.index;
+      if (next.changed) {
+        try {
+          this.options.onChange(result);
+        } catch (err) {
+          logger.error({ query: name, code: errorCode(err), err }, 'change handler failed');
+        }
+      }
+      const elapsed = Date.now() - started;
+      const pause = Math.max(0, minInterval - elapsed) + Math.round(random() * minInterval * 0.2);
+      if (pause > 0) await sleep(pause, signal);
+    }
+  }
+}

@@ -1,0 +1,51 @@
+/** One error hierarchy: a stable `code` that logs, metrics and callers can match on. */
+export class LoopmeshError extends Error {
+  readonly code: string;
+  constructor(code: string, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.code = code;
+    this.name = new.target.name;
+  }
+}
+
+export class ConfigError extends LoopmeshError {}
+export class ConsulError extends LoopmeshError {}
+export class PlanError extends LoopmeshError {}
+export class RenderError extends LoopmeshError {}
+export class BalancerError extends LoopmeshError {}
+export class DnsError extends LoopmeshError {}
+
+export const codes = {
+  configInvalid: 'LM_ERR_CONFIG_INVALID',
+  configFile: 'LM_ERR_CONFIG_FILE',
+  consulUnreachable: 'LM_ERR_CONSUL_UNREACHABLE',
+  consulStatus: 'LM_ERR_CONSUL_STATUS',
+  consulInvalidData: 'LM_ERR_CONSUL_INVALID_DATA',
+  consulCasConflict: 'LM_ERR_CONSUL_CAS_CONFLICT',
+  planInvalidName: 'LM_ERR_PLAN_INVALID_NAME',
+  planNameCollision: 'LM_ERR_PLAN_NAME_COLLISION',
+  planNoPort: 'LM_ERR_PLAN_NO_PORT',
+  planAddressesExhausted: 'LM_ERR_PLAN_ADDRESSES_EXHAUSTED',
+  planNoAddress: 'LM_ERR_PLAN_NO_ADDRESS',
+  renderTemplate: 'LM_ERR_RENDER_TEMPLATE',
+  renderWrite: 'LM_ERR_RENDER_WRITE',
+  balancerConfig: 'LM_ERR_BALANCER_CONFIG',
+  balancerListen: 'LM_ERR_BALANCER_LISTEN',
+  balancerNoBackend: 'LM_ERR_BALANCER_NO_BACKEND',
+  dnsMalformed: 'LM_ERR_DNS_MALFORMED',
+  dnsListen: 'LM_ERR_DNS_LISTEN',
+  hostsWrite: 'LM_ERR_HOSTS_WRITE',
+  adminListen: 'LM_ERR_ADMIN_LISTEN',
+} as const;
+
+export type ErrorCode = (typeof codes)[keyof typeof codes];
+
+export function errorCode(err: unknown): string {
+  if (err instanceof LoopmeshError) return err.code;
+  if (err && typeof err === 'object' && 'code' in err && typeof err.code === 'string') return err.code;
+  return 'LM_ERR_UNKNOWN';
+}
+
+export function errorMessage(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
