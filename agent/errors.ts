@@ -14,6 +14,7 @@ export class PlanError extends LoopmeshError {}
 export class RenderError extends LoopmeshError {}
 export class BalancerError extends LoopmeshError {}
 export class DnsError extends LoopmeshError {}
+export class AdminError extends LoopmeshError {}
 
 export const codes = {
   configInvalid: 'LM_ERR_CONFIG_INVALID',

@@ -1,4 +1,4 @@
-import { pino, type Logger, type LevelWithSilent } from 'pino';
+import { pino, destination, type Logger, type LevelWithSilent } from 'pino';
 
 export type { Logger };
 
@@ -25,7 +25,7 @@ export function createLogger(options: LogOptions): Logger {
       transport: { target: 'pino-pretty', options: { destination: 2, colorize: true, ignore: 'pid,hostname' } },
     });
   }
-  return pino({ level: options.level, redact, base: { pid: process.pid } }, pino.destination(2));
+  return pino({ level: options.level, redact, base: { pid: process.pid } }, destination(2));
 }
 
 /** For tests and library use: logs nothing. */

@@ -69,6 +69,9 @@ export class BlockingQuery {
       } catch (err) {
         if (signal.aborted) return;
         attempt += 1;
+        // After a failure the cluster may have restarted with lower indexes; blocking on the old one
+        // would hang for the whole wait, so the next call is a plain read.
+        index = undefined;
         const delay = backoffDelay(attempt, base, max, random);
         logger.debug({ query: name, code: errorCode(err), attempt, retryInMs: delay }, errorMessage(err));
         this.options.onError?.(err, attempt, delay);

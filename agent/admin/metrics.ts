@@ -1,0 +1,27 @@
+import type { StatusReport } from './report.js';
+
+function label(value: string): string {
+  return value.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n');
+}
+
+/** Prometheus text exposition of the status report. */
+export function prometheusText(report: StatusReport): string {
+  const out: string[] = [];
+  const metric = (name: string, type: 'gauge' | 'counter', help: string, rows: [string, number][]): void => {
+    out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+    for (const [labels, value] of rows) out.push(`${name}${labels} ${value}`);
+  };
+  const perRoute = (pick: (r: StatusReport['routes'][number]) => number): [string, number][] =>
+    report.routes.map((r) => [`{service="${label(r.service)}"}`, pick(r)]);
+  metric('loopmesh_consul_connected', 'gauge', '1 when the last call to Consul succeeded; 0 while serving last-known-good routes', [['', report.consul.connected ? 1 : 0]]);
+  metric('loopmesh_consul_errors_total', 'counter', 'Failed calls to Consul by error code', Object.entries(report.consul.errors).map(([code, n]) => [`{code="${label(code)}"}`, n]));
+  metric('loopmesh_routes', 'gauge', 'Routes in the loaded balancer config', [['', report.routes.length]]);
+  metric('loopmesh_problems', 'gauge', 'Services skipped or templates failing, by code', Object.entries(report.problems.reduce<Record<string, number>>((acc, p) => ({ ...acc, [p.code]: (acc[p.code] ?? 0) + 1 }), {})).map(([code, n]) => [`{code="${label(code)}"}`, n]));
+  metric('loopmesh_route_listening', 'gauge', '1 when the route listener is open', perRoute((r) => (r.listening ? 1 : 0)));
+  metric('loopmesh_route_backends', 'gauge', 'Healthy backends per route', perRoute((r) => r.healthyBackends));
+  metric('loopmesh_route_connections_active', 'gauge', 'Open client connections per route', perRoute((r) => r.activeConnections));
+  metric('loopmesh_route_connections_total', 'counter', 'Client connections accepted per route', perRoute((r) => r.totalConnections));
+  metric('loopmesh_route_connections_failed_total', 'counter', 'Client connections closed because no backend could be reached', perRoute((r) => r.failedConnections));
+  metric('loopmesh_route_connect_retries_total', 'counter', 'Backend connect failures retried on another backend', perRoute((r) => r.retries));
+  return `${out.join('\n')}\n`;
+}

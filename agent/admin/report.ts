@@ -1,0 +1,66 @@
+import { hostname } from 'node:os';
+import type { Agent, Problem } from '../agent.js';
+import type { ConsulStatus } from '../consul/catalog-watcher.js';
+
+export interface BackendReport {
+  id: string;
+  address: string;
+  port: number;
+  activeConnections: number;
+  totalConnections: number;
+}
+
+export interface RouteReport {
+  service: string;
+  name: string;
+  fqdn: string;
+  address: string;
+  port: number;
+  listening: boolean;
+  healthyBackends: number;
+  activeConnections: number;
+  totalConnections: number;
+  failedConnections: number;
+  retries: number;
+  backends: BackendReport[];
+}
+
+/** The JSON of /v1/routes, which `loopmesh status` prints as a table. */
+export interface StatusReport {
+  node: string;
+  consul: ConsulStatus;
+  lastRenderAt: number | undefined;
+  routes: RouteReport[];
+  problems: Problem[];
+}
+
+/** What is served (the balancer's view), not only what was planned. */
+export function routeReport(agent: Agent): StatusReport {
+  const served = new Map(agent.dataPlane.balancer.snapshot().map((s) => [s.service, s]));
+  const config = agent.dataPlane.config();
+  const routes = (config?.services ?? []).map((spec): RouteReport => {
+    const s = served.get(spec.service);
+    const backends = (s?.backends ?? spec.backends).map((b) => ({
+      id: b.id,
+      address: b.address,
+      port: b.port,
+      activeConnections: 'activeConnections' in b && typeof b.activeConnections === 'number' ? b.activeConnections : 0,
+      totalConnections: 'totalConnections' in b && typeof b.totalConnections === 'number' ? b.totalConnections : 0,
+    }));
+    return {
+      service: spec.service,
+      name: spec.name,
+      fqdn: spec.fqdn,
+      address: spec.address,
+      port: spec.port,
+      listening: s?.listening ?? false,
+      healthyBackends: backends.length,
+      activeConnections: s?.activeConnections ?? 0,
+      totalConnections: s?.totalConnections ?? 0,
+      failedConnections: s?.failedConnections ?? 0,
+      retries: s?.retries ?? 0,
+      backends,
+    };
+  });
+  return { node: hostname(), consul: agent.watcher.status(), lastRenderAt: agent.lastRenderAt, routes, problems: agent.problems() };
+}

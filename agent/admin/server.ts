@@ -1,0 +1,73 @@
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import type { Agent } from '../agent.js';
+import type { Endpoint } from '../config/config.js';
+import { AdminError, codes } from '../errors.js';
+import type { Logger } from '../log.js';
+import { routeReport } from './report.js';
+import { prometheusText } from './metrics.js';
+
+export interface AdminServerOptions {
+  endpoint: Endpoint;
+  agent: Agent;
+  logger: Logger;
+}
+
+/** Loopback HTTP: /health, /v1/routes (what `loopmesh status` shows), /metrics, and / for people. */
+export class AdminServer {
+  private readonly server: Server;
+
+  constructor(private readonly options: AdminServerOptions) {
+    this.server = createServer((req, res) => this.handle(req, res));
+  }
+
+  start(): Promise<void> {
+    const { host, port } = this.options.endpoint;
+    return new Promise((resolve, reject) => {
+      const onError = (err: NodeJS.ErrnoException): void =>
+        reject(new AdminError(codes.adminListen, `admin HTTP cannot listen on ${host}:${port}: ${err.code ?? err.message}; pick another with --admin ADDR:PORT or --admin off`, { cause: err }));
+      this.server.once('error', onError);
+      this.server.listen(port, host, () => {
+        this.server.off('error', onError);
+        resolve();
+      });
+    });
+  }
+
+  url(): string {
+    const a = this.server.address() as AddressInfo | null;
+    return a ? `http://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}` : '';
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve) => {
+      this.server.close(() => resolve());
+      this.server.closeAllConnections();
+    });
+  }
+
+  private handle(req: IncomingMessage, res: ServerResponse): void {
+    const path = new URL(req.url ?? '/', 'http://admin').pathname;
+    const agent = this.options.agent;
+    const send = (status: number, type: string, body: string): void => {
+      res.writeHead(status, { 'content-type': type, 'cache-control': 'no-store' });
+      res.end(body);
+    };
+    if (req.method !== 'GET' && req.method !== 'HEAD') return send(405, 'text/plain', 'expected GET\n');
+    const report = routeReport(agent);
+    switch (path) {
+      case '/health':
+        return send(200, 'application/json', `${JSON.stringify({ status: report.consul.connected ? 'ok' : 'degraded', consul: report.consul, routes: report.routes.length })}\n`);
+      case '/v1/routes':
+        return send(200, 'application/json', `${JSON.stringify(report, null, 2)}\n`);
+      case '/metrics':
+        return send(200, 'text/plain; version=0.0.4', prometheusText(report));
+      case '/': {
+        const lines = report.routes.map((r) => `${r.fqdn}  ${r.address}:${r.port}  ${r.healthyBackends} backend(s)  ${r.listening ? 'listening' : 'NOT listening'}`);
+        return send(200, 'text/plain; charset=utf-8', `loopmesh on ${report.node}: consul ${report.consul.connected ? 'connected' : 'UNREACHABLE (serving last-known-good)'}\n\n${lines.join('\n')}\n${report.problems.map((p) => `\nproblem ${p.code}: ${p.message}`).join('')}\n`);
+      }
+      default:
+        return send(404, 'text/plain', `no such path ${path}; expected /health, /v1/routes, /metrics or /\n`);
+    }
+  }
+}

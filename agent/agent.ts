@@ -1,0 +1,167 @@
+import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { AdminServer } from './admin/server.js';
+import type { AgentConfig } from './config/config.js';
+import { AddressBook } from './consul/address-book.js';
+import type { Catalog, CatalogProblem } from './consul/catalog.js';
+import { CatalogWatcher } from './consul/catalog-watcher.js';
+import { ConsulClient } from './consul/client.js';
+import { DataPlane } from './data-plane/data-plane.js';
+import { errorCode, type RenderError } from './errors.js';
+import type { Logger } from './log.js';
+import { plan, planLabels, type PlanProblem, type Route } from './plan/plan.js';
+import { balancerFile, renderAll, writeRendered } from './render/render.js';
+import { builtinTemplatesDir, loadTemplates, type Template } from './render/templates.js';
+
+export interface Problem {
+  service?: string;
+  code: string;
+  message: string;
+}
+
+/** watch -> plan -> render -> (files) -> data plane, with the admin API on the side. */
+export class Agent {
+  readonly client: ConsulClient;
+  readonly watcher: CatalogWatcher;
+  readonly dataPlane: DataPlane;
+  private readonly addresses: AddressBook;
+  private readonly admin: AdminServer | undefined;
+  private templates: Template[] = [];
+  private templateErrors: RenderError[] = [];
+  private catalog: Catalog | undefined;
+  private routesValue: Route[] = [];
+  private catalogProblems: CatalogProblem[] = [];
+  private planProblems: PlanProblem[] = [];
+  private renderErrors: RenderError[] = [];
+  private reconciling: Promise<void> | undefined;
+  private again = false;
+  private readonly reported = new Set<string>();
+  lastRenderAt: number | undefined;
+
+  constructor(
+    readonly config: AgentConfig,
+    private readonly logger: Logger,
+  ) {
+    this.client = new ConsulClient({ url: config.consul, token: config.token, datacenter: config.datacenter });
+    this.addresses = new AddressBook({
+      client: this.client,
+      logger: logger.child({ stage: 'plan' }),
+      key: `${config.kvPrefix}/addresses`,
+      range: config.range,
+      cacheFile: join(config.runDir, 'addresses.json'),
+    });
+    this.watcher = new CatalogWatcher({
+      client: this.client,
+      logger: logger.child({ stage: 'watch' }),
+      selection: { services: config.services, tag: config.tag },
+      filter: { allowWarning: config.allowWarning },
+      onCatalog: (catalog) => this.catalogChanged(catalog),
+      onProblems: (problems) => {
+        this.catalogProblems = problems;
+        this.report(problems.map((p) => ({ ...p, code: 'LM_ERR_CONSUL_INVALID_DATA' })));
+      },
+    });
+    this.dataPlane = new DataPlane({
+      runDir: config.runDir,
+      logger,
+      suffix: config.suffix,
+      dns: config.dns,
+      hostsFile: config.hostsFile,
+      connectTimeoutMs: config.connectTimeoutMs,
+      drainTimeoutMs: config.drainTimeoutMs,
+    });
+    this.admin = config.admin ? new AdminServer({ endpoint: config.admin, agent: this, logger: logger.child({ stage: 'admin' }) }) : undefined;
+  }
+
+  async start(): Promise<void> {
+    await mkdir(this.config.runDir, { recursive: true });
+    const dirs = [builtinTemplatesDir(), ...(this.config.templates ? [this.config.templates] : [])];
+    const loaded = await loadTemplates(dirs);
+    this.templates = loaded.templates;
+    this.templateErrors = loaded.errors;
+    for (const err of loaded.errors) this.logger.error({ code: err.code }, err.message);
+    // The data plane first: after a restart it serves the last rendered files before Consul answers.
+    await this.dataPlane.start();
+    await this.addresses.load();
+    await this.admin?.start();
+    this.watcher.start();
+  }
+
+  async stop(): Promise<void> {
+    await this.watcher.stop();
+    await this.reconciling;
+    await this.admin?.close();
+    await this.dataPlane.close();
+    this.client.close();
+  }
+
+  routes(): readonly Route[] {
+    return this.routesValue;
+  }
+
+  problems(): Problem[] {
+    return [...this.catalogProblems.map((p) => ({ ...p, code: 'LM_ERR_CONSUL_INVALID_DATA' })), ...this.planProblems, ...this.templateErrors, ...this.renderErrors].map((p) => ({
+      ...('service' in p && p.service !== undefined ? { service: p.service } : {}),
+      code: p.code,
+      message: p.message,
+    }));
+  }
+
+  adminUrl(): string | undefined {
+    return this.admin?.url();
+  }
+
+  private catalogChanged(catalog: Catalog): void {
+    this.catalog = catalog;
+    void this.reconcile();
+  }
+
+  /** One reconcile at a time; a change during one runs another right after. */
+  private reconcile(): Promise<void> {
+    if (this.reconciling) {
+      this.again = true;
+      return this.reconciling;
+    }
+    this.reconciling = (async () => {
+      do {
+        this.again = false;
+        try {
+          await this.reconcileOnce();
+        } catch (err) {
+          this.logger.error({ code: errorCode(err), err }, 'reconcile failed; the last rendered files stay in service');
+        }
+      } while (this.again);
+    })().finally(() => (this.reconciling = undefined));
+    return this.reconciling;
+  }
+
+  private async reconcileOnce(): Promise<void> {
+    const catalog = this.catalog;
+    if (!catalog) return;
+    const { labels } = planLabels([...catalog.keys()]);
+    const { table } = await this.addresses.ensure([...labels.values()]);
+    const planned = plan(catalog, table, this.routesValue, { suffix: this.config.suffix, empty: this.config.empty });
+    this.planProblems = planned.problems;
+    this.report(planned.problems);
+    const rendered = renderAll(this.templates, { routes: planned.routes, suffix: this.config.suffix });
+    const written = await writeRendered(this.config.runDir, rendered.files);
+    this.renderErrors = [...rendered.errors, ...written.errors];
+    for (const err of this.renderErrors) this.logger.error({ code: err.code }, `${err.message}; the previous file stays in service`);
+    if (!rendered.failed.includes(balancerFile)) this.routesValue = planned.routes;
+    this.lastRenderAt = Date.now();
+    if (written.changed.length > 0) {
+      this.logger.debug({ files: written.changed }, 'rendered');
+      await this.dataPlane.reload();
+    }
+  }
+
+  /** Each problem is logged once while it lasts, not on every change. */
+  private report(problems: readonly { service?: string; code: string; message: string }[]): void {
+    for (const p of problems) {
+      const key = `${p.code}:${p.message}`;
+      if (this.reported.has(key)) continue;
+      this.reported.add(key);
+      this.logger.warn({ code: p.code, service: p.service }, p.message);
+    }
+  }
+}

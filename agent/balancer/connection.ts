@@ -1,0 +1,149 @@
+import { connect, type Socket } from 'node:net';
+import type { Logger } from '../log.js';
+import { errorCode, errorMessage } from '../errors.js';
+import type { Backend, BackendPool } from './backend-pool.js';
+
+/** Counters of one service, shared by its current listener and any listener draining after a move. */
+export interface ServiceCounters {
+  activeConnections: number;
+  totalConnections: number;
+  failedConnections: number;
+  retries: number;
+}
+
+export interface ConnectionContext {
+  service: string;
+  pool: BackendPool;
+  counters: ServiceCounters;
+  connectTimeoutMs: number;
+  logger: Logger;
+  /** Called when no backend could take a connection. */
+  onNoBackend(reason: string): void;
+  onForwarded(): void;
+}
+
+function timeoutError(backend: Backend, ms: number): Error {
+  return Object.assign(new Error(`connect to ${backend.label} timed out after ${ms} ms`), { code: 'ETIMEDOUT' });
+}
+
+function closedCleanly(socket: Socket): boolean {
+  return socket.readableEnded && socket.writableFinished;
+}
+
+/**
+ * One client connection: dials backends in round-robin order, each at most once, while the client's
+ * bytes wait in its paused socket; then forwards both ways with half-close.
+ */
+export class ProxiedConnection {
+  private readonly tried = new Set<Backend>();
+  private dialing: { socket: Socket; timer: NodeJS.Timeout } | undefined;
+  private upstream: Socket | undefined;
+  private clientClosed = false;
+  private upstreamClosed = true;
+  private finished = false;
+
+  constructor(
+    private readonly client: Socket,
+    private readonly context: ConnectionContext,
+    private readonly onDone: (connection: ProxiedConnection) => void,
+  ) {}
+
+  start(): void {
+    const { client, context } = this;
+    context.counters.activeConnections++;
+    context.counters.totalConnections++;
+    client.setNoDelay(true);
+    // Reading starts only when the upstream is piped in, so early bytes stay buffered in the socket.
+    client.on('error', (err) => {
+      context.logger.debug({ service: context.service, code: errorCode(err), err: errorMessage(err) }, 'client connection error');
+      this.destroy();
+    });
+    client.once('close', () => {
+      this.clientClosed = true;
+      if (this.dialing) this.abortDial();
+      if (this.upstream && !closedCleanly(client)) this.upstream.destroy();
+      this.maybeDone();
+    });
+    this.dialNext(context.pool.pick(this.tried));
+  }
+
+  destroy(): void {
+    if (this.dialing) this.abortDial();
+    this.upstream?.destroy();
+    this.client.destroy();
+  }
+
+  private dialNext(backend: Backend | undefined): void {
+    if (this.clientClosed) return;
+    if (!backend) {
+      this.context.counters.failedConnections++;
+      this.context.onNoBackend(this.tried.size === 0 ? 'no backends' : `all ${this.tried.size} backends failed`);
+      this.client.destroy();
+      return;
+    }
+    this.tried.add(backend);
+    const socket = connect({ host: backend.spec.address, port: backend.spec.port, allowHalfOpen: true });
+    const timer = setTimeout(() => onFailure(timeoutError(backend, this.context.connectTimeoutMs)), this.context.connectTimeoutMs);
+    const onFailure = (err: Error): void => {
+      this.abortDial();
+      backend.failedConnects++;
+      const next = this.context.pool.pick(this.tried);
+      this.context.logger.debug(
+        { service: this.context.service, backend: backend.spec.id, code: errorCode(err), err: errorMessage(err), retry: next?.spec.id },
+        'backend connect failed',
+      );
+      if (next && !this.clientClosed) this.context.counters.retries++;
+      this.dialNext(next);
+    };
+    const onConnect = (): void => {
+      socket.off('error', onFailure);
+      clearTimeout(timer);
+      this.dialing = undefined;
+      this.forward(socket, backend);
+    };
+    socket.once('error', onFailure);
+    socket.once('connect', onConnect);
+    this.dialing = { socket, timer };
+  }
+
+  private abortDial(): void {
+    if (!this.dialing) return;
+    const { socket, timer } = this.dialing;
+    this.dialing = undefined;
+    clearTimeout(timer);
+    socket.removeAllListeners('connect');
+    socket.removeAllListeners('error');
+    // A late error from a socket we gave up on must not be unhandled.
+    socket.on('error', () => undefined);
+    socket.destroy();
+  }
+
+  private forward(upstream: Socket, backend: Backend): void {
+    const { client, context } = this;
+    this.upstream = upstream;
+    this.upstreamClosed = false;
+    backend.activeConnections++;
+    backend.totalConnections++;
+    context.onForwarded();
+    upstream.setNoDelay(true);
+    upstream.on('error', (err) => {
+      context.logger.debug({ service: context.service, backend: backend.spec.id, code: errorCode(err), err: errorMessage(err) }, 'backend connection error');
+      this.destroy();
+    });
+    upstream.once('close', () => {
+      this.upstreamClosed = true;
+      backend.activeConnections--;
+      if (!closedCleanly(upstream)) client.destroy();
+      this.maybeDone();
+    });
+    client.pipe(upstream);
+    upstream.pipe(client);
+  }
+
+  private maybeDone(): void {
+    if (this.finished || !this.clientClosed || !this.upstreamClosed || this.dialing) return;
+    this.finished = true;
+    this.context.counters.activeConnections--;
+    this.onDone(this);
+  }
+}

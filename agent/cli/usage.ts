@@ -1,0 +1,54 @@
+import { settings } from '../config/config.js';
+
+const flagLines = (): string =>
+  settings
+    .map((s) => {
+      const left = `  --${s.flag}${s.value ? ` ${s.value}` : ''}`;
+      const env = s.env.join(', ');
+      return `${left.padEnd(34)} ${s.help}${s.default !== undefined ? ` (default ${s.default})` : ''}\n${''.padEnd(35)}env ${env}`;
+    })
+    .join('\n');
+
+export const usage = {
+  main: `loopmesh: a local-proxy service mesh driven by Consul
+
+Usage: loopmesh COMMAND [flags]
+
+Commands:
+  agent      watch Consul, render configs, serve NAME.local on this node
+  status     show the routes a running agent serves (service, name, address:port, backends)
+  render     render the templates once from Consul's catalog; --dry-run prints instead of writing
+  balancer   run only the data plane (balancer, DNS, hosts) from the files in --run-dir
+
+Run 'loopmesh COMMAND --help' for a command's flags.
+`,
+  agent: () => `Usage: loopmesh agent [flags]
+
+Watches Consul's catalog (healthy instances only), gives every service a stable 127.x.y.z address,
+renders the templates into --run-dir, and serves NAME.SUFFIX:PORT with the built-in TCP balancer,
+a DNS responder and a block in the hosts file.
+
+Flags (a flag beats the environment, which beats --config, which beats the default):
+  --config FILE                      JSON file with the same settings, keys in camelCase
+${flagLines()}
+  --help                             this text
+`,
+  status: `Usage: loopmesh status [--admin ADDR:PORT] [--json]
+
+Asks a running agent's admin HTTP (default 127.0.0.1:9190, env LOOPMESH_ADMIN) for its routes and
+prints a table: service, name, address:port, healthy backends. --json prints the raw report.
+`,
+  render: () => `Usage: loopmesh render --dry-run [flags]
+
+Reads Consul's catalog once, plans and renders every template, and prints each file that would be
+written (addresses not yet allocated are shown as they would be allocated; nothing is written to
+Consul or to disk). Takes the agent's flags.
+  --dry-run                          print instead of write (required for now)
+${flagLines()}
+`,
+  balancer: `Usage: loopmesh balancer [--run-dir DIR] [--dns ADDR:PORT|off] [--hosts-file FILE|off] [--suffix DOMAIN] [--log-level LEVEL]
+
+Runs the data plane alone from the rendered files in --run-dir (balancer.json, hosts), reloading
+when they change: a control plane crash or restart never drops traffic.
+`,
+};

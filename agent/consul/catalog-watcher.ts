@@ -1,0 +1,219 @@
+import type { Logger } from '../log.js';
+import { debounce, type Debounced } from '../debounce.js';
+import { ConsulError, codes, errorCode, errorMessage } from '../errors.js';
+import { sleep } from '../sleep.js';
+import { BlockingQuery, backoffDelay } from './blocking-query.js';
+import type { ConsulClient } from './client.js';
+import {
+  parseCatalogServices,
+  parseHealthService,
+  parseHealthState,
+  selectServices,
+  servicesAffectedByChecks,
+  type Catalog,
+  type CatalogProblem,
+  type CheckState,
+  type HealthFilter,
+  type Instance,
+  type ServiceSelection,
+} from './catalog.js';
+
+export interface ConsulStatus {
+  connected: boolean;
+  /** Epoch ms of the last successful read. */
+  lastContactAt: number | undefined;
+  lastError: { code: string; message: string; at: number } | undefined;
+  /** Failed calls since start, by error code. */
+  errors: Record<string, number>;
+}
+
+export interface CatalogWatcherOptions {
+  client: ConsulClient;
+  logger: Logger;
+  selection: ServiceSelection;
+  filter: HealthFilter;
+  onCatalog: (catalog: Catalog) => void;
+  onProblems?: (problems: CatalogProblem[]) => void;
+  waitMs?: number;
+  minIntervalMs?: number;
+  /** Most health reads in flight at once. */
+  concurrency?: number;
+}
+
+/**
+ * The one watcher per node. It holds two long polls whatever the number of services (the catalog's
+ * service list, and every check's state), and on a change reads only the services it can affect,
+ * with a bounded number of plain reads. So the load on the local Consul agent stays flat.
+ */
+export class CatalogWatcher {
+  private readonly services: BlockingQuery;
+  private readonly checks: BlockingQuery;
+  private readonly refresh: Debounced;
+  private readonly stopped = new AbortController();
+  private known = new Map<string, string[]>();
+  private checkStates = new Map<string, CheckState>();
+  private readonly instances = new Map<string, readonly Instance[]>();
+  private readonly dirty = new Set<string>();
+  private problems = new Map<string, CatalogProblem[]>();
+  private catalogSeen = false;
+  private flushing: Promise<void> | undefined;
+  private retryAttempt = 0;
+  private lastEmitted = '';
+  private readonly statusValue: ConsulStatus = { connected: false, lastContactAt: undefined, lastError: undefined, errors: {} };
+  private resolveReady!: () => void;
+  /** Resolves once the first full catalog has been read and handed to onCatalog. */
+  readonly ready = new Promise<void>((resolve) => (this.resolveReady = resolve));
+
+  constructor(private readonly options: CatalogWatcherOptions) {
+    const { client, logger } = options;
+    const common = { logger, minIntervalMs: options.minIntervalMs ?? 50, onError: (err: unknown) => this.failed(err), onRecover: () => this.recovered() };
+    const waitMs = options.waitMs ?? 60_000;
+    this.services = new BlockingQuery({
+      ...common,
+      name: 'catalog/services',
+      fetch: (index, signal) => client.catalogServices({ index, waitMs, signal }),
+      onChange: (result) => this.servicesChanged(result.body),
+    });
+    this.checks = new BlockingQuery({
+      ...common,
+      name: 'health/state/any',
+      fetch: (index, signal) => client.healthState({ index, waitMs, signal }),
+      onChange: (result) => this.checksChanged(result.body),
+    });
+    // A deregistration touches the service list and the checks within milliseconds: one read for both.
+    this.refresh = debounce(() => void this.flush(), 15, 150);
+  }
+
+  start(): void {
+    this.services.start();
+    this.checks.start();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped.abort();
+    this.refresh.cancel();
+    await Promise.all([this.services.stop(), this.checks.stop()]);
+    await this.flushing;
+  }
+
+  status(): ConsulStatus {
+    return { ...this.statusValue, errors: { ...this.statusValue.errors } };
+  }
+
+  private contact(): void {
+    this.statusValue.lastContactAt = Date.now();
+  }
+
+  private failed(err: unknown): void {
+    const code = errorCode(err);
+    this.statusValue.errors[code] = (this.statusValue.errors[code] ?? 0) + 1;
+    this.statusValue.lastError = { code, message: errorMessage(err), at: Date.now() };
+    if (this.statusValue.connected || this.statusValue.lastContactAt === undefined) {
+      // Said once per outage, not once per retry.
+      this.options.logger.warn({ code, consul: this.options.client.url }, `Consul unavailable, serving the last-known-good routes: ${errorMessage(err)}`);
+    }
+    this.statusValue.connected = false;
+  }
+
+  private recovered(): void {
+    if (!this.statusValue.connected) this.options.logger.info({ consul: this.options.client.url }, 'Consul reachable again');
+    this.statusValue.connected = true;
+    this.contact();
+  }
+
+  private servicesChanged(body: unknown): void {
+    this.recovered();
+    let all: Map<string, string[]>;
+    try {
+      all = parseCatalogServices(body);
+    } catch (err) {
+      this.failed(new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err }));
+      return;
+    }
+    this.known = new Map(selectServices(all, this.options.selection).map((name) => [name, all.get(name) ?? []]));
+    // The list does not say which service's instances moved, so every selected one is read again.
+    for (const name of this.known.keys()) this.dirty.add(name);
+    for (const name of [...this.instances.keys()]) if (!this.known.has(name)) this.instances.delete(name);
+    this.catalogSeen = true;
+    this.refresh();
+  }
+
+  private checksChanged(body: unknown): void {
+    this.recovered();
+    let next: Map<string, CheckState>;
+    try {
+      next = parseHealthState(body);
+    } catch (err) {
+      this.failed(new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err }));
+      return;
+    }
+    const nodesOf = (service: string): string[] => (this.instances.get(service) ?? []).map((i) => i.node);
+    const affected = servicesAffectedByChecks(this.checkStates, next, nodesOf, [...this.known.keys()]);
+    this.checkStates = next;
+    for (const name of affected) if (this.known.has(name)) this.dirty.add(name);
+    if (this.dirty.size > 0) this.refresh();
+  }
+
+  private flush(): Promise<void> {
+    if (this.flushing) {
+      // A flush is running: run again once it ends, so no change is missed.
+      void this.flushing.then(() => this.refresh());
+      return this.flushing;
+    }
+    this.flushing = this.readDirty().finally(() => (this.flushing = undefined));
+    return this.flushing;
+  }
+
+  private async readDirty(): Promise<void> {
+    const batch = [...this.dirty];
+    this.dirty.clear();
+    let failures = 0;
+    const queue = [...batch];
+    const worker = async (): Promise<void> => {
+      for (let name = queue.shift(); name !== undefined; name = queue.shift()) {
+        if (this.stopped.signal.aborted) return;
+        try {
+          const result = await this.options.client.healthService(name, { signal: this.stopped.signal });
+          this.contact();
+          const parsed = parseHealthService(name, result.body, this.options.filter);
+          if (this.known.has(name)) this.instances.set(name, parsed.instances);
+          this.problems.set(name, parsed.problems);
+        } catch (err) {
+          if (this.stopped.signal.aborted) return;
+          // Keep what we had for this service (fail static) and read it again after a pause.
+          failures += 1;
+          this.dirty.add(name);
+          this.failed(err);
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(this.options.concurrency ?? 8, batch.length) }, worker));
+    if (this.stopped.signal.aborted) return;
+    this.emit();
+    if (failures > 0) {
+      this.retryAttempt += 1;
+      await sleep(backoffDelay(this.retryAttempt, 250, 30_000, Math.random), this.stopped.signal);
+      if (!this.stopped.signal.aborted) this.refresh();
+    } else {
+      this.retryAttempt = 0;
+    }
+  }
+
+  private emit(): void {
+    if (!this.catalogSeen) return;
+    const catalog = new Map<string, readonly Instance[]>();
+    for (const name of this.known.keys()) {
+      const instances = this.instances.get(name);
+      // A service never read successfully is left out rather than published with no backends.
+      if (instances) catalog.set(name, instances);
+    }
+    const problems = [...this.problems.entries()].filter(([name]) => this.known.has(name)).flatMap(([, p]) => p);
+    this.options.onProblems?.(problems);
+    const fingerprint = JSON.stringify([...catalog]);
+    if (fingerprint !== this.lastEmitted) {
+      this.lastEmitted = fingerprint;
+      this.options.onCatalog(catalog);
+    }
+    if (this.dirty.size === 0) this.resolveReady();
+  }
+}

@@ -1,0 +1,88 @@
+import { readdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import Handlebars from 'handlebars';
+import { RenderError, codes } from '../errors.js';
+
+/** The templates shipped with loopmesh: <package>/templates, from agent/render or dist/agent/render. */
+export function builtinTemplatesDir(): string {
+  const here = fileURLToPath(new URL('.', import.meta.url));
+  return here.includes(`${join('dist', 'agent')}`) ? join(here, '..', '..', '..', 'templates') : join(here, '..', '..', 'templates');
+}
+
+export interface Template {
+  /** Output file name: the template's name without .hbs. */
+  output: string;
+  file: string;
+  render: (context: RenderContext) => string;
+}
+
+export interface RenderContext {
+  routes: readonly unknown[];
+  suffix: string;
+}
+
+function environment(): typeof Handlebars {
+  const hb = Handlebars.create();
+  hb.registerHelper('json', (value: unknown) => JSON.stringify(value));
+  hb.registerHelper('eq', (a: unknown, b: unknown) => a === b);
+  hb.registerHelper('join', (list: unknown, sep: unknown) => (Array.isArray(list) ? list.join(typeof sep === 'string' ? sep : ',') : ''));
+  return hb;
+}
+
+/** "Parse error on line 3" or "... - 3:10" -> 3, so the report names file and line. */
+export function errorLine(message: string): number | undefined {
+  const match = /line (\d+)/.exec(message) ?? / - (\d+):\d+\s*$/m.exec(message);
+  return match?.[1] ? Number(match[1]) : undefined;
+}
+
+export function templateError(file: string, cause: unknown): RenderError {
+  const message = cause instanceof Error ? cause.message : String(cause);
+  const line = errorLine(message);
+  const first = message.split('\n')[0] ?? message;
+  const detail = /^Parse error/.test(first) ? message.split('\n').slice(-1)[0] ?? first : first;
+  return new RenderError(codes.renderTemplate, `${file}${line ? `:${line}` : ''}: ${detail}`, { cause });
+}
+
+/** Compiles one template now, so a syntax error shows at load time with its line. */
+export function compileTemplate(file: string, source: string, output: string): Template {
+  const hb = environment();
+  try {
+    hb.parse(source);
+  } catch (cause) {
+    throw templateError(file, cause);
+  }
+  const compiled = hb.compile(source, { noEscape: true, strict: true });
+  return {
+    output,
+    file,
+    render: (context) => {
+      try {
+        return compiled(context);
+      } catch (cause) {
+        throw templateError(file, cause);
+      }
+    },
+  };
+}
+
+/**
+ * The built-in templates, overridden file by file by a user's folder. A template that does not
+ * compile is returned as an error, and the others still load.
+ */
+export async function loadTemplates(dirs: readonly string[]): Promise<{ templates: Template[]; errors: RenderError[] }> {
+  const files = new Map<string, string>();
+  for (const dir of dirs) {
+    for (const name of (await readdir(dir)).filter((n) => n.endsWith('.hbs')).sort()) files.set(name.slice(0, -4), join(dir, name));
+  }
+  const templates: Template[] = [];
+  const errors: RenderError[] = [];
+  for (const [output, file] of files) {
+    try {
+      templates.push(compileTemplate(file, await readFile(file, 'utf8'), output));
+    } catch (err) {
+      errors.push(err instanceof RenderError ? err : templateError(file, err));
+    }
+  }
+  return { templates, errors };
+}

@@ -1,0 +1,59 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { BlockingQuery, backoffDelay, nextIndex } from '../../../agent/consul/blocking-query.js';
+import type { QueryResult } from '../../../agent/consul/client.js';
+import { silentLogger } from '../../../agent/log.js';
+
+test('nextIndex follows the blocking-query rules', () => {
+  assert.deepEqual(nextIndex(undefined, 10n), { index: 10n, changed: true });
+  assert.deepEqual(nextIndex(10n, 10n), { index: 10n, changed: false }, 'same index: ask again, no event');
+  assert.deepEqual(nextIndex(10n, 12n), { index: 12n, changed: true });
+  assert.deepEqual(nextIndex(10n, 3n), { index: 3n, changed: true }, 'backwards: reset to it');
+  assert.deepEqual(nextIndex(undefined, 0n), { index: 1n, changed: true }, 'never index 0');
+  assert.deepEqual(nextIndex(5n, 0n), { index: 1n, changed: true });
+});
+
+test('backoffDelay grows, is capped and jittered within [ceiling/2, ceiling]', () => {
+  assert.equal(backoffDelay(1, 250, 30_000, () => 0), 125);
+  assert.equal(backoffDelay(1, 250, 30_000, () => 1), 250);
+  assert.equal(backoffDelay(3, 250, 30_000, () => 1), 1000);
+  assert.equal(backoffDelay(40, 250, 30_000, () => 1), 30_000);
+  assert.equal(backoffDelay(40, 250, 30_000, () => 0), 15_000);
+});
+
+test('the loop sends the last index, resets it after an error, reports changes only, and never gives up', async () => {
+  const answers: (bigint | Error)[] = [5n, 5n, 7n, new Error('down'), new Error('down'), 7n, 3n];
+  const sent: (bigint | undefined)[] = [];
+  const changes: bigint[] = [];
+  let errors = 0;
+  let recovered = 0;
+  let done!: () => void;
+  const finished = new Promise<void>((r) => (done = r));
+  const q = new BlockingQuery({
+    name: 'test',
+    logger: silentLogger(),
+    minIntervalMs: 1,
+    backoffBaseMs: 1,
+    backoffMaxMs: 5,
+    fetch: async (index): Promise<QueryResult> => {
+      sent.push(index);
+      const a = answers.shift();
+      if (a === undefined) {
+        done();
+        return new Promise(() => undefined);
+      }
+      if (a instanceof Error) throw a;
+      return { body: null, index: a, knownLeader: true };
+    },
+    onChange: (r) => changes.push(r.index ?? -1n),
+    onError: () => (errors += 1),
+    onRecover: () => (recovered += 1),
+  });
+  q.start();
+  await finished;
+  await Promise.race([q.stop(), new Promise((r) => setTimeout(r, 100))]);
+  assert.deepEqual(sent, [undefined, 5n, 5n, 7n, undefined, undefined, 7n, 3n]);
+  assert.deepEqual(changes, [5n, 7n, 7n, 3n], 'the read after an outage is reported; a repeat of the same index is not');
+  assert.equal(errors, 2);
+  assert.equal(recovered, 1);
+});

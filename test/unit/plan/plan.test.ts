@@ -1,0 +1,102 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { dnsLabel } from '../../../agent/plan/names.js';
+import { choosePort } from '../../../agent/plan/ports.js';
+import { allocate, parseRange, reservedAddresses } from '../../../agent/plan/addresses.js';
+import { plan, planLabels } from '../../../agent/plan/plan.js';
+import type { Instance } from '../../../agent/consul/catalog.js';
+
+function instance(id: string, port: number, meta: Record<string, string> = {}): Instance {
+  return { id: `n1/${id}`, node: 'n1', address: '10.0.0.1', port, datacenter: 'dc1', tags: [], meta, status: 'passing' };
+}
+
+test('dnsLabel turns service names into RFC 1123 labels or refuses them', () => {
+  const cases: [string, string | null][] = [
+    ['web', 'web'],
+    ['Web', 'web'],
+    ['user_api', 'user-api'],
+    ['redis-6', 'redis-6'],
+    ['a'.repeat(63), 'a'.repeat(63)],
+    ['a'.repeat(64), null],
+    ['-web', null],
+    ['web-', null],
+    ['web.v2', null],
+    ['wéb', null],
+    ['', null],
+    ['has space', null],
+  ];
+  for (const [input, expected] of cases) {
+    const r = dnsLabel(input);
+    assert.equal(r.ok ? r.label : null, expected, `dnsLabel(${JSON.stringify(input)})`);
+  }
+});
+
+test('choosePort: meta loopmesh-port wins, else the most common port, ties to the lowest', () => {
+  const cases: [string, Instance[], number | undefined, number | string][] = [
+    ['meta', [instance('a', 8080, { 'loopmesh-port': '80' }), instance('b', 8081)], undefined, 80],
+    ['most common', [instance('a', 9000), instance('b', 9001), instance('c', 9001)], undefined, 9001],
+    ['tie to lowest', [instance('a', 9002), instance('b', 9001)], undefined, 9001],
+    ['bad meta ignored', [instance('a', 7000, { 'loopmesh-port': 'http' })], undefined, 7000],
+    ['no instances keeps previous', [], 6379, 6379],
+    ['no instances, nothing known', [], undefined, 'no healthy instance'],
+    ['meta out of range and nothing else', [], undefined, 'no healthy instance'],
+  ];
+  for (const [name, instances, previous, expected] of cases) {
+    const r = choosePort(instances, previous);
+    if (typeof expected === 'number') assert.deepEqual(r.ok && r.port, expected, name);
+    else assert.ok(!r.ok && r.reason.includes(expected), `${name}: ${JSON.stringify(r)}`);
+  }
+});
+
+test('parseRange accepts CIDRs inside 127/8 and names the bad value otherwise', () => {
+  const r = parseRange('127.77.0.0/16');
+  assert.equal(r.first, (127 << 24 >>> 0) + (77 << 16) + 1);
+  assert.equal(r.last, (127 << 24 >>> 0) + (77 << 16) + 65534);
+  for (const bad of ['10.0.0.0/8', '127.0.0.0/33', '127.0.0.0', 'nonsense', '127.0.0.0/31']) {
+    assert.throws(() => parseRange(bad), (err: Error) => err.message.includes(`"${bad}"`), bad);
+  }
+});
+
+test('allocate gives the lowest free address, skips reserved ones, is deterministic and reports exhaustion', () => {
+  const range = parseRange('127.0.0.0/29'); // .1 to .6; .1 is reserved
+  const first = allocate({}, ['b', 'a'], range);
+  assert.deepEqual(first.table, { a: '127.0.0.2', b: '127.0.0.3' });
+  assert.ok(!Object.values(first.table).some((a) => reservedAddresses.includes(a)));
+  const again = allocate(first.table, ['c', 'a'], range);
+  assert.equal(again.table.a, '127.0.0.2', 'existing addresses never move');
+  assert.equal(again.table.c, '127.0.0.4');
+  const full = allocate(again.table, ['d', 'e', 'f', 'g'], range);
+  assert.deepEqual(full.exhausted, ['f', 'g']);
+  assert.deepEqual(allocate({}, ['x', 'y'], range).table, allocate({}, ['y', 'x'], range).table, 'order of names does not matter');
+});
+
+test('planLabels skips invalid names and collisions without touching other services', () => {
+  const { labels, problems } = planLabels(['web', 'Web', 'WEB_', 'api', 'API_v2', 'api-v2', 'bad.name', 'x_y', 'X_Y']);
+  assert.equal(labels.get('web'), 'web');
+  assert.equal(labels.get('api'), 'api');
+  assert.equal(labels.get('api-v2'), 'api-v2', 'the exact name keeps its label');
+  assert.equal(labels.has('API_v2'), false);
+  assert.equal(labels.has('Web'), false);
+  assert.equal(labels.has('x_y') || labels.has('X_Y'), false, 'no exact owner: both skipped');
+  const codesBy = Object.fromEntries(problems.map((p) => [p.service, p.code]));
+  assert.equal(codesBy['bad.name'], 'LM_ERR_PLAN_INVALID_NAME');
+  assert.equal(codesBy['Web'], 'LM_ERR_PLAN_NAME_COLLISION');
+  assert.match(problems.find((p) => p.service === 'WEB_')?.message ?? '', /WEB_/);
+});
+
+test('plan builds routes from catalog and addresses; a service without address or port is skipped alone', () => {
+  const catalog = new Map<string, Instance[]>([
+    ['web', [instance('w1', 8080, { 'loopmesh-port': '80' }), instance('w2', 8081, { 'loopmesh-port': '80' })]],
+    ['redis', [instance('r1', 6379)]],
+    ['noaddr', [instance('n1', 1234)]],
+    ['empty', []],
+    ['bad.name', [instance('b1', 1)]],
+  ]);
+  const { routes, problems } = plan(catalog, { web: '127.77.0.2', redis: '127.77.0.3', empty: '127.77.0.4' }, [], { suffix: 'local', empty: 'reject' });
+  assert.deepEqual(routes.map((r) => [r.fqdn, r.address, r.port, r.backends.length]), [['redis.local', '127.77.0.3', 6379, 1], ['web.local', '127.77.0.2', 80, 2]]);
+  assert.deepEqual(routes.find((r) => r.name === 'web')?.backends.map((b) => `${b.address}:${b.port}`), ['10.0.0.1:8080', '10.0.0.1:8081']);
+  assert.deepEqual(problems.map((p) => [p.service, p.code]).sort(), [['bad.name', 'LM_ERR_PLAN_INVALID_NAME'], ['empty', 'LM_ERR_PLAN_NO_PORT'], ['noaddr', 'LM_ERR_PLAN_NO_ADDRESS']]);
+  const later = plan(new Map([['empty', []]]), { empty: '127.77.0.4' }, [{ ...routes[0]!, service: 'empty', name: 'empty', port: 5432 }], { suffix: 'local', empty: 'reject' });
+  assert.equal(later.routes[0]?.port, 5432, 'a service that lost all instances keeps its port');
+  assert.deepEqual(later.routes[0]?.backends, []);
+});
