@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test command (npm test): installs what the tests need, then runs every test with node's runner.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+ensure_packages curl:curl dig:dnsutils getent:libc-bin unshare:util-linux haproxy:haproxy ip:iproute2
+ensure_node_modules
+ensure_consul
+log "consul: $CONSUL_BIN"
+
+if [ $# -gt 0 ]; then
+  files=("$@")
+else
+  mapfile -t files < <(find test/unit test/integration -name '*.test.ts' 2>/dev/null | sort)
+fi
+log "running ${#files[@]} test files"
+exec node --import tsx --test --test-reporter=spec "${files[@]}"

@@ -1,0 +1,155 @@
+import { once } from 'node:events';
+import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import type { TestContext } from 'node:test';
+import type { BackendSpec, BalancerConfig, ServiceSpec } from '../../../agent/balancer/config.js';
+
+/**
+ * A backend that greets with "<id>\n", echoes what it gets, and on the client's end answers
+ * "bye <id>\n" before ending, so a test sees which backend served and that half-close works.
+ */
+export interface TestBackend {
+  id: string;
+  port: number;
+  spec: BackendSpec;
+  server: Server;
+  connections: number;
+  close(): Promise<void>;
+}
+
+export async function startBackend(t: TestContext, id: string): Promise<TestBackend> {
+  const sockets = new Set<Socket>();
+  const server = createServer({ allowHalfOpen: true }, (socket) => {
+    backend.connections++;
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+    socket.on('error', () => undefined);
+    socket.write(`${id}\n`);
+    socket.on('data', (chunk) => socket.write(chunk));
+    socket.on('end', () => socket.end(`bye ${id}\n`));
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const port = (server.address() as AddressInfo).port;
+  const close = async (): Promise<void> => {
+    if (!server.listening) return;
+    const closed = once(server, 'close');
+    server.close();
+    for (const socket of sockets) socket.destroy();
+    await closed;
+  };
+  const backend: TestBackend = { id, port, spec: { id, address: '127.0.0.1', port }, server, connections: 0, close };
+  t.after(close);
+  return backend;
+}
+
+/** A backend address where nothing listens: connecting is refused. */
+export async function deadBackend(id: string): Promise<BackendSpec> {
+  return { id, address: '127.0.0.1', port: await freePort('127.0.0.1') };
+}
+
+export async function freePort(host: string): Promise<number> {
+  const server = createServer();
+  server.listen(0, host);
+  await once(server, 'listening');
+  const port = (server.address() as AddressInfo).port;
+  server.close();
+  await once(server, 'close');
+  return port;
+}
+
+/** A client that records everything it receives. */
+export class TestClient {
+  received = '';
+  ended = false;
+  readonly closed: Promise<void>;
+  private readonly waiters = new Set<() => void>();
+
+  constructor(readonly socket: Socket) {
+    socket.setEncoding('utf8');
+    socket.on('data', (chunk: string) => {
+      this.received += chunk;
+      this.notify();
+    });
+    socket.on('end', () => {
+      this.ended = true;
+      this.notify();
+    });
+    socket.on('error', () => undefined);
+    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
+  }
+
+  /** Resolves once `text` was received; rejects after `ms`. */
+  waitFor(text: string, ms = 3000): Promise<void> {
+    return this.waitUntil(() => this.received.includes(text), `"${text}" (received ${JSON.stringify(this.received)})`, ms);
+  }
+
+  waitForEnd(ms = 3000): Promise<void> {
+    return this.waitUntil(() => this.ended, 'end', ms);
+  }
+
+  private waitUntil(done: () => boolean, what: string, ms: number): Promise<void> {
+    if (done()) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const check = (): void => {
+        if (!done()) return;
+        clearTimeout(timer);
+        this.waiters.delete(check);
+        resolve();
+      };
+      const timer = setTimeout(() => {
+        this.waiters.delete(check);
+        reject(new Error(`timed out after ${ms} ms waiting for ${what}`));
+      }, ms);
+      this.waiters.add(check);
+    });
+  }
+
+  private notify(): void {
+    for (const waiter of [...this.waiters]) waiter();
+  }
+}
+
+export function dial(t: TestContext, address: string, port: number): TestClient {
+  const client = new TestClient(connect({ host: address, port, allowHalfOpen: true }));
+  t.after(() => client.socket.destroy());
+  return client;
+}
+
+/** Resolves with the first line the balancer relays: the id of the backend that took the connection. */
+export async function servedBy(t: TestContext, address: string, port: number): Promise<string> {
+  const client = dial(t, address, port);
+  await client.waitFor('\n');
+  client.socket.destroy();
+  return client.received.split('\n')[0] ?? '';
+}
+
+/** Resolves whether `ms` passed without the promise settling. */
+export async function stillPending(promise: Promise<unknown>, ms: number): Promise<boolean> {
+  let settled = false;
+  void promise.then(
+    () => (settled = true),
+    () => (settled = true),
+  );
+  await new Promise((resolve) => setTimeout(resolve, ms));
+  return !settled;
+}
+
+export function service(name: string, address: string, port: number, backends: BackendSpec[], extra: Partial<ServiceSpec> = {}): ServiceSpec {
+  return { service: name, name, fqdn: `${name}.local`, address, port, policy: 'round-robin', empty: 'reject', backends, ...extra };
+}
+
+export function config(...services: ServiceSpec[]): BalancerConfig {
+  return { version: 1, services };
+}
+
+export function waitUntil(check: () => boolean, what: string, ms = 3000): Promise<void> {
+  const started = Date.now();
+  return new Promise((resolve, reject) => {
+    const poll = (): void => {
+      if (check()) return resolve();
+      if (Date.now() - started > ms) return reject(new Error(`timed out after ${ms} ms waiting for ${what}`));
+      setTimeout(poll, 10);
+    };
+    poll();
+  });
+}

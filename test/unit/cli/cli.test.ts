@@ -1,0 +1,53 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { execa } from 'execa';
+
+const main = join(import.meta.dirname, '..', '..', '..', 'agent', 'cli', 'main.ts');
+const cli = (...args: string[]) => execa('node', ['--import', 'tsx', main, ...args], { reject: false, env: { CONSUL_HTTP_ADDR: '', LOOPMESH_ADMIN: '' } });
+
+test('bad flags and values: one line naming them, exit status 2', async () => {
+  const cases: [string[], RegExp][] = [
+    [['agent', '--colour', 'blue'], /^loopmesh: unknown flag --colour; expected one of --help, --config, --consul/],
+    [['agent', '--dns', 'nowhere'], /^loopmesh: --dns: expected ADDRESS:PORT .* got "nowhere", or "off"$/],
+    [['agent', '--range', '192.168.0.0/16'], /^loopmesh: --range: expected a CIDR range inside 127\.0\.0\.0\/8 .*"192\.168\.0\.0\/16"$/],
+    [['agent', '--log-level', 'chatty'], /^loopmesh: --log-level: expected one of .* got "chatty"$/],
+    [['agent', '--config', '/nonexistent/loopmesh.json'], /^loopmesh: config file \/nonexistent\/loopmesh\.json: cannot read it \(ENOENT\)$/],
+    [['agent', 'extra'], /^loopmesh: unexpected argument "extra"; expected only flags$/],
+    [['agent', '--consul'], /^loopmesh: flag --consul expects a value$/],
+    [['frobnicate'], /^loopmesh: unknown command "frobnicate"; expected agent, status, render or balancer$/],
+    [['render'], /^loopmesh: render: expected --dry-run/],
+    [['status', '--admin', 'x'], /^loopmesh: --admin: expected ADDRESS:PORT/],
+  ];
+  await Promise.all(
+    cases.map(async ([args, pattern]) => {
+      const r = await cli(...args);
+      assert.equal(r.exitCode, 2, `${args.join(' ')}: exit ${r.exitCode}, stderr ${r.stderr}`);
+      assert.equal(r.stderr.trim().split('\n').length, 1, `${args.join(' ')}: one line, got ${r.stderr}`);
+      assert.match(r.stderr.trim(), pattern, args.join(' '));
+    }),
+  );
+});
+
+test('--help everywhere, exit 0, naming the flags', async () => {
+  const cases: [string[], RegExp][] = [
+    [['--help'], /Commands:[\s\S]*agent[\s\S]*status[\s\S]*render/],
+    [['agent', '--help'], /--consul URL[\s\S]*CONSUL_HTTP_ADDR[\s\S]*--token-file[\s\S]*--hosts-file[\s\S]*--dns[\s\S]*--admin[\s\S]*--suffix[\s\S]*--range[\s\S]*--log-level/],
+    [['status', '--help'], /Usage: loopmesh status/],
+    [['render', '--help'], /--dry-run/],
+    [['balancer', '--help'], /--run-dir/],
+  ];
+  await Promise.all(
+    cases.map(async ([args, pattern]) => {
+      const r = await cli(...args);
+      assert.equal(r.exitCode, 0, args.join(' '));
+      assert.match(r.stdout, pattern, args.join(' '));
+    }),
+  );
+});
+
+test('status against no agent: a clear message and exit 1', async () => {
+  const r = await cli('status', '--admin', '127.0.0.1:1');
+  assert.equal(r.exitCode, 1);
+  assert.match(r.stderr, /cannot read http:\/\/127\.0\.0\.1:1\/v1\/routes .* is the agent running with --admin 127\.0\.0\.1:1\?/);
+});
