@@ -12,10 +12,10 @@ export interface ServiceCounters {
 }
 
 export interface ConnectionContext {
-  service: string;
   pool: BackendPool;
   counters: ServiceCounters;
   connectTimeoutMs: number;
+  /** Already bound to the service. */
   logger: Logger;
   /** Called when no backend could take a connection. */
   onNoBackend(reason: string): void;
@@ -53,9 +53,10 @@ export class ProxiedConnection {
     context.counters.activeConnections++;
     context.counters.totalConnections++;
     client.setNoDelay(true);
-    // Reading starts only when the upstream is piped in, so early bytes stay buffered in the socket.
+    // Until the upstream is piped in, early bytes stay buffered here and then in the kernel.
+    client.pause();
     client.on('error', (err) => {
-      context.logger.debug({ service: context.service, code: errorCode(err), err: errorMessage(err) }, 'client connection error');
+      context.logger.debug({ code: errorCode(err), err: errorMessage(err) }, 'client connection error');
       this.destroy();
     });
     client.once('close', () => {
@@ -89,7 +90,7 @@ export class ProxiedConnection {
       backend.failedConnects++;
       const next = this.context.pool.pick(this.tried);
       this.context.logger.debug(
-        { service: this.context.service, backend: backend.spec.id, code: errorCode(err), err: errorMessage(err), retry: next?.spec.id },
+        { backend: backend.spec.id, code: errorCode(err), err: errorMessage(err), retry: next?.spec.id },
         'backend connect failed',
       );
       if (next && !this.clientClosed) this.context.counters.retries++;
@@ -127,7 +128,7 @@ export class ProxiedConnection {
     context.onForwarded();
     upstream.setNoDelay(true);
     upstream.on('error', (err) => {
-      context.logger.debug({ service: context.service, backend: backend.spec.id, code: errorCode(err), err: errorMessage(err) }, 'backend connection error');
+      context.logger.debug({ backend: backend.spec.id, code: errorCode(err), err: errorMessage(err) }, 'backend connection error');
       this.destroy();
     });
     upstream.once('close', () => {

@@ -1,6 +1,7 @@
 import { once } from 'node:events';
 import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import type { TestContext } from 'node:test';
+import { Worker } from 'node:worker_threads';
 import type { BackendSpec, BalancerConfig, ServiceSpec } from '../../../agent/balancer/config.js';
 
 /**
@@ -47,21 +48,70 @@ export async function deadBackend(id: string): Promise<BackendSpec> {
   return { id, address: '127.0.0.1', port: await freePort('127.0.0.1') };
 }
 
-export async function freePort(host: string): Promise<number> {
+const blackHoleWorker = `
+const { createServer } = require('node:net');
+const { parentPort, workerData } = require('node:worker_threads');
+const server = createServer();
+server.listen({ port: 0, host: '127.0.0.1', backlog: 1 }, () => {
+  parentPort.postMessage(server.address().port);
+  Atomics.wait(new Int32Array(workerData), 0, 0);
+});
+`;
+
+/**
+ * A backend whose connects hang: a listener on a blocked thread never accepts, and once its accept
+ * queue is full the kernel drops new SYNs, as with a host that does not answer.
+ */
+export async function blackHoleBackend(t: TestContext, id: string): Promise<BackendSpec> {
+  const release = new Int32Array(new SharedArrayBuffer(4));
+  const worker = new Worker(blackHoleWorker, { eval: true, workerData: release.buffer });
+  const fillers: Socket[] = [];
+  t.after(async () => {
+    Atomics.store(release, 0, 1);
+    Atomics.notify(release, 0);
+    await worker.terminate();
+    for (const socket of fillers) socket.destroy();
+  });
+  const [port] = (await once(worker, 'message')) as [number];
+  for (let i = 0; i < 10; i++) {
+    const socket = connect({ host: '127.0.0.1', port });
+    socket.on('error', () => undefined);
+    fillers.push(socket);
+    const connected = await Promise.race([
+      once(socket, 'connect').then(() => true),
+      new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 300)),
+    ]);
+    if (!connected) return { id, address: '127.0.0.1', port };
+  }
+  throw new Error('could not fill the accept queue of the black hole listener');
+}
+
+/** A port that is free on every one of `hosts` (found by listening on port 0 on the first). */
+export async function freePort(...hosts: [string, ...string[]]): Promise<number> {
+  for (let attempt = 0; attempt < 20; attempt++) {
+    const port = await listenAndRelease(hosts[0], 0);
+    const others = await Promise.all(hosts.slice(1).map((host) => listenAndRelease(host, port).catch(() => undefined)));
+    if (others.every((p) => p === port)) return port;
+  }
+  throw new Error(`no port free on all of ${hosts.join(', ')}`);
+}
+
+async function listenAndRelease(host: string, port: number): Promise<number> {
   const server = createServer();
-  server.listen(0, host);
+  server.listen(port, host);
   await once(server, 'listening');
-  const port = (server.address() as AddressInfo).port;
+  const bound = (server.address() as AddressInfo).port;
   server.close();
   await once(server, 'close');
-  return port;
+  return bound;
 }
 
 /** A client that records everything it receives. */
 export class TestClient {
   received = '';
   ended = false;
-  readonly closed: Promise<void>;
+  /** Resolves when the other side ended or the socket closed, whichever comes first. */
+  readonly hungUp: Promise<void>;
   private readonly waiters = new Set<() => void>();
 
   constructor(readonly socket: Socket) {
@@ -75,7 +125,10 @@ export class TestClient {
       this.notify();
     });
     socket.on('error', () => undefined);
-    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
+    this.hungUp = new Promise((resolve) => {
+      socket.once('end', () => resolve());
+      socket.once('close', () => resolve());
+    });
   }
 
   /** Resolves once `text` was received; rejects after `ms`. */

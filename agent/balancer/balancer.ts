@@ -1,0 +1,133 @@
+import type { Server } from 'node:net';
+import type { Logger } from '../log.js';
+import { BalancerError, codes, errorCode, errorMessage } from '../errors.js';
+import type { BalancerConfig, ServiceSpec } from './config.js';
+import { addressKey } from './listener.js';
+import { ServiceProxy } from './service-proxy.js';
+import type { ApplyResult, ServiceStatus } from './status.js';
+
+export type { ApplyResult, BackendStatus, ServiceStatus } from './status.js';
+
+export interface BalancerOptions {
+  logger: Logger;
+  /** How long one backend gets to accept a connection before the next is tried. */
+  connectTimeoutMs?: number;
+  /** How long connections of a removed or moved listener may keep flowing. */
+  drainTimeoutMs?: number;
+}
+
+/** The built-in TCP balancer: one listener per service, changed in place by `apply`. */
+export class Balancer {
+  private readonly services = new Map<string, ServiceProxy>();
+  /** Removed services whose connections still drain; kept so `close` can cut them. */
+  private readonly retired = new Set<ServiceProxy>();
+  private readonly logger: Logger;
+  private readonly connectTimeoutMs: number;
+  private readonly drainTimeoutMs: number;
+  private applying: Promise<unknown> = Promise.resolve();
+  private closed = false;
+
+  constructor(options: BalancerOptions) {
+    this.logger = options.logger.child({ component: 'balancer' });
+    this.connectTimeoutMs = options.connectTimeoutMs ?? 2000;
+    this.drainTimeoutMs = options.drainTimeoutMs ?? 30000;
+  }
+
+  /** Applies the difference to what runs now; calls are queued so that two applies never interleave. */
+  apply(config: BalancerConfig): Promise<ApplyResult> {
+    const run = this.applying.then(() => this.applyNow(config));
+    this.applying = run.catch(() => undefined);
+    return run;
+  }
+
+  snapshot(): ServiceStatus[] {
+    return [...this.services.values()].map((proxy) => proxy.status());
+  }
+
+  /** Counters for /metrics; the same view as `snapshot`. */
+  metrics(): ServiceStatus[] {
+    return this.snapshot();
+  }
+
+  /** The listening server of a service, to check that an apply kept it. */
+  listenerOf(service: string): Server | undefined {
+    return this.services.get(service)?.server;
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await this.applying;
+    const proxies = [...this.services.values(), ...this.retired];
+    this.services.clear();
+    this.retired.clear();
+    await Promise.all(proxies.map((proxy) => proxy.close()));
+  }
+
+  private async applyNow(config: BalancerConfig): Promise<ApplyResult> {
+    if (this.closed) throw new Error('the balancer is closed');
+    const result: ApplyResult = { added: [], removed: [], updated: [], failed: [] };
+    const wanted = new Map<string, ServiceSpec>();
+    for (const spec of config.services) {
+      if (wanted.has(spec.service)) {
+        const message = `service "${spec.service}" appears more than once; the first one is used`;
+        this.logger.error({ code: codes.balancerConfig, service: spec.service }, message);
+        result.failed.push({ service: spec.service, code: codes.balancerConfig, message });
+        continue;
+      }
+      wanted.set(spec.service, spec);
+    }
+
+    for (const [service, proxy] of this.services) {
+      if (wanted.has(service)) continue;
+      this.services.delete(service);
+      this.retired.add(proxy);
+      void proxy.drain().then(() => this.retired.delete(proxy));
+      result.removed.push(service);
+    }
+
+    const toListen: ServiceProxy[] = [];
+    for (const spec of wanted.values()) {
+      let proxy = this.services.get(spec.service);
+      if (!proxy) {
+        proxy = new ServiceProxy(spec, { logger: this.logger, connectTimeoutMs: this.connectTimeoutMs, drainTimeoutMs: this.drainTimeoutMs });
+        this.services.set(spec.service, proxy);
+        toListen.push(proxy);
+        continue;
+      }
+      const changed = proxy.configure(spec);
+      if (!proxy.listening) toListen.push(proxy);
+      else if (changed) result.updated.push(spec.service);
+    }
+
+    const wasListening = new Set(toListen.filter((proxy) => proxy.listeningKey !== undefined));
+    for (const proxy of toListen) {
+      this.vacateFor(proxy);
+      const spec = proxy.status();
+      try {
+        await proxy.listen();
+        (wasListening.has(proxy) ? result.updated : result.added).push(spec.service);
+      } catch (cause) {
+        const address = addressKey(spec.address, spec.port);
+        const error = new BalancerError(
+          codes.balancerListen,
+          `service "${spec.service}": cannot listen on ${address}: ${errorMessage(cause)}`,
+          { cause },
+        );
+        this.logger.error({ code: error.code, service: spec.service, address, cause: errorCode(cause) }, error.message);
+        result.failed.push({ service: spec.service, code: error.code, message: error.message });
+      }
+    }
+
+    if (result.added.length + result.removed.length + result.updated.length + result.failed.length > 0) {
+      this.logger.debug(result, 'balancer config applied');
+    }
+    return result;
+  }
+
+  /** Another service that moves away from the address this one wants must let go of it first. */
+  private vacateFor(proxy: ServiceProxy): void {
+    for (const other of this.services.values()) {
+      if (other !== proxy && other.listeningKey === proxy.key) other.vacate();
+    }
+  }
+}

@@ -1,0 +1,156 @@
+import type { Server } from 'node:net';
+import type { Logger } from '../log.js';
+import { codes } from '../errors.js';
+import { BackendPool } from './backend-pool.js';
+import type { ServiceSpec } from './config.js';
+import { ProxiedConnection, type ConnectionContext, type ServiceCounters } from './connection.js';
+import { addressKey, ServiceListener } from './listener.js';
+import type { ServiceStatus } from './status.js';
+
+export interface ServiceProxyOptions {
+  logger: Logger;
+  connectTimeoutMs: number;
+  drainTimeoutMs: number;
+}
+
+function sameSpec(a: ServiceSpec, b: ServiceSpec): boolean {
+  return JSON.stringify(a) === JSON.stringify(b);
+}
+
+/**
+ * Everything the balancer runs for one service: its backend pool and counters, the listener on the
+ * configured address, and listeners still draining after the service moved.
+ */
+export class ServiceProxy {
+  private current: ServiceListener | undefined;
+  private readonly draining = new Map<ServiceListener, Promise<void>>();
+  private readonly pool = new BackendPool();
+  private readonly counters: ServiceCounters = { activeConnections: 0, totalConnections: 0, failedConnections: 0, retries: 0 };
+  private readonly logger: Logger;
+  private failing = false;
+  private readonly context: ConnectionContext;
+
+  constructor(
+    private spec: ServiceSpec,
+    private readonly options: ServiceProxyOptions,
+  ) {
+    this.logger = options.logger.child({ service: spec.service });
+    this.updatePool();
+    this.context = this.connectionContext();
+  }
+
+  get key(): string {
+    return addressKey(this.spec.address, this.spec.port);
+  }
+
+  /** Where the current listener accepts, which differs from `key` while a move has not succeeded. */
+  get listeningKey(): string | undefined {
+    return this.current?.listening ? this.current.key : undefined;
+  }
+
+  get listening(): boolean {
+    return this.listeningKey === this.key;
+  }
+
+  get server(): Server | undefined {
+    return this.current?.server;
+  }
+
+  /** Takes a new spec; backends swap at once. Returns whether anything changed. */
+  configure(spec: ServiceSpec): boolean {
+    if (sameSpec(this.spec, spec)) return false;
+    this.spec = spec;
+    this.updatePool();
+    return true;
+  }
+
+  /** Opens a listener on the configured address, then drains the one it replaces. */
+  async listen(): Promise<void> {
+    const listener = new ServiceListener({
+      address: this.spec.address,
+      port: this.spec.port,
+      logger: this.logger,
+      onConnection: (client, done) => new ProxiedConnection(client, this.context, done),
+    });
+    await listener.listen();
+    if (this.current) this.retire(this.current);
+    this.current = listener;
+    this.logger.info({ address: listener.key }, 'listening');
+  }
+
+  /** Frees the address this service is leaving so that another service can take it. */
+  vacate(): void {
+    if (this.current && this.current.key !== this.key) {
+      this.retire(this.current);
+      this.current = undefined;
+    }
+  }
+
+  /** For a removed service: stop accepting; resolves once every connection ended or was cut at the deadline. */
+  drain(): Promise<void> {
+    if (this.current) this.retire(this.current);
+    this.current = undefined;
+    return Promise.all(this.draining.values()).then(() => undefined);
+  }
+
+  async close(): Promise<void> {
+    const listeners = [...this.draining.keys(), ...(this.current ? [this.current] : [])];
+    this.current = undefined;
+    this.draining.clear();
+    await Promise.all(listeners.map((l) => l.destroy()));
+  }
+
+  status(): ServiceStatus {
+    const { service, name, fqdn, address, port, empty } = this.spec;
+    return {
+      service,
+      name,
+      fqdn,
+      address,
+      port,
+      listening: this.listening,
+      empty,
+      keptLast: this.pool.keptLast,
+      backends: this.pool.list().map((b) => b.status()),
+      ...this.counters,
+    };
+  }
+
+  private retire(listener: ServiceListener): void {
+    let markDrained = (): void => undefined;
+    this.draining.set(listener, new Promise<void>((resolve) => (markDrained = resolve)));
+    listener.drain(this.options.drainTimeoutMs, () => {
+      this.draining.delete(listener);
+      markDrained();
+    });
+    this.logger.info({ address: listener.key, connections: listener.connectionCount }, 'stopped accepting; draining');
+  }
+
+  private updatePool(): void {
+    const change = this.pool.update(this.spec.backends, this.spec.empty);
+    if (change === 'kept-last') {
+      this.logger.warn({ backends: this.pool.list().map((b) => b.spec.id) }, "config gives no backends; 'keep-last' keeps serving the previous ones");
+    } else if (change === 'empty') {
+      this.logger.warn({ code: codes.balancerNoBackend }, "config gives no backends; 'reject' closes new connections");
+    }
+  }
+
+  private connectionContext(): ConnectionContext {
+    return {
+      pool: this.pool,
+      counters: this.counters,
+      connectTimeoutMs: this.options.connectTimeoutMs,
+      logger: this.logger,
+      onNoBackend: (reason) => {
+        if (this.failing) return;
+        this.failing = true;
+        this.logger.warn({ code: codes.balancerNoBackend, reason }, 'closing client connections: no backend available');
+      },
+      onForwarded: () => {
+        if (!this.failing) return;
+        this.failing = false;
+        this.logger.info('a backend took a connection again');
+      },
+    };
+  }
+}
