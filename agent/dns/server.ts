@@ -1,0 +1,192 @@
+import { createSocket, type RemoteInfo, type Socket as UdpSocket } from 'node:dgram';
+import { createServer, isIPv6, type Server, type Socket } from 'node:net';
+import type { ServiceSpec } from '../balancer/config.js';
+import { DnsError, codes, errorCode, errorMessage } from '../errors.js';
+import type { Logger } from '../log.js';
+import { answerQuery, type Outcome, type Transport } from './responder.js';
+import { FrameReader, frame } from './tcp-frames.js';
+import { normalizeName, zoneFromServices, type Zone } from './zone.js';
+
+export interface DnsServerOptions {
+  host: string;
+  /** 0 picks a free port, the same one for UDP and TCP. */
+  port: number;
+  logger: Logger;
+  suffix: string;
+  /** Seconds; short, so a moved service is picked up soon. */
+  ttl?: number;
+  /** A TCP connection with no traffic for this long is closed. */
+  idleTimeoutMs?: number;
+  maxConnections?: number;
+}
+
+export type DnsStats = Record<Outcome, number> & { queries: number };
+
+/** Responses a TCP client has not read yet; past this it is not reading, and is cut off. */
+const maxUnreadBytes = 1 << 20;
+/** Attempts to find a port free for both UDP and TCP when the port is 0. */
+const portAttempts = 10;
+
+function hostPort(host: string, port: number): string {
+  return isIPv6(host) ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
+function bindUdp(host: string, port: number): Promise<UdpSocket> {
+  return new Promise((resolve, reject) => {
+    const socket = createSocket({ type: isIPv6(host) ? 'udp6' : 'udp4' });
+    socket.once('error', (err) => {
+      socket.close();
+      reject(err);
+    });
+    socket.bind(port, host, () => {
+      socket.removeAllListeners('error');
+      resolve(socket);
+    });
+  });
+}
+
+function listenTcp(server: Server, host: string, port: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+}
+
+function closeUdp(socket: UdpSocket): Promise<void> {
+  return new Promise((resolve) => socket.close(() => resolve()));
+}
+
+/** The DNS responder for the service zone, on UDP and TCP at one address. */
+export class DnsServer {
+  private zone: Zone;
+  private udp: UdpSocket | undefined;
+  private tcp: Server | undefined;
+  private readonly connections = new Set<Socket>();
+  private readonly counts: DnsStats = { queries: 0, answered: 0, nxdomain: 0, refused: 0, formerr: 0, notimp: 0, dropped: 0 };
+  private readonly ttl: number;
+  private readonly log: Logger;
+
+  constructor(private readonly options: DnsServerOptions) {
+    this.ttl = options.ttl ?? 5;
+    this.log = options.logger;
+    this.zone = zoneFromServices([], options.suffix, this.ttl);
+  }
+
+  async start(): Promise<void> {
+    if (this.udp) return;
+    const { host, port } = this.options;
+    for (let attempt = 1; ; attempt++) {
+      let udp: UdpSocket;
+      try {
+        udp = await bindUdp(host, port);
+      } catch (cause) {
+        throw new DnsError(codes.dnsListen, `cannot listen for DNS on udp ${hostPort(host, port)}: ${errorMessage(cause)}`, { cause });
+      }
+      const actual = udp.address().port;
+      const tcp = createServer((socket) => this.onConnection(socket));
+      tcp.maxConnections = this.options.maxConnections ?? 256;
+      try {
+        // The address UDP resolved to, so a host name cannot put TCP on another address family.
+        await listenTcp(tcp, udp.address().address, actual);
+      } catch (cause) {
+        await closeUdp(udp);
+        if (port === 0 && errorCode(cause) === 'EADDRINUSE' && attempt < portAttempts) continue;
+        throw new DnsError(codes.dnsListen, `cannot listen for DNS on tcp ${hostPort(host, actual)}: ${errorMessage(cause)}`, { cause });
+      }
+      udp.on('message', (message, peer) => this.onDatagram(message, peer));
+      udp.on('error', (err) => this.log.warn({ code: errorCode(err) }, `DNS UDP socket error: ${err.message}`));
+      tcp.on('error', (err) => this.log.warn({ code: errorCode(err) }, `DNS TCP listener error: ${err.message}`));
+      this.udp = udp;
+      this.tcp = tcp;
+      this.log.info({ address: hostPort(host, actual), suffix: this.zone.suffix }, 'DNS responder listening (UDP and TCP)');
+      return;
+    }
+  }
+
+  /** The address UDP and TCP both listen on, once started. */
+  address(): { host: string; port: number } | undefined {
+    return this.udp ? { host: this.options.host, port: this.udp.address().port } : undefined;
+  }
+
+  /** Replaces the zone in one assignment: a query sees the old zone or the new one, never a mix. */
+  setServices(services: ServiceSpec[]): void {
+    const zone = zoneFromServices(services, this.options.suffix, this.ttl);
+    const left = services.filter((s) => zone.records.get(normalizeName(s.fqdn))?.service !== s.service);
+    for (const s of left) this.log.warn({ service: s.service, fqdn: s.fqdn, address: s.address }, `service not published in DNS: "${s.fqdn}" is not a usable name in zone "${zone.suffix}" with an IPv4 address, or another service has it`);
+    this.zone = zone;
+  }
+
+  stats(): DnsStats {
+    return { ...this.counts };
+  }
+
+  async close(): Promise<void> {
+    const { udp, tcp } = this;
+    this.udp = undefined;
+    this.tcp = undefined;
+    for (const socket of this.connections) socket.destroy();
+    await Promise.all([udp && closeUdp(udp), tcp && new Promise<void>((resolve) => tcp.close(() => resolve()))]);
+  }
+
+  /** Answers one message; never throws, whatever the bytes. */
+  private handle(message: Buffer, transport: Transport, peer: string): Buffer | null {
+    this.counts.queries++;
+    try {
+      const reply = answerQuery(message, this.zone, transport);
+      this.counts[reply.outcome]++;
+      if (reply.error) this.log.debug({ code: reply.error.code, peer, transport, outcome: reply.outcome }, reply.error.message);
+      else if (reply.outcome === 'dropped') this.log.debug({ peer, transport }, 'DNS message dropped: not a query');
+      return reply.response;
+    } catch (err) {
+      this.counts.dropped++;
+      this.log.warn({ code: errorCode(err), peer, transport }, `DNS message dropped, the responder failed: ${errorMessage(err)}`);
+      return null;
+    }
+  }
+
+  private onDatagram(message: Buffer, peer: RemoteInfo): void {
+    const response = this.handle(message, 'udp', hostPort(peer.address, peer.port));
+    if (!response || !this.udp) return;
+    this.udp.send(response, peer.port, peer.address, (err) => {
+      if (err) this.log.debug({ code: errorCode(err), peer: hostPort(peer.address, peer.port) }, `DNS response not sent: ${err.message}`);
+    });
+  }
+
+  private onConnection(socket: Socket): void {
+    const peer = hostPort(socket.remoteAddress ?? '?', socket.remotePort ?? 0);
+    const frames = new FrameReader();
+    let open = true;
+    const hangUp = (why: string): void => {
+      if (!open) return;
+      open = false;
+      this.log.debug({ peer, transport: 'tcp' }, `DNS TCP connection closed: ${why}`);
+      socket.destroySoon();
+    };
+    this.connections.add(socket);
+    socket.setNoDelay(true);
+    socket.setTimeout(this.options.idleTimeoutMs ?? 10_000, () => {
+      hangUp('idle');
+      socket.destroy();
+    });
+    socket.on('close', () => this.connections.delete(socket));
+    socket.on('error', (err) => this.log.debug({ code: errorCode(err), peer }, `DNS TCP connection error: ${err.message}`));
+    socket.on('data', (chunk: Buffer) => {
+      if (!open) return;
+      try {
+        for (const message of frames.push(chunk)) {
+          const response = this.handle(message, 'tcp', peer);
+          // Empty or headerless frames and responses end the connection: the stream is not DNS.
+          if (!response) return hangUp(`a ${message.length}-byte frame that is not a query`);
+          socket.write(frame(response));
+          if (socket.writableLength > maxUnreadBytes) return hangUp('the client does not read its responses');
+        }
+      } catch (err) {
+        this.log.warn({ code: errorCode(err), peer }, `DNS TCP connection failed: ${errorMessage(err)}`);
+        socket.destroy();
+      }
+    });
+  }
+}

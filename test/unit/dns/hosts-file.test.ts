@@ -1,0 +1,172 @@
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { chmod, chown, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { beginMarker, endMarker, HostsFileError, removeHostsBlock, spliceHostsBlock, writeHostsBlock } from '../../../agent/dns/hosts-file.js';
+
+const run = promisify(execFile);
+const lines = '127.77.0.2 web.local\n127.77.0.3 redis.local\n';
+const block = `${beginMarker}\n127.77.0.2 web.local\n127.77.0.3 redis.local\n${endMarker}\n`;
+const crlfBlock = block.replace(/\n/g, '\r\n');
+
+const spliceCases: Array<{ what: string; original: string; expected: string }> = [
+  { what: 'an empty file gets the block', original: '', expected: block },
+  { what: 'appended after a final newline', original: '127.0.0.1\tlocalhost\n\n# keep me\n', expected: `127.0.0.1\tlocalhost\n\n# keep me\n${block}` },
+  { what: 'a newline is added before the block when the file lacks one', original: '127.0.0.1 localhost', expected: `127.0.0.1 localhost\n${block}` },
+  { what: 'a CRLF file keeps its bytes and gets a CRLF block', original: '127.0.0.1 localhost\r\n# c\r\n', expected: `127.0.0.1 localhost\r\n# c\r\n${crlfBlock}` },
+  {
+    what: 'an existing block is replaced in place; the lines around it stay',
+    original: `# top\r\n\r\n${beginMarker}\n10.0.0.1 old.local\n${endMarker}\n  # after, indented\n::1 ip6-localhost`,
+    expected: `# top\r\n\r\n${crlfBlock}  # after, indented\n::1 ip6-localhost`,
+  },
+  { what: 'a block with an older BEGIN text and no final newline is replaced', original: `a\n# BEGIN loopmesh\nold\n${endMarker}`, expected: `a\n${block}` },
+  { what: 'a second block is removed', original: `${beginMarker}\nx\n${endMarker}\nmid\n${beginMarker}\ny\n${endMarker}\nend\n`, expected: `${block}mid\nend\n` },
+  {
+    what: 'a stray END above and a BEGIN with no END are left alone',
+    original: `${endMarker}\nkeep 1\n# BEGIN loopmesh\nkeep 2\n`,
+    expected: `${endMarker}\nkeep 1\n# BEGIN loopmesh\nkeep 2\n${block}`,
+  },
+];
+
+for (const c of spliceCases) {
+  test(`spliceHostsBlock: ${c.what}`, () => {
+    const once = spliceHostsBlock(c.original, lines);
+    assert.equal(once, c.expected);
+    assert.equal(spliceHostsBlock(once, lines), once, 'idempotent');
+  });
+}
+
+test('spliceHostsBlock: marker lines inside the content are dropped, so the block cannot be split', () => {
+  assert.equal(spliceHostsBlock('', `1.2.3.4 a.local\n${endMarker}\n# BEGIN loopmesh\n`), `${beginMarker}\n1.2.3.4 a.local\n${endMarker}\n`);
+});
+
+test('removeHostsBlock: takes out the block, markers included, and nothing else', () => {
+  const original = `a\r\n${beginMarker}\r\nx\r\n${endMarker}\r\nb`;
+  assert.equal(removeHostsBlock(original), 'a\r\nb');
+  assert.equal(removeHostsBlock(spliceHostsBlock('a\nb\n', lines)), 'a\nb\n');
+  assert.equal(removeHostsBlock('no block here'), 'no block here');
+});
+
+async function tempDir(t: TestContext): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), 'loopmesh-hosts-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+test('writeHostsBlock: keeps every byte outside the block, also bytes that are not UTF-8; a second write changes nothing', async (t) => {
+  const dir = await tempDir(t);
+  const path = join(dir, 'hosts');
+  const before = Buffer.concat([Buffer.from('127.0.0.1 localhost\r\n# caf'), Buffer.from([0xe9, 0xff]), Buffer.from('\n\n::1 ip6-localhost')]);
+  await writeFile(path, before);
+  assert.equal(await writeHostsBlock(path, lines), true);
+  const written = await readFile(path);
+  assert.deepEqual(written.subarray(0, before.length), before, 'everything before the block, byte for byte');
+  assert.equal(written.subarray(before.length).toString('latin1'), `\r\n${crlfBlock}`);
+  const first = await stat(path);
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.equal(await writeHostsBlock(path, lines), false);
+  const second = await stat(path);
+  assert.deepEqual([second.mtimeMs, second.ino], [first.mtimeMs, first.ino], 'not rewritten');
+  assert.deepEqual(await readFile(path), written);
+  assert.deepEqual(await readdir(dir), ['hosts'], 'no temp file left behind');
+});
+
+test('writeHostsBlock: replaces the block of an earlier write; the rest stays', async (t) => {
+  const dir = await tempDir(t);
+  const path = join(dir, 'hosts');
+  await writeFile(path, '# head\n');
+  await writeHostsBlock(path, lines);
+  await writeFile(path, `${await readFile(path, 'utf8')}# tail\n`);
+  assert.equal(await writeHostsBlock(path, '127.77.0.9 db.local\n'), true);
+  assert.equal(await readFile(path, 'utf8'), `# head\n${beginMarker}\n127.77.0.9 db.local\n${endMarker}\n# tail\n`);
+});
+
+test('writeHostsBlock: a missing file is created with mode 644', async (t) => {
+  const dir = await tempDir(t);
+  const path = join(dir, 'hosts');
+  assert.equal(await writeHostsBlock(path, lines), true);
+  assert.equal(await readFile(path, 'utf8'), block);
+  assert.equal((await stat(path)).mode & 0o777, 0o644);
+});
+
+test('writeHostsBlock: keeps the file mode, and the owner when running as root', async (t) => {
+  const dir = await tempDir(t);
+  const path = join(dir, 'hosts');
+  await writeFile(path, 'x\n');
+  await chmod(path, 0o640);
+  const root = process.getuid?.() === 0;
+  if (root) await chown(path, 4242, 4343);
+  assert.equal(await writeHostsBlock(path, lines), true);
+  const info = await stat(path);
+  assert.equal(info.mode & 0o7777, 0o640);
+  if (!root) return t.skip('not root: owner check skipped (mode checked)');
+  assert.deepEqual([info.uid, info.gid], [4242, 4343]);
+});
+
+test('writeHostsBlock: concurrent writes to one file run one after the other', async (t) => {
+  const dir = await tempDir(t);
+  const path = join(dir, 'hosts');
+  await writeFile(path, 'keep\n');
+  const results = await Promise.all(['1.1.1.1 a.local\n', '2.2.2.2 b.local\n', '2.2.2.2 b.local\n'].map((l) => writeHostsBlock(path, l)));
+  assert.deepEqual(results, [true, true, false]);
+  assert.equal(await readFile(path, 'utf8'), `keep\n${beginMarker}\n2.2.2.2 b.local\n${endMarker}\n`);
+});
+
+test('writeHostsBlock: a failure is a HostsFileError LM_ERR_HOSTS_WRITE naming the path', async (t) => {
+  const dir = await tempDir(t);
+  const path = join(dir, 'no-such-dir', 'hosts');
+  await assert.rejects(writeHostsBlock(path, lines), (err: unknown) => {
+    assert.ok(err instanceof HostsFileError);
+    assert.equal(err.code, 'LM_ERR_HOSTS_WRITE');
+    assert.ok(err.message.includes(path), err.message);
+    return true;
+  });
+});
+
+async function canUnshare(): Promise<boolean> {
+  return run('unshare', ['--mount', 'true']).then(
+    () => true,
+    () => false,
+  );
+}
+
+test('a real resolver lookup (getent, /etc/hosts bind-mounted in a private mount namespace) finds the block', async (t) => {
+  if (!(await canUnshare())) return t.skip('cannot create a mount namespace here (needs root and unshare): getent check skipped');
+  const dir = await tempDir(t);
+  const path = join(dir, 'hosts');
+  await writeFile(path, '127.0.0.1 localhost\n');
+  await writeHostsBlock(path, '127.77.0.2 web.local\n');
+  const { stdout } = await run('unshare', ['--mount', 'sh', '-c', `mount --bind "${path}" /etc/hosts && getent hosts web.local`]);
+  assert.deepEqual(stdout.trim().split(/\s+/), ['127.77.0.2', 'web.local']);
+});
+
+test('a bind-mounted hosts file (rename fails with EBUSY) is rewritten in place, with one warning', async (t) => {
+  if (!(await canUnshare())) return t.skip('cannot create a mount namespace here (needs root and unshare): bind-mount fallback check skipped');
+  const dir = await tempDir(t);
+  const source = join(dir, 'source');
+  const target = join(dir, 'target');
+  await writeFile(source, '# original\n');
+  await chmod(source, 0o604);
+  await writeFile(target, '');
+  const module = new URL('../../../agent/dns/hosts-file.ts', import.meta.url).href;
+  const script = `
+    const { writeHostsBlock } = await import(${JSON.stringify(module)});
+    const warnings = [];
+    const logger = { warn: (fields, message) => warnings.push({ code: fields.code, message }) };
+    const first = await writeHostsBlock(${JSON.stringify(target)}, '127.77.0.2 web.local\\n', { logger });
+    const second = await writeHostsBlock(${JSON.stringify(target)}, '127.77.0.3 web.local\\n', { logger });
+    process.stdout.write(JSON.stringify({ first, second, warnings }));
+  `;
+  const child = await run('unshare', ['--mount', 'sh', '-c', `mount --bind "${source}" "${target}" && exec "${process.execPath}" --import tsx --input-type=module -e '${script.replace(/'/g, `'\\''`)}'`], { cwd: new URL('../../..', import.meta.url).pathname });
+  const result = JSON.parse(child.stdout) as { first: boolean; second: boolean; warnings: Array<{ code: string; message: string }> };
+  assert.deepEqual([result.first, result.second], [true, true]);
+  assert.equal(result.warnings.length, 1, 'warned once');
+  assert.equal(result.warnings[0]?.code, 'EBUSY');
+  assert.match(result.warnings[0]?.message ?? '', /bind-mounted/);
+  assert.equal(await readFile(source, 'utf8'), `# original\n${beginMarker}\n127.77.0.3 web.local\n${endMarker}\n`, 'written through the mount, in place');
+  assert.equal((await stat(source)).mode & 0o777, 0o604);
+  assert.deepEqual((await readdir(dir)).sort(), ['source', 'target'], 'no temp file left behind');
+});

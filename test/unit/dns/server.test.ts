@@ -1,0 +1,253 @@
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { createSocket } from 'node:dgram';
+import { connect, type Socket } from 'node:net';
+import { promisify } from 'node:util';
+import type { ServiceSpec } from '../../../agent/balancer/config.js';
+import { DnsServer, type DnsServerOptions } from '../../../agent/dns/server.js';
+import { DnsError } from '../../../agent/errors.js';
+import { silentLogger } from '../../../agent/log.js';
+import { buildQuery, parseResponse, prng, randomBytes, withHeader } from './wire.js';
+
+const run = promisify(execFile);
+const web: ServiceSpec = { service: 'web', name: 'web', fqdn: 'web.local', address: '127.77.0.2', port: 80, policy: 'round-robin', empty: 'reject', backends: [] };
+
+async function startServer(t: TestContext, options: Partial<DnsServerOptions> = {}): Promise<{ server: DnsServer; port: number }> {
+  const server = new DnsServer({ host: '127.0.0.1', port: 0, logger: silentLogger(), suffix: 'local', ...options });
+  t.after(() => server.close());
+  await server.start();
+  server.setServices([web]);
+  const address = server.address();
+  assert.ok(address, 'listening');
+  return { server, port: address.port };
+}
+
+async function dig(port: number, ...args: string[]): Promise<{ out: string; status: string; flags: string[] }> {
+  const { stdout } = await run('dig', ['@127.0.0.1', '-p', String(port), '+time=2', '+tries=1', ...args]);
+  return { out: stdout, status: /status: (\w+)/.exec(stdout)?.[1] ?? 'none', flags: (/flags: ([^;]*);/.exec(stdout)?.[1] ?? '').trim().split(/\s+/) };
+}
+
+/** Sends one datagram; resolves the reply, or null when none comes within `waitMs`. */
+function exchangeUdp(port: number, message: Buffer, waitMs = 1000): Promise<Buffer | null> {
+  return new Promise((resolve) => {
+    const socket = createSocket('udp4');
+    const done = (reply: Buffer | null): void => {
+      clearTimeout(timer);
+      socket.close();
+      resolve(reply);
+    };
+    const timer = setTimeout(() => done(null), waitMs);
+    socket.on('message', (reply) => done(reply));
+    socket.send(message, port, '127.0.0.1');
+  });
+}
+
+async function assertStillAnswers(port: number): Promise<void> {
+  const reply = await exchangeUdp(port, buildQuery('web.local', { id: 7 }));
+  assert.ok(reply, 'a good query right after is answered');
+  assert.deepEqual(parseResponse(reply).answers.map((a) => a.data), ['127.77.0.2']);
+  assert.equal((await dig(port, 'web.local', 'A', '+short')).out.trim(), '127.77.0.2');
+}
+
+/** A DNS-over-TCP client that collects framed replies and notices when the server hangs up. */
+class TcpClient {
+  private buffered = Buffer.alloc(0);
+  readonly replies: Buffer[] = [];
+  readonly closed: Promise<void>;
+  private waiting: (() => void) | undefined;
+
+  private constructor(readonly socket: Socket) {
+    socket.on('data', (chunk: Buffer) => {
+      this.buffered = Buffer.concat([this.buffered, chunk]);
+      while (this.buffered.length >= 2 && this.buffered.length >= 2 + this.buffered.readUInt16BE(0)) {
+        this.replies.push(this.buffered.subarray(2, 2 + this.buffered.readUInt16BE(0)));
+        this.buffered = this.buffered.subarray(2 + this.buffered.readUInt16BE(0));
+      }
+      this.waiting?.();
+    });
+    socket.on('error', () => undefined);
+    this.closed = new Promise((resolve) => socket.on('close', () => resolve()));
+  }
+
+  static open(t: TestContext, port: number): Promise<TcpClient> {
+    return new Promise((resolve, reject) => {
+      const socket = connect({ host: '127.0.0.1', port }, () => resolve(new TcpClient(socket)));
+      socket.once('error', reject);
+      t.after(() => socket.destroy());
+    });
+  }
+
+  static frame(message: Buffer): Buffer {
+    return Buffer.concat([Buffer.from([message.length >> 8, message.length & 0xff]), message]);
+  }
+
+  async replyCount(count: number, timeoutMs = 2000): Promise<Buffer[]> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.replies.length < count && Date.now() < deadline) {
+      await new Promise<void>((resolve) => {
+        this.waiting = resolve;
+        setTimeout(resolve, 50);
+      });
+    }
+    assert.equal(this.replies.length, count, `${count} replies over TCP`);
+    return this.replies;
+  }
+}
+
+function closesWithin(client: TcpClient, ms: number): Promise<boolean> {
+  return Promise.race([client.closed.then(() => true), new Promise<boolean>((resolve) => setTimeout(() => resolve(false), ms))]);
+}
+
+test('dig: A over UDP and TCP, SRV with the A in additional, case-insensitive', async (t) => {
+  const { port } = await startServer(t);
+  assert.equal((await dig(port, 'web.local', 'A', '+short')).out.trim(), '127.77.0.2');
+  assert.equal((await dig(port, 'web.local', 'A', '+short', '+tcp')).out.trim(), '127.77.0.2');
+  assert.equal((await dig(port, 'WEB.Local', 'A', '+short')).out.trim(), '127.77.0.2');
+  assert.equal((await dig(port, 'web.local', 'SRV', '+short')).out.trim(), '0 1 80 web.local.');
+  const srv = await dig(port, '_web._tcp.local', 'SRV', '+tcp');
+  assert.match(srv.out, /ANSWER SECTION:\n_web\._tcp\.local\.\s+5\s+IN\s+SRV\s+0 1 80 web\.local\./);
+  assert.match(srv.out, /ADDITIONAL SECTION:\nweb\.local\.\s+5\s+IN\s+A\s+127\.77\.0\.2/);
+  assert.match(srv.out, /SERVER: 127\.0\.0\.1#\d+\(127\.0\.0\.1\) \(TCP\)/);
+});
+
+test('dig: NXDOMAIN inside the zone, REFUSED outside, NODATA for other types; never RA', async (t) => {
+  const { port } = await startServer(t);
+  const missing = await dig(port, 'nope.local', 'A');
+  assert.equal(missing.status, 'NXDOMAIN');
+  assert.ok(missing.flags.includes('aa'), `aa in ${missing.flags.join(' ')}`);
+  assert.match(missing.out, /AUTHORITY SECTION:\nlocal\.\s+5\s+IN\s+SOA\s+ns\.local\. hostmaster\.local\./);
+  const outside = await dig(port, 'example.com', 'A');
+  assert.equal(outside.status, 'REFUSED');
+  assert.ok(!outside.flags.includes('aa'));
+  const nodata = await dig(port, 'web.local', 'AAAA');
+  assert.equal(nodata.status, 'NOERROR');
+  assert.match(nodata.out, /ANSWER: 0,/);
+  const recursive = await dig(port, 'web.local', 'A');
+  assert.deepEqual(recursive.flags.filter((f) => f === 'rd' || f === 'ra'), ['rd'], 'RD echoed, RA never set');
+  const norec = await dig(port, 'web.local', 'A', '+norec');
+  assert.deepEqual(norec.flags, ['qr', 'aa'], 'no rd, no ra');
+});
+
+test('setServices swaps the zone: the next query sees the new records', async (t) => {
+  const { server, port } = await startServer(t);
+  server.setServices([{ ...web, address: '127.77.0.9' }, { ...web, service: 'db', name: 'db', fqdn: 'db.local', address: '127.77.0.10' }]);
+  assert.equal((await dig(port, 'web.local', 'A', '+short')).out.trim(), '127.77.0.9');
+  assert.equal((await dig(port, 'db.local', 'A', '+short')).out.trim(), '127.77.0.10');
+  server.setServices([]);
+  assert.equal((await dig(port, 'web.local', 'A')).status, 'NXDOMAIN');
+});
+
+test('UDP: malformed packets get FORMERR with their ID or are dropped, and a good query right after is answered', async (t) => {
+  const { server, port } = await startServer(t);
+
+  const truncated = await exchangeUdp(port, buildQuery('web.local', { id: 0x1111 }).subarray(0, 19));
+  assert.ok(truncated, 'a truncated question is answered');
+  assert.deepEqual([parseResponse(truncated).header.id, parseResponse(truncated).header.rcode], [0x1111, 1]);
+  await assertStillAnswers(port);
+
+  const loop = await exchangeUdp(port, withHeader([0xc0, 0x0c, 0, 1, 0, 1]));
+  assert.ok(loop, 'a compression loop is answered');
+  assert.deepEqual([parseResponse(loop).header.id, parseResponse(loop).header.rcode], [0xbeef, 1]);
+  await assertStillAnswers(port);
+
+  const before = server.stats();
+  assert.equal(await exchangeUdp(port, Buffer.from([1, 2, 3, 4, 5]), 300), null, '5 bytes: dropped');
+  assert.equal(server.stats().dropped, before.dropped + 1);
+  assert.equal(await exchangeUdp(port, buildQuery('web.local', { qr: true }), 300), null, 'a response: dropped');
+  await assertStillAnswers(port);
+});
+
+test('UDP: 300 random packets never break the server; each one is answered with its ID or counted as dropped', async (t) => {
+  const { server, port } = await startServer(t);
+  const next = prng(7);
+  const before = server.stats();
+  const socket = createSocket('udp4');
+  t.after(() => socket.close());
+  const replies: Buffer[] = [];
+  socket.on('message', (reply) => replies.push(reply));
+  const sent = Array.from({ length: 300 }, () => randomBytes(next, Math.floor(next() * 60)));
+  for (const message of sent) {
+    // Paced, so the kernel's receive buffer never overflows and every packet reaches the server.
+    await new Promise((resolve) => socket.send(message, port, '127.0.0.1', resolve));
+    await new Promise((resolve) => setTimeout(resolve, 1));
+  }
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const after = server.stats();
+  assert.equal(after.queries - before.queries, sent.length, 'every packet was seen');
+  assert.equal(replies.length, sent.length - (after.dropped - before.dropped), 'answered or dropped, nothing in between');
+  const sentIds = new Set(sent.filter((m) => m.length >= 12).map((m) => m.readUInt16BE(0)));
+  for (const reply of replies) {
+    assert.ok(sentIds.has(reply.readUInt16BE(0)), 'the reply carries an ID that was sent');
+    assert.ok((reply[2]! & 0x80) !== 0, 'QR set');
+  }
+  assert.ok(after.formerr + after.notimp > before.formerr + before.notimp, 'random headers mostly get FORMERR or NOTIMP');
+  await assertStillAnswers(port);
+});
+
+test('TCP: several queries per connection, split across chunks and batched in one write', async (t) => {
+  const { port } = await startServer(t);
+  const client = await TcpClient.open(t, port);
+  const framed = TcpClient.frame(buildQuery('web.local', { id: 1 }));
+  for (const byte of framed) {
+    client.socket.write(Buffer.from([byte]));
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+  await client.replyCount(1);
+  client.socket.write(Buffer.concat([TcpClient.frame(buildQuery('web.local', { id: 2, type: 33 })), TcpClient.frame(buildQuery('nope.local', { id: 3 }))]));
+  const replies = (await client.replyCount(3)).map(parseResponse);
+  assert.deepEqual(replies.map((r) => [r.header.id, r.header.rcode, r.answers.length]), [[1, 0, 1], [2, 0, 1], [3, 3, 0]]);
+});
+
+test('TCP: a malformed query gets FORMERR and the connection goes on; a garbage or empty frame closes only its connection', async (t) => {
+  const { port } = await startServer(t);
+  const client = await TcpClient.open(t, port);
+  client.socket.write(TcpClient.frame(withHeader([0xc0, 0x0c, 0, 1, 0, 1])));
+  client.socket.write(TcpClient.frame(buildQuery('web.local', { id: 9 })));
+  const [formerr, good] = (await client.replyCount(2)).map(parseResponse);
+  assert.deepEqual([formerr?.header.id, formerr?.header.rcode], [0xbeef, 1]);
+  assert.deepEqual([good?.header.id, good?.answers.map((a) => a.data)], [9, ['127.77.0.2']]);
+
+  const bystander = await TcpClient.open(t, port);
+  const garbage = await TcpClient.open(t, port);
+  garbage.socket.write(Buffer.from([0, 5, 0xde, 0xad, 0xbe, 0xef, 0x00]));
+  assert.equal(await closesWithin(garbage, 2000), true, 'a 5-byte frame closes the connection');
+  assert.equal(garbage.replies.length, 0);
+  const empty = await TcpClient.open(t, port);
+  empty.socket.write(Buffer.from([0, 0]));
+  assert.equal(await closesWithin(empty, 2000), true, 'an empty frame closes the connection');
+
+  bystander.socket.write(TcpClient.frame(buildQuery('web.local', { id: 10 })));
+  assert.equal(parseResponse((await bystander.replyCount(1))[0]!).header.id, 10, 'another connection is untouched');
+  assert.equal((await dig(port, 'web.local', 'A', '+short', '+tcp')).out.trim(), '127.77.0.2');
+});
+
+test('TCP: an idle connection is closed', async (t) => {
+  const { port } = await startServer(t, { idleTimeoutMs: 200 });
+  const client = await TcpClient.open(t, port);
+  assert.equal(await closesWithin(client, 2000), true);
+});
+
+test('stats count every message by outcome', async (t) => {
+  const { server, port } = await startServer(t);
+  await dig(port, 'web.local', 'A');
+  await dig(port, 'nope.local', 'A');
+  await dig(port, 'example.com', 'A');
+  await exchangeUdp(port, withHeader([0xc0]));
+  await exchangeUdp(port, buildQuery('web.local', { opcode: 2 }));
+  await exchangeUdp(port, Buffer.from([1]), 200);
+  assert.deepEqual(server.stats(), { queries: 6, answered: 1, nxdomain: 1, refused: 1, formerr: 1, notimp: 1, dropped: 1 });
+});
+
+test('a port in use: start() throws LM_ERR_DNS_LISTEN naming host:port; port 0 gives one port for UDP and TCP', async (t) => {
+  const { port } = await startServer(t);
+  const second = new DnsServer({ host: '127.0.0.1', port, logger: silentLogger(), suffix: 'local' });
+  t.after(() => second.close());
+  await assert.rejects(second.start(), (err: unknown) => {
+    assert.ok(err instanceof DnsError);
+    assert.equal(err.code, 'LM_ERR_DNS_LISTEN');
+    assert.match(err.message, new RegExp(`127\\.0\\.0\\.1:${port}`));
+    return true;
+  });
+  assert.equal(second.address(), undefined);
+});
