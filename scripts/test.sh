@@ -8,6 +8,8 @@ ensure_packages curl:curl dig:dnsutils getent:libc-bin unshare:util-linux haprox
 ensure_node_modules
 ensure_consul
 log "consul: $CONSUL_BIN"
+log "type-checking agent and tests (tsc -p test/tsconfig.json)"
+npx tsc -p test/tsconfig.json
 
 if [ $# -gt 0 ]; then
   files=("$@")
@@ -15,4 +17,4 @@ else
   mapfile -t files < <(find test/unit test/integration -name '*.test.ts' 2>/dev/null | sort)
 fi
 log "running ${#files[@]} test files"
-exec node --import tsx --test --test-reporter=spec "${files[@]}"
+exec node --import tsx --test --test-timeout=600000 --test-reporter=spec "${files[@]}"

@@ -97,7 +97,7 @@ export class TestConsul {
     const p = this.process;
     this.process = undefined;
     if (!p || p.exitCode !== null) return;
-    p.kill('SIGTERM', { forceKillAfterDelay: 5000 } as never);
+    p.kill('SIGTERM'); // execa sends SIGKILL after its forceKillAfterDelay (5 s)
     await p;
   }
 
