@@ -118,8 +118,17 @@ async function main(): Promise<void> {
     out(`| direct to one nginx (127.0.0.1:${nginxPorts[0]}) | ${direct.rps.toFixed(0)} | ${direct.p50} | ${direct.p99} | ${direct.errors} |`);
     const via = await wrk(`http://${web.address}:${web.port}/`);
     out(`| web.local via loopmesh (${web.address}:${web.port}, 2 backends) | ${via.rps.toFixed(0)} | ${via.p50} | ${via.p99} | ${via.errors} |`);
-    const fresh = await execa('wrk', ['-t1', '-c10', `-d${Math.max(2, Math.floor(seconds / 2))}s`, '-H', 'Connection: close', `http://${web.address}:${web.port}/`], { timeout: (seconds + 30) * 1000 });
-    out(`| web.local via loopmesh, a new TCP connection per request (-c10) | ${Number(/Requests\/sec:\s+([\d.]+)/.exec(fresh.stdout)?.[1]).toFixed(0)} | | | ${/Socket errors:[^\n]*/.exec(fresh.stdout)?.[0] ?? 'none'} |`);
+    const freshDuration = `-d${Math.max(2, Math.floor(seconds / 2))}s`;
+    for (const [label, url] of [
+      ['direct to one nginx, a new TCP connection per request (-c10)', `http://127.0.0.1:${nginxPorts[0]}/`],
+      ['web.local via loopmesh, a new TCP connection per request (-c10)', `http://${web.address}:${web.port}/`],
+    ] as const) {
+      const fresh = await execa('wrk', ['-t1', '-c10', freshDuration, '--latency', '-H', 'Connection: close', url], { timeout: (seconds + 30) * 1000 });
+      const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(fresh.stdout)?.[1] ?? NaN);
+      const p50 = /\s50%\s+(\S+)/.exec(fresh.stdout)?.[1] ?? '?';
+      const p99 = /\s99%\s+(\S+)/.exec(fresh.stdout)?.[1] ?? '?';
+      out(`| ${label} | ${rps.toFixed(0)} | ${p50} | ${p99} | ${/Socket errors:[^\n]*/.exec(fresh.stdout)?.[0] ?? 'none'} |`);
+    }
     out();
 
     out(`## 2. Convergence over ${changes} changes each (Consul HTTP API call -> effect seen on the node)`);

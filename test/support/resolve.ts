@@ -1,11 +1,12 @@
 import { execa } from 'execa';
 
-/** `dig @host -p port NAME TYPE`: status and the short answers. */
+/** `dig @host -p port NAME TYPE`: status and the data of the ANSWER section's records. */
 export async function dig(server: { host: string; port: number }, name: string, type = 'A', extra: string[] = []): Promise<{ status: string; answers: string[]; flags: string }> {
   const r = await execa('dig', [`@${server.host}`, '-p', String(server.port), name, type, '+time=2', '+tries=1', ...extra], { reject: false });
   const status = /status: (\w+)/.exec(r.stdout)?.[1] ?? `no answer (${r.stdout.split('\n').find((l) => l.includes(';;')) ?? r.stderr})`;
   const flags = /flags: ([^;]*);/.exec(r.stdout)?.[1] ?? '';
-  const answers = r.stdout
+  const section = /;; ANSWER SECTION:\n([\s\S]*?)(?:\n\n|$)/.exec(r.stdout)?.[1] ?? '';
+  const answers = section
     .split('\n')
     .filter((l) => l && !l.startsWith(';') && /\sIN\s/.test(l))
     .map((l) => l.split(/\s+/).slice(4).join(' '));
