@@ -78,6 +78,9 @@ export function parseHealthService(
       worst = Math.max(worst, statusRank[status] ?? 2);
     }
     if (worst > (filter.allowWarning ? 1 : 0)) return;
+    // Consul matches service names case-insensitively here: /health/service/api also returns "API".
+    // Those belong to the other service (which the planner reports as a collision), not to this one.
+    if (typeof svc.Service === 'string' && svc.Service !== service) return;
     instances.push({
       id: `${node.Node}/${svc.ID}`,
       node: node.Node,

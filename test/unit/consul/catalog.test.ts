@@ -55,3 +55,9 @@ test('servicesAffectedByChecks: service checks name their service; node checks r
   assert.deepEqual([...servicesAffectedByChecks(before, dbGone, nodesOf, known)], ['db']);
   assert.equal(servicesAffectedByChecks(before, new Map(before), nodesOf, known).size, 0);
 });
+
+test('parseHealthService keeps only instances of exactly this service name (Consul matches "API" for "api")', () => {
+  const body = [entry('w1', 'n1', ['passing']), entry('W1', 'n1', ['passing'], { Service: 'WEB' })];
+  assert.deepEqual(parseHealthService('web', body, { allowWarning: false }).instances.map((i) => i.id), ['n1/w1']);
+  assert.deepEqual(parseHealthService('WEB', body, { allowWarning: false }).instances.map((i) => i.id), ['n1/W1']);
+});
