@@ -1,27 +1,13 @@
 import { hostname } from 'node:os';
 import type { Agent, Problem } from '../agent.js';
 import type { ConsulStatus } from '../consul/catalog-watcher.js';
+import type { BackendStatus, ServiceStatus } from '../balancer/status.js';
 
-export interface BackendReport {
-  id: string;
-  address: string;
-  port: number;
-  activeConnections: number;
-  totalConnections: number;
-}
+export type BackendReport = Pick<BackendStatus, 'id' | 'address' | 'port' | 'activeConnections' | 'totalConnections'>;
 
-export interface RouteReport {
-  service: string;
-  name: string;
-  fqdn: string;
-  address: string;
-  port: number;
-  listening: boolean;
+export interface RouteReport
+  extends Pick<ServiceStatus, 'service' | 'name' | 'fqdn' | 'address' | 'port' | 'listening' | 'activeConnections' | 'totalConnections' | 'failedConnections' | 'retries'> {
   healthyBackends: number;
-  activeConnections: number;
-  totalConnections: number;
-  failedConnections: number;
-  retries: number;
   backends: BackendReport[];
 }
 
