@@ -170,3 +170,33 @@ test('a bind-mounted hosts file (rename fails with EBUSY) is rewritten in place,
   assert.equal((await stat(source)).mode & 0o777, 0o604);
   assert.deepEqual((await readdir(dir)).sort(), ['source', 'target'], 'no temp file left behind');
 });
+
+test('an unprivileged agent with write access to the file but not its folder rewrites it in place (EACCES)', async (t) => {
+  if (process.getuid?.() !== 0) return t.skip('needs root to run a child as another user (setpriv): unprivileged fallback check skipped');
+  const dir = await tempDir(t);
+  await chmod(dir, 0o755);
+  const path = join(dir, 'hosts');
+  await writeFile(path, '127.0.0.1 localhost\n# mine\n');
+  await chown(path, 65534, 65534);
+  const before = await stat(path);
+  const module = new URL('../../../agent/dns/hosts-file.ts', import.meta.url).href;
+  const script = `
+    const { writeHostsBlock } = await import(${JSON.stringify(module)});
+    const warnings = [];
+    const logger = { warn: (fields, message) => warnings.push({ code: fields.code, message }) };
+    const changed = await writeHostsBlock(${JSON.stringify(path)}, '127.77.0.2 web.local\\n', { logger });
+    process.stdout.write(JSON.stringify({ changed, warnings, uid: process.getuid() }));
+  `;
+  const child = await run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '--import', 'tsx', '--input-type=module', '-e', script], {
+    cwd: new URL('../../..', import.meta.url).pathname,
+    env: { ...process.env, HOME: dir },
+  });
+  const result = JSON.parse(child.stdout) as { changed: boolean; uid: number; warnings: Array<{ code: string; message: string }> };
+  assert.equal(result.uid, 65534);
+  assert.equal(result.changed, true);
+  assert.equal(result.warnings[0]?.code, 'EACCES');
+  assert.match(result.warnings[0]?.message ?? '', /not writable for this user/);
+  assert.equal(await readFile(path, 'utf8'), `127.0.0.1 localhost\n# mine\n${beginMarker}\n127.77.0.2 web.local\n${endMarker}\n`);
+  assert.equal((await stat(path)).ino, before.ino, 'the same file, not a new one');
+  assert.deepEqual(await readdir(dir), ['hosts'], 'no temp file left behind');
+});
