@@ -33,8 +33,9 @@ async function runAgent(argv: string[]): Promise<number> {
   try {
     await agent.start();
   } catch (err) {
-    log.fatal({ code: errorCode(err) }, errorMessage(err));
     await agent.stop().catch(() => undefined);
+    if (err instanceof ConfigError) throw err;
+    log.fatal({ code: errorCode(err) }, errorMessage(err));
     return 1;
   }
   log.info({ consul: config.consul, runDir: config.runDir, dns: config.dns, admin: agent.adminUrl(), hostsFile: config.hostsFile, suffix: config.suffix }, 'loopmesh agent started');

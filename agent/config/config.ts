@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import { readFileSync } from 'node:fs';
 import type { LevelWithSilent } from 'pino';
 import { emptyPolicies, type EmptyPolicy } from '../balancer/config.js';
@@ -121,11 +122,16 @@ export function readEnv(env: NodeJS.ProcessEnv): RawConfig {
 
 function endpoint(value: string, flag: string): Endpoint | undefined {
   if (value === 'off') return undefined;
+  let parsed: Endpoint;
   try {
-    return parseHostPort(value, `--${flag}`);
+    parsed = parseHostPort(value, `--${flag}`);
   } catch (err) {
     throw invalid(`${(err as Error).message}, or "off"`);
   }
+  if (isIP(parsed.host) === 0 && parsed.host !== 'localhost') {
+    throw invalid(`--${flag}: expected an IP address before the port (for example 127.0.0.1:${parsed.port}), got "${parsed.host}" in "${value}"`);
+  }
+  return parsed;
 }
 
 function seconds(value: string, flag: string): number {

@@ -2,7 +2,7 @@ import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import Handlebars from 'handlebars';
-import { RenderError, codes } from '../errors.js';
+import { ConfigError, RenderError, codes, errorCode } from '../errors.js';
 
 /** The templates shipped with loopmesh: <package>/templates, from agent/render or dist/agent/render. */
 export function builtinTemplatesDir(): string {
@@ -72,8 +72,16 @@ export function compileTemplate(file: string, source: string, output: string): T
  */
 export async function loadTemplates(dirs: readonly string[]): Promise<{ templates: Template[]; errors: RenderError[] }> {
   const files = new Map<string, string>();
-  for (const dir of dirs) {
-    for (const name of (await readdir(dir)).filter((n) => n.endsWith('.hbs')).sort()) files.set(name.slice(0, -4), join(dir, name));
+  for (const [i, dir] of dirs.entries()) {
+    let names: string[];
+    try {
+      names = await readdir(dir);
+    } catch (err) {
+      // The first folder is the built-in one; the others come from --templates.
+      if (i === 0) throw err;
+      throw new ConfigError(codes.configInvalid, `--templates: cannot read the folder "${dir}" (${errorCode(err)}); expected a folder holding NAME.hbs templates`);
+    }
+    for (const name of names.filter((n) => n.endsWith('.hbs')).sort()) files.set(name.slice(0, -4), join(dir, name));
   }
   const templates: Template[] = [];
   const errors: RenderError[] = [];

@@ -1,5 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 
@@ -18,6 +19,8 @@ test('bad flags and values: one line naming them, exit status 2', async () => {
     [['frobnicate'], /^loopmesh: unknown command "frobnicate"; expected agent, status, render or balancer$/],
     [['render'], /^loopmesh: render: expected --dry-run/],
     [['status', '--admin', 'x'], /^loopmesh: --admin: expected ADDRESS:PORT/],
+    [['agent', '--dns', '1.2.3:99'], /^loopmesh: --dns: expected an IP address before the port .* got "1\.2\.3" in "1\.2\.3:99"$/],
+    [['agent', '--templates', '/nonexistent/tpl', '--run-dir', join(tmpdir(), 'loopmesh-cli-templates'), '--dns', 'off', '--admin', 'off', '--hosts-file', 'off'], /^loopmesh: --templates: cannot read the folder "\/nonexistent\/tpl" \(ENOENT\); expected a folder holding NAME\.hbs templates$/],
   ];
   await Promise.all(
     cases.map(async ([args, pattern]) => {
