@@ -23,7 +23,8 @@ export interface Problem {
 export class Agent {
   readonly client: ConsulClient;
   readonly watcher: CatalogWatcher;
-  readonly dataPlane: DataPlane;
+  /** undefined with --render-only: a separate `loopmesh balancer` serves the rendered files. */
+  readonly dataPlane: DataPlane | undefined;
   private readonly addresses: AddressBook;
   private readonly admin: AdminServer | undefined;
   private templates: Template[] = [];
@@ -61,7 +62,7 @@ export class Agent {
         this.report(problems.map((p) => ({ ...p, code: 'LM_ERR_CONSUL_INVALID_DATA' })));
       },
     });
-    this.dataPlane = new DataPlane({
+    this.dataPlane = config.renderOnly ? undefined : new DataPlane({
       runDir: config.runDir,
       logger,
       suffix: config.suffix,
@@ -81,17 +82,18 @@ export class Agent {
     this.templateErrors = loaded.errors;
     for (const err of loaded.errors) this.logger.error({ code: err.code }, err.message);
     // The data plane first: after a restart it serves the last rendered files before Consul answers.
-    await this.dataPlane.start();
+    await this.dataPlane?.start();
     await this.addresses.load();
     await this.admin?.start();
     this.watcher.start();
   }
 
-  async stop(): Promise<void> {
+  /** With `drain` (a signal), open connections may finish before the process goes; see DataPlane.close. */
+  async stop(options: { drain?: boolean } = {}): Promise<void> {
     await this.watcher.stop();
     await this.reconciling;
     await this.admin?.close();
-    await this.dataPlane.close();
+    await this.dataPlane?.close(options);
     this.client.close();
   }
 
@@ -151,7 +153,7 @@ export class Agent {
     this.lastRenderAt = Date.now();
     if (written.changed.length > 0) {
       this.logger.debug({ files: written.changed }, 'rendered');
-      await this.dataPlane.reload();
+      await this.dataPlane?.reload();
     }
   }
 

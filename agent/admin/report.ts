@@ -6,7 +6,9 @@ import type { BackendStatus, ServiceStatus } from '../balancer/status.js';
 export type BackendReport = Pick<BackendStatus, 'id' | 'address' | 'port' | 'activeConnections' | 'totalConnections'>;
 
 export interface RouteReport
-  extends Pick<ServiceStatus, 'service' | 'name' | 'fqdn' | 'address' | 'port' | 'listening' | 'activeConnections' | 'totalConnections' | 'failedConnections' | 'retries'> {
+  extends Pick<ServiceStatus, 'service' | 'name' | 'fqdn' | 'address' | 'port' | 'activeConnections' | 'totalConnections' | 'failedConnections' | 'retries'> {
+  /** null with --render-only: the separate `loopmesh balancer` listens, not this process. */
+  listening: boolean | null;
   healthyBackends: number;
   backends: BackendReport[];
 }
@@ -16,15 +18,18 @@ export interface StatusReport {
   node: string;
   consul: ConsulStatus;
   lastRenderAt: number | undefined;
+  /** Where the balancer runs: in this process, or a separate `loopmesh balancer` (--render-only). */
+  dataPlane: 'in-process' | 'separate';
   routes: RouteReport[];
   problems: Problem[];
 }
 
 /** What is served (the balancer's view), not only what was planned. */
 export function routeReport(agent: Agent): StatusReport {
-  const served = new Map(agent.dataPlane.balancer.snapshot().map((s) => [s.service, s]));
-  const config = agent.dataPlane.config();
-  const routes = (config?.services ?? []).map((spec): RouteReport => {
+  const plane = agent.dataPlane;
+  const served = new Map((plane?.balancer.snapshot() ?? []).map((s) => [s.service, s]));
+  const specs = plane ? plane.config()?.services ?? [] : agent.routes();
+  const routes = specs.map((spec): RouteReport => {
     const s = served.get(spec.service);
     const backends = (s?.backends ?? spec.backends).map((b) => ({
       id: b.id,
@@ -39,7 +44,7 @@ export function routeReport(agent: Agent): StatusReport {
       fqdn: spec.fqdn,
       address: spec.address,
       port: spec.port,
-      listening: s?.listening ?? false,
+      listening: plane ? s?.listening ?? false : null,
       healthyBackends: backends.length,
       activeConnections: s?.activeConnections ?? 0,
       totalConnections: s?.totalConnections ?? 0,
@@ -48,5 +53,5 @@ export function routeReport(agent: Agent): StatusReport {
       backends,
     };
   });
-  return { node: hostname(), consul: agent.watcher.status(), lastRenderAt: agent.lastRenderAt, routes, problems: agent.problems() };
+  return { node: hostname(), consul: agent.watcher.status(), lastRenderAt: agent.lastRenderAt, dataPlane: plane ? 'in-process' : 'separate', routes, problems: agent.problems() };
 }

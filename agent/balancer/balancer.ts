@@ -54,6 +54,18 @@ export class Balancer {
     return this.services.get(service)?.server;
   }
 
+  /**
+   * For a graceful stop: every listener stops accepting at once (so a successor process can bind the
+   * same addresses), and this resolves once the open connections have ended or were cut at the
+   * drain deadline. `close` afterwards releases the rest.
+   */
+  async drain(): Promise<void> {
+    this.closed = true;
+    await this.applying;
+    const proxies = [...this.services.values(), ...this.retired];
+    await Promise.all(proxies.map((proxy) => proxy.drain()));
+  }
+
   async close(): Promise<void> {
     this.closed = true;
     await this.applying;

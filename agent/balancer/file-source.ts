@@ -1,4 +1,4 @@
-import { readFile } from 'node:fs/promises';
+import { mkdir, readFile } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { watch, type FSWatcher } from 'chokidar';
 import { debounce, type Debounced } from '../debounce.js';
@@ -47,6 +47,9 @@ export class BalancerFileSource {
 
   /** Loads the file if it exists, then follows it; resolves once the watcher is ready. */
   async start(): Promise<void> {
+    // A folder that does not exist yet cannot be watched: a data plane started before the first
+    // render (its own process, say) would never see the file appear.
+    await mkdir(dirname(this.path), { recursive: true });
     await this.reload();
     // The renderer replaces the file by rename, so watch its folder rather than the file's inode.
     const watcher = watch(dirname(this.path), {

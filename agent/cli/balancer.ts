@@ -22,7 +22,14 @@ export async function runBalancer(argv: string[], makeLogger: (level: LogOptions
     return 1;
   }
   log.info({ runDir: config.runDir }, 'loopmesh data plane started');
-  const stop = (): void => void plane.close().then(() => process.exit(0));
+  let stopping = false;
+  const stop = (): void => {
+    // A second signal stops at once, cutting what is still draining.
+    if (stopping) process.exit(1);
+    stopping = true;
+    log.info({ drainTimeoutMs: config.drainTimeoutMs }, 'stopping: listeners closed, open connections drain');
+    void plane.close({ drain: true }).then(() => process.exit(0));
+  };
   process.on('SIGINT', stop);
   process.on('SIGTERM', stop);
   return new Promise<number>(() => undefined);

@@ -40,8 +40,8 @@ async function runAgent(argv: string[]): Promise<number> {
   }
   log.info({ consul: config.consul, runDir: config.runDir, dns: config.dns, admin: agent.adminUrl(), hostsFile: config.hostsFile, suffix: config.suffix }, 'loopmesh agent started');
   onSignal(async () => {
-    log.info('stopping');
-    await agent.stop();
+    log.info({ drainTimeoutMs: config.drainTimeoutMs }, 'stopping: listeners closed, open connections drain');
+    await agent.stop({ drain: true });
   });
   return new Promise<number>(() => undefined);
 }

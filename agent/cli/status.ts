@@ -11,7 +11,7 @@ export function formatTable(rows: string[][]): string {
 
 export function statusTable(report: StatusReport): string {
   const rows = [['SERVICE', 'NAME', 'ADDRESS:PORT', 'BACKENDS', 'LISTENING']];
-  for (const r of report.routes) rows.push([r.service, r.fqdn, `${r.address}:${r.port}`, String(r.healthyBackends), r.listening ? 'yes' : 'NO']);
+  for (const r of report.routes) rows.push([r.service, r.fqdn, `${r.address}:${r.port}`, String(r.healthyBackends), r.listening === null ? '(balancer process)' : r.listening ? 'yes' : 'NO']);
   const consul = report.consul.connected ? 'connected' : `UNREACHABLE (serving last-known-good routes; ${report.consul.lastError?.message ?? 'no answer yet'})`;
   const problems = report.problems.map((p) => `problem ${p.code}: ${p.message}`);
   return [`node ${report.node}, consul ${consul}`, '', formatTable(rows), ...(problems.length ? ['', ...problems] : [])].join('\n');

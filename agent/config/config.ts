@@ -32,6 +32,8 @@ export interface AgentConfig {
   services: string[];
   tag: string | undefined;
   allowWarning: boolean;
+  /** Watch, plan and render only; a separate `loopmesh balancer` serves the run dir. */
+  renderOnly: boolean;
   empty: EmptyPolicy;
   kvPrefix: string;
   drainTimeoutMs: number;
@@ -65,6 +67,7 @@ export const settings: readonly Setting[] = [
   { key: 'services', flag: 'services', env: ['LOOPMESH_SERVICES'], value: 'A,B', help: 'route only these services (default: all)' },
   { key: 'tag', flag: 'tag', env: ['LOOPMESH_TAG'], value: 'TAG', help: 'route only services with this tag' },
   { key: 'allowWarning', flag: 'allow-warning', env: ['LOOPMESH_ALLOW_WARNING'], value: '', boolean: true, help: 'count instances in "warning" as healthy' },
+  { key: 'renderOnly', flag: 'render-only', env: ['LOOPMESH_RENDER_ONLY'], value: '', boolean: true, help: "only watch, plan and render into --run-dir; 'loopmesh balancer' on that dir serves, so either restarts alone" },
   { key: 'empty', flag: 'empty', env: ['LOOPMESH_EMPTY'], value: emptyPolicies.join('|'), default: 'reject', help: 'when a service has no healthy instance' },
   { key: 'kvPrefix', flag: 'kv-prefix', env: ['LOOPMESH_KV_PREFIX'], value: 'PREFIX', default: 'loopmesh', help: 'Consul KV prefix for the address table' },
   { key: 'drainTimeout', flag: 'drain-timeout', env: ['LOOPMESH_DRAIN_TIMEOUT'], value: 'SECONDS', default: '30', help: "how long a removed service's connections may drain" },
@@ -209,6 +212,7 @@ export function resolveConfig(...layers: RawConfig[]): AgentConfig {
     services: (opt('services') ?? '').split(',').map((s) => s.trim()).filter(Boolean),
     tag: opt('tag'),
     allowWarning: bool(get('allowWarning'), 'allow-warning'),
+    renderOnly: bool(get('renderOnly'), 'render-only'),
     empty,
     kvPrefix,
     drainTimeoutMs: seconds(get('drainTimeout'), 'drain-timeout'),

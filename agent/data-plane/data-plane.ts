@@ -78,9 +78,16 @@ export class DataPlane {
     }
   }
 
-  async close(): Promise<void> {
+  /**
+   * Stops serving. With `drain`, listeners stop accepting at once and open connections may finish
+   * (up to the drain timeout) before the rest is released: a process stopped by a signal never cuts
+   * a connection it can let finish. The hosts block is left in place: addresses are stable, so it
+   * stays right for the next process.
+   */
+  async close(options: { drain?: boolean } = {}): Promise<void> {
     await this.source.close();
     await this.dns?.close();
+    if (options.drain) await this.balancer.drain();
     await this.balancer.close();
   }
 }

@@ -16,7 +16,7 @@ async function sample(address: string, port: number, n: number): Promise<string[
 }
 
 function route(agent: Agent, service: string) {
-  return agent.dataPlane.config()?.services.find((s) => s.service === service);
+  return agent.dataPlane!.config()?.services.find((s) => s.service === service);
 }
 
 /** After `change`, how long until new connections stop reaching `gone`; then 20 more must all avoid it. */
@@ -113,27 +113,27 @@ describe('loopmesh agent with a real Consul', { timeout: 120_000 }, () => {
     await b.close();
     const seen = await sample(web.address, web.port, 10);
     assert.deepEqual(new Set(seen), new Set(['web-a']), `every connect must still succeed: ${seen.join(',')}`);
-    const status = node.agent.dataPlane.balancer.snapshot().find((s) => s.service === 'web')!;
+    const status = node.agent.dataPlane!.balancer.snapshot().find((s) => s.service === 'web')!;
     assert.ok(status.retries >= 1, `expected retries, got ${status.retries}`);
     assert.equal(status.failedConnections, 0);
     b = await startIdServer('web-b', '127.0.0.1', b.port);
   });
 
   test('the agent restarted, and a second node with an empty run dir: the same addresses', async () => {
-    const before = node.agent.dataPlane.config()!.services.map((s) => `${s.service}=${s.address}:${s.port}`);
+    const before = node.agent.dataPlane!.config()!.services.map((s) => `${s.service}=${s.address}:${s.port}`);
     await consul.register({ id: 'redis-1', name: 'redis', port: 6379, ttlCheck: { passing: true } });
     await eventually(() => route(node.agent, 'redis'), 5000, 'redis route');
-    const expected = node.agent.dataPlane.config()!.services.map((s) => `${s.service}=${s.address}:${s.port}`).sort();
+    const expected = node.agent.dataPlane!.config()!.services.map((s) => `${s.service}=${s.address}:${s.port}`).sort();
     assert.ok(expected.length === before.length + 1);
     await node.stop();
     node = await startAgent(consul.url, {}, node.dir);
-    await eventually(() => node.agent.dataPlane.config()?.services.length === 2, 5000, 'routes after restart');
-    assert.deepEqual(node.agent.dataPlane.config()!.services.map((s) => `${s.service}=${s.address}:${s.port}`).sort(), expected);
+    await eventually(() => node.agent.dataPlane!.config()?.services.length === 2, 5000, 'routes after restart');
+    assert.deepEqual(node.agent.dataPlane!.config()!.services.map((s) => `${s.service}=${s.address}:${s.port}`).sort(), expected);
     const other = await startAgent(consul.url, { range: '127.78.0.0/16' });
     dirs.push(other.dir);
     try {
-      await eventually(() => other.agent.dataPlane.config()?.services.length === 2, 5000, 'routes on the second node');
-      assert.deepEqual(other.agent.dataPlane.config()!.services.map((s) => `${s.service}=${s.address}:${s.port}`).sort(), expected);
+      await eventually(() => other.agent.dataPlane!.config()?.services.length === 2, 5000, 'routes on the second node');
+      assert.deepEqual(other.agent.dataPlane!.config()!.services.map((s) => `${s.service}=${s.address}:${s.port}`).sort(), expected);
     } finally {
       await other.stop();
     }

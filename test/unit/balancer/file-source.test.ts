@@ -130,3 +130,17 @@ test('a config whose apply fails is offered again on the next reload', async (t)
   await source.reload();
   assert.equal(calls, 2, 'applied content is not offered again');
 });
+
+test('a run dir that does not exist yet is created, and a file rendered into it later is picked up', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'loopmesh-balancer-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const path = join(dir, 'run', 'not-yet', 'balancer.json');
+  const received: BalancerConfig[] = [];
+  const source = new BalancerFileSource({ path, logger: silentLogger(), onConfig: (c) => void received.push(c) });
+  t.after(() => source.close());
+  await source.start();
+  assert.deepEqual(received, []);
+  await replaceFile(path, text(7001));
+  await waitUntil(() => received.length === 1, 'the file rendered after start');
+  assert.deepEqual(ports(received), [7001]);
+});
