@@ -46,9 +46,12 @@ Consul or to disk). Takes the agent's flags.
   --dry-run                          print instead of write (required for now)
 ${flagLines()}
 `,
-  balancer: `Usage: loopmesh balancer [--run-dir DIR] [--dns ADDR:PORT|off] [--hosts-file FILE|off] [--suffix DOMAIN] [--log-level LEVEL]
+  balancer: `Usage: loopmesh balancer [--run-dir DIR] [--dns ADDR:PORT|off] [--hosts-file FILE|off] [--suffix DOMAIN]
+                         [--drain-timeout S] [--connect-timeout S] [--log-level LEVEL] [--config FILE]
 
 Runs the data plane alone from the rendered files in --run-dir (balancer.json, hosts), reloading
-when they change: a control plane crash or restart never drops traffic.
+when they change: a control plane crash or restart never drops traffic. Pair it with
+'loopmesh agent --render-only' on the same --run-dir. SIGTERM closes the listeners and lets open
+connections finish for up to --drain-timeout seconds.
 `,
 };
