@@ -1,0 +1,354 @@
+#!/usr/bin/env bash
+# The multi-node lab on one Linux host, as root, with network namespaces: a bridge, one namespace
+# per node with its own address, a Consul server and Consul client agents, loopmesh on every node,
+# and per-node /etc (hosts, resolv.conf, nsswitch.conf) through /etc/netns/NODE/.
+#
+#   scripts/lab.sh up                         build it (idempotent) and wait until it works
+#   scripts/lab.sh down                       remove everything it made (also after a failed up)
+#   scripts/lab.sh status                     nodes, processes, Consul members, node1's routes
+#   scripts/lab.sh exec NODE CMD...           run CMD on NODE (node1, server, or lm-node1)
+#   scripts/lab.sh stop|start|restart NODE COMPONENT
+#                                             COMPONENT: consul, loopmesh (the control plane,
+#                                             `agent --render-only`), balancer (the data plane),
+#                                             web, redis
+#   scripts/lab.sh spawn NODE NAME CMD...     a background process on NODE that `down` stops
+#
+# Environment: LAB_NODES (client nodes, default 3), LAB_PREFIX (default lm: namespaces lm-server,
+# lm-node1..., bridge lm-br0), LAB_SUBNET (a /24, default 10.77.77.0/24: server .10, nodeN .10+N),
+# LAB_STATE (pids, logs, data; default /run/loopmesh-lab, or /run/loopmesh-lab-PREFIX for another
+# prefix). Another prefix and subnet give a second, independent lab (the tests use lmt, 10.77.78.0/24).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+. scripts/lib.sh
+. scripts/provision/lib.sh
+
+die() { printf 'lab.sh: error: %s\n' "$*" >&2; exit 1; }
+say() { printf 'lab.sh: %s\n' "$*" >&2; }
+
+LAB_PREFIX=${LAB_PREFIX:-lm}
+LAB_NODES=${LAB_NODES:-3}
+LAB_SUBNET=${LAB_SUBNET:-10.77.77.0/24}
+if [ "$LAB_PREFIX" = lm ]; then LAB_STATE=${LAB_STATE:-/run/loopmesh-lab}; else LAB_STATE=${LAB_STATE:-/run/loopmesh-lab-$LAB_PREFIX}; fi
+
+# Interface names have at most 15 characters: "v-" + prefix + "-server".
+[[ $LAB_PREFIX =~ ^[a-z][a-z0-9]{0,5}$ ]] || die "LAB_PREFIX must be 1-6 lower-case letters or digits, starting with a letter; got '$LAB_PREFIX'"
+[[ $LAB_NODES =~ ^[1-9][0-9]?$ ]] && [ "$LAB_NODES" -le 40 ] || die "LAB_NODES must be a number from 1 to 40; got '$LAB_NODES'"
+[[ $LAB_SUBNET =~ ^(10|172|192)\.([0-9]{1,3})\.([0-9]{1,3})\.0/24$ ]] || die "LAB_SUBNET must be a private /24 such as 10.77.77.0/24; got '$LAB_SUBNET'"
+NET=${LAB_SUBNET%.0/24}
+[[ $LAB_STATE == /* && $LAB_STATE != / ]] || die "LAB_STATE must be an absolute path other than /; got '$LAB_STATE'"
+
+BRIDGE=$LAB_PREFIX-br0
+SERVER=$LAB_PREFIX-server
+SERVER_ADDR=$NET.10
+MAIN=$REPO/dist/agent/cli/main.js
+FORWARD_RULE=(FORWARD -i "$BRIDGE" -o "$BRIDGE" -m comment --comment "loopmesh-lab $LAB_PREFIX" -j ACCEPT)
+
+nodes() { echo "$SERVER"; local i; for i in $(seq 1 "$LAB_NODES"); do echo "$LAB_PREFIX-node$i"; done; }
+clients() { local i; for i in $(seq 1 "$LAB_NODES"); do echo "$LAB_PREFIX-node$i"; done; }
+index_of() { case $1 in "$SERVER") echo 0 ;; *) echo "${1##*-node}" ;; esac; }
+addr_of() { local i; i=$(index_of "$1"); echo "$NET.$((10 + i))"; }
+in_ns() { local node=$1; shift; ip netns exec "$node" "$@"; }
+
+# node1, server, lm-node1 -> lm-node1 (and it must be one of this lab's nodes).
+node_name() {
+  local arg=$1 n
+  case $arg in "$LAB_PREFIX"-*) n=$arg ;; *) n=$LAB_PREFIX-$arg ;; esac
+  nodes | grep -qx -- "$n" || die "no node '$arg' in this lab; expected one of: $(nodes | tr '\n' ' ')"
+  echo "$n"
+}
+ns_exists() { ip netns list | awk '{print $1}' | grep -qx -- "$1"; }
+# Every namespace of this prefix, whatever LAB_NODES was when it was made.
+lab_namespaces() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^$LAB_PREFIX-(server|node[0-9]+)$" || true; }
+roles_of() { local i; i=$(index_of "$1"); [ "$i" -eq 0 ] && return 0; lm_demo_role "$i" "$LAB_NODES"; }
+
+require_root() { [ "$(id -u)" -eq 0 ] || die "the lab makes network namespaces and a bridge: run it as root (sudo bash scripts/lab.sh $*)"; }
+
+# ---- processes: ip netns exec NODE setsid CMD, pid in $LAB_STATE/NODE/NAME.pid, log next to it
+
+pidfile() { echo "$LAB_STATE/$1/$2.pid"; }
+alive() { # NODE NAME: the recorded process runs, in that node's namespace
+  local f pid; f=$(pidfile "$1" "$2")
+  [ -f "$f" ] || return 1
+  pid=$(cat "$f")
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && ip netns pids "$1" 2>/dev/null | grep -qx -- "$pid"
+}
+
+# start_proc NODE NAME CMD...: starts CMD in NODE unless it already runs there.
+start_proc() {
+  local node=$1 name=$2; shift 2
+  if alive "$node" "$name"; then return 0; fi
+  mkdir -p "$LAB_STATE/$node"
+  # setsid: its own session, so the lab's processes outlive this script and its terminal.
+  # ip netns exec, setsid (not a group leader here) and env all exec, so $! is CMD's own pid.
+  ip netns exec "$node" setsid "$@" </dev/null >>"$LAB_STATE/$node/$name.log" 2>&1 &
+  echo $! >"$(pidfile "$node" "$name")"
+  sleep 0.05
+  alive "$node" "$name" || die "$name on $node exited at once; see $LAB_STATE/$node/$name.log: $(tail -n 5 "$LAB_STATE/$node/$name.log" 2>/dev/null)"
+}
+
+# stop_proc NODE NAME [GRACE_SECONDS]: SIGTERM, then SIGKILL after the grace period.
+stop_proc() {
+  local node=$1 name=$2 grace=${3:-20} f pid end
+  f=$(pidfile "$node" "$name")
+  if alive "$node" "$name"; then
+    pid=$(cat "$f")
+    kill -TERM "$pid" 2>/dev/null || true
+    end=$((SECONDS + grace))
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.05; done
+    if kill -0 "$pid" 2>/dev/null; then say "$name on $node did not stop within $grace s; killing it"; kill -KILL "$pid" 2>/dev/null || true; fi
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  fi
+  rm -f "$f"
+}
+
+register_in() { LM_EXEC=(ip netns exec "$1"); lm_register http://127.0.0.1:8500 "$2"; LM_EXEC=(); }
+loopmesh_env() { mapfile -t LOOPMESH_ENV <"$LAB_STATE/$1/loopmesh.env"; }
+
+start_component() {
+  local node=$1 comp=$2 addr; addr=$(addr_of "$node")
+  case $comp in
+    consul)
+      start_proc "$node" consul "$CONSUL_BIN" agent -config-file="$LAB_STATE/$node/consul.hcl" ;;
+    balancer)
+      loopmesh_env "$node"
+      start_proc "$node" balancer env "${LOOPMESH_ENV[@]}" node "$MAIN" "${LM_BALANCER_ARGS[@]}" ;;
+    loopmesh)
+      loopmesh_env "$node"
+      start_proc "$node" loopmesh env "${LOOPMESH_ENV[@]}" node "$MAIN" "${LM_AGENT_ARGS[@]}" ;;
+    web)
+      start_proc "$node" web node "$REPO/scripts/demo-backend.mjs" "web-$node" "$WEB_BACKEND_PORT" "$addr"
+      register_in "$node" "$(lm_web_service_json "$node" "$addr")" ;;
+    redis)
+      local args; mapfile -t args < <(lm_redis_args "$addr")
+      start_proc "$node" redis redis-server "${args[@]}"
+      register_in "$node" "$(lm_redis_service_json "$node" "$addr")" ;;
+    *) die "unknown component '$comp'; expected consul, loopmesh, balancer, web or redis" ;;
+  esac
+}
+
+components_of() { echo consul balancer loopmesh $(roles_of "$1"); }
+
+# ---- up
+
+consul_api() { in_ns "$1" curl -sf --max-time 3 "http://127.0.0.1:8500$2"; }
+
+wait_for() { # SECONDS WHAT CMD...: until CMD succeeds
+  local secs=$1 what=$2 end; shift 2; end=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $end ] || die "$what: not within $secs s (logs in $LAB_STATE/NODE/*.log; 'bash scripts/lab.sh down' removes the lab)"
+    sleep 0.2
+  done
+}
+has_leader() { local l; l=$(consul_api "$SERVER" /v1/status/leader) && [ -n "$l" ] && [ "$l" != '""' ]; }
+members_alive() { [ "$(consul_api "$SERVER" /v1/agent/members | grep -o '"Status":1' | wc -l)" -ge $((LAB_NODES + 1)) ]; }
+loopmesh_healthy() { in_ns "$1" curl -sf --max-time 2 http://127.0.0.1:9190/health | grep -q '"status":"ok"'; }
+web_by_name() { in_ns "$LAB_PREFIX-node1" curl -sf --max-time 2 http://web.local/ | grep -q 'hello from'; }
+redis_by_name() { [ "$(in_ns "$LAB_PREFIX-node1" redis-cli -h redis.local -p 6379 ping 2>/dev/null)" = PONG ]; }
+
+etc_files() { # NODE: /etc/netns/NODE/{hosts,resolv.conf,nsswitch.conf}
+  local node=$1 dir=/etc/netns/$1 n
+  mkdir -p "$dir"
+  if [ ! -f "$dir/hosts" ]; then # the loopmesh block is kept on a second up
+    {
+      printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n'
+      for n in $(nodes); do printf '%s\t%s\n' "$(addr_of "$n")" "$n"; done
+    } >"$dir/hosts"
+  fi
+  # loopmesh's DNS responder listens on 127.0.0.1:53 inside the namespace (its own loopback).
+  printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:2\n' >"$dir/resolv.conf"
+  # hosts: files first, then DNS; no mDNS module that would take .local away from both.
+  if [ -f /etc/nsswitch.conf ]; then
+    sed -E 's/^hosts:.*/hosts:          files dns/' /etc/nsswitch.conf >"$dir/nsswitch.conf"
+  else
+    printf 'hosts: files dns\n' >"$dir/nsswitch.conf"
+  fi
+}
+
+network() {
+  local node addr host
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then ip link add "$BRIDGE" type bridge; fi
+  ip link set "$BRIDGE" up
+  # With br_netfilter, bridged frames pass the host's FORWARD chain; a DROP policy (Docker) would cut the lab.
+  if [ "$(sysctl -n net.bridge.bridge-nf-call-iptables 2>/dev/null || echo 0)" = 1 ] && command -v iptables >/dev/null \
+     && ! iptables -C "${FORWARD_RULE[@]}" 2>/dev/null && ! iptables -S FORWARD 2>/dev/null | grep -q '^-P FORWARD ACCEPT'; then
+    iptables -I "${FORWARD_RULE[@]}"
+  fi
+  for node in $(nodes); do
+    addr=$(addr_of "$node") host=v-$node
+    if ! ns_exists "$node"; then ip netns add "$node"; fi
+    if ! ip link show "$host" >/dev/null 2>&1; then
+      in_ns "$node" ip link del eth0 2>/dev/null || true
+      ip link add "$host" type veth peer name eth0 netns "$node"
+    fi
+    ip link set "$host" master "$BRIDGE" up
+    in_ns "$node" ip link set lo up
+    in_ns "$node" ip addr replace "$addr/24" dev eth0
+    in_ns "$node" ip link set eth0 up
+    etc_files "$node"
+  done
+}
+
+up() {
+  require_root up
+  if ! ns_exists "$SERVER"; then
+    ip netns add "$SERVER" 2>/dev/null \
+      || die "this host cannot create network namespaces ('ip netns add' failed); the lab needs root on Linux with netns support"
+  fi
+  ensure_packages ip:iproute2 curl:curl getent:libc-bin redis-server:redis-server redis-cli:redis-tools iptables:iptables
+  ensure_node_modules
+  ensure_consul
+  mkdir -p "$LAB_STATE"
+  [ -d /etc/netns ] || { mkdir -p /etc/netns; touch "$LAB_STATE/created-etc-netns"; }
+  say "network: bridge $BRIDGE, $LAB_SUBNET, nodes $(nodes | tr '\n' ' ')"
+  network
+
+  local node addr comp
+  for node in $(nodes); do
+    addr=$(addr_of "$node")
+    mkdir -p "$LAB_STATE/$node/consul-data" "$LAB_STATE/$node/run"
+    if [ "$node" = "$SERVER" ]; then
+      lm_consul_hcl server "$node" "$addr" "$SERVER_ADDR" "$LAB_STATE/$node/consul-data" "127.0.0.1 $addr" >"$LAB_STATE/$node/consul.hcl"
+    else
+      lm_consul_hcl client "$node" "$addr" "$SERVER_ADDR" "$LAB_STATE/$node/consul-data" "127.0.0.1 $addr" >"$LAB_STATE/$node/consul.hcl"
+    fi
+    # Inside the namespace /etc/hosts is /etc/netns/NODE/hosts, bind-mounted: loopmesh rewrites it in
+    # place, so every process of the node, also one started before a change, sees the current block.
+    lm_loopmesh_env "$LAB_STATE/$node/run" /etc/hosts 127.0.0.1:53 127.0.0.1:9190 >"$LAB_STATE/$node/loopmesh.env"
+    start_component "$node" consul
+  done
+  say "waiting for Consul: a leader and $((LAB_NODES + 1)) members"
+  wait_for 60 "a Consul leader on $SERVER" has_leader
+  wait_for 60 "all $((LAB_NODES + 1)) Consul agents joined" members_alive
+  for node in $(nodes); do
+    for comp in $(components_of "$node"); do start_component "$node" "$comp"; done
+  done
+  say "waiting for loopmesh on every node and web.local, redis.local from $LAB_PREFIX-node1"
+  for node in $(nodes); do wait_for 60 "loopmesh healthy on $node" loopmesh_healthy "$node"; done
+  wait_for 60 "http://web.local/ from $LAB_PREFIX-node1" web_by_name
+  if [ "$LAB_NODES" -ge 1 ]; then wait_for 60 "redis.local:6379 from $LAB_PREFIX-node1" redis_by_name; fi
+  local lab="bash scripts/lab.sh"
+  [ "$LAB_PREFIX" = lm ] || lab="LAB_PREFIX=$LAB_PREFIX LAB_SUBNET=$LAB_SUBNET LAB_NODES=$LAB_NODES bash scripts/lab.sh"
+  cat <<TXT
+
+  loopmesh lab is up: $SERVER ($SERVER_ADDR, Consul server) and $LAB_NODES client nodes on $BRIDGE ($LAB_SUBNET).
+  web runs on $(for n in $(clients); do case " $(roles_of "$n") " in *" web "*) printf '%s ' "$n" ;; esac; done)and redis on $(clients | tail -n 1).
+
+  Try, from node1:
+    $lab exec node1 getent hosts web.local redis.local
+    $lab exec node1 curl -s http://web.local/                 # again: the other instance answers
+    $lab exec node1 redis-cli -h redis.local ping
+    $lab exec node1 dig @127.0.0.1 web.local SRV +short       # loopmesh's DNS, the node's resolver
+    $lab exec node1 node dist/agent/cli/main.js status
+  Register a service on $(clients | tail -n 1) and reach it from node1 within a second:
+    $lab spawn $(clients | tail -n 1 | sed "s/^$LAB_PREFIX-//") echo socat TCP-LISTEN:7000,bind=$(addr_of "$(clients | tail -n 1)"),fork,reuseaddr EXEC:cat
+    $lab exec $(clients | tail -n 1 | sed "s/^$LAB_PREFIX-//") curl -X PUT http://127.0.0.1:8500/v1/agent/service/register -d '{"Name":"echo","Address":"$(addr_of "$(clients | tail -n 1)")","Port":7000}'
+    echo hi | $lab exec node1 socat - TCP:echo.local:7000
+  Break things: $lab stop $(clients | tail -n 1 | sed "s/^$LAB_PREFIX-//") consul | $lab restart node1 loopmesh | $lab restart server consul
+  Look:         $lab status        (logs: $LAB_STATE/NODE/*.log)
+  Tear down:    $lab down
+TXT
+}
+
+# ---- down
+
+kill_namespace() { # NODE: every process in it, TERM (twice: loopmesh then skips draining), then KILL
+  local node=$1 pids end
+  pids=$(ip netns pids "$node" 2>/dev/null || true)
+  [ -n "$pids" ] || return 0
+  # shellcheck disable=SC2086
+  kill -TERM $pids 2>/dev/null || true
+  sleep 0.3
+  # shellcheck disable=SC2086
+  kill -TERM $pids 2>/dev/null || true
+  end=$((SECONDS + 10))
+  while [ -n "$(ip netns pids "$node" 2>/dev/null)" ] && [ $SECONDS -lt $end ]; do sleep 0.1; done
+  pids=$(ip netns pids "$node" 2>/dev/null || true)
+  # shellcheck disable=SC2086
+  [ -z "$pids" ] || { say "killing what did not stop in $node: $pids"; kill -KILL $pids 2>/dev/null || true; sleep 0.2; }
+}
+
+down() {
+  require_root down
+  local node f pid host_ns link
+  for node in $(lab_namespaces); do kill_namespace "$node"; done
+  # Recorded processes that are somehow outside their namespace now (never the host's own namespace).
+  host_ns=$(readlink /proc/self/ns/net)
+  if [ -d "$LAB_STATE" ]; then
+    for f in "$LAB_STATE"/*/*.pid; do
+      [ -f "$f" ] || continue
+      pid=$(cat "$f")
+      if [ -n "$pid" ] && [ -e "/proc/$pid" ] && [ "$(readlink "/proc/$pid/ns/net" 2>/dev/null)" != "$host_ns" ]; then kill -KILL "$pid" 2>/dev/null || true; fi
+    done
+  fi
+  for node in $(lab_namespaces); do ip netns del "$node"; done
+  for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E "^v-$LAB_PREFIX-(server|node[0-9]+)$" || true); do ip link del "$link" 2>/dev/null || true; done
+  if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE"; fi
+  while command -v iptables >/dev/null && iptables -C "${FORWARD_RULE[@]}" 2>/dev/null; do iptables -D "${FORWARD_RULE[@]}"; done
+  rm -rf /etc/netns/"$LAB_PREFIX"-server /etc/netns/"$LAB_PREFIX"-node*
+  if [ -f "$LAB_STATE/created-etc-netns" ]; then rmdir /etc/netns 2>/dev/null || true; fi
+  rm -rf "$LAB_STATE"
+  local left; left=$(lab_namespaces; ip link show "$BRIDGE" 2>/dev/null | head -n 1; ls -d /etc/netns/"$LAB_PREFIX"-* 2>/dev/null || true)
+  [ -z "$left" ] || die "could not remove everything: $left"
+  say "lab $LAB_PREFIX is down: no namespaces, links, processes or files left"
+}
+
+# ---- status
+
+status() {
+  require_root status
+  local node comp state
+  if [ -z "$(lab_namespaces)" ]; then echo "lab $LAB_PREFIX is not up (no namespaces $LAB_PREFIX-*)"; return 0; fi
+  printf '%-14s %-14s %s\n' NODE ADDRESS PROCESSES
+  for node in $(nodes); do
+    if ! ns_exists "$node"; then printf '%-14s %-14s %s\n' "$node" - "no namespace"; continue; fi
+    state=""
+    for comp in $(components_of "$node"); do
+      if alive "$node" "$comp"; then state+="$comp:$(cat "$(pidfile "$node" "$comp")") "; else state+="$comp:DOWN "; fi
+    done
+    printf '%-14s %-14s %s\n' "$node" "$(addr_of "$node")" "$state"
+  done
+  echo
+  echo "Consul members (from $SERVER):"
+  in_ns "$SERVER" "$CONSUL_BIN" members 2>&1 | sed 's/^/  /' || true
+  echo
+  echo "Routes on $LAB_PREFIX-node1:"
+  in_ns "$LAB_PREFIX-node1" node "$MAIN" status --admin 127.0.0.1:9190 2>&1 | sed 's/^/  /' || true
+}
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case $cmd in
+  up) up ;;
+  down) down ;;
+  status) ensure_consul >/dev/null 2>&1 || CONSUL_BIN=consul; status ;;
+  exec)
+    [ $# -ge 2 ] || die "usage: lab.sh exec NODE CMD..."
+    require_root exec
+    node=$(node_name "$1"); shift
+    ns_exists "$node" || die "node $node has no namespace; run 'bash scripts/lab.sh up' first"
+    exec ip netns exec "$node" "$@" ;;
+  stop|start|restart)
+    [ $# -eq 2 ] || die "usage: lab.sh $cmd NODE COMPONENT (consul, loopmesh, balancer, web, redis)"
+    require_root "$cmd"
+    node=$(node_name "$1") comp=$2
+    case " $(components_of "$node") " in *" $comp "*) ;; *) die "$node has no component '$comp'; it has: $(components_of "$node")" ;; esac
+    ns_exists "$node" || die "node $node has no namespace; run 'bash scripts/lab.sh up' first"
+    [ "$cmd" = start ] || stop_proc "$node" "$comp"
+    if [ "$cmd" != stop ]; then
+      [ "$comp" != consul ] || CONSUL_BIN=$(bash scripts/install-consul.sh 2>/dev/null | tail -n 1)
+      start_component "$node" "$comp"
+    fi ;;
+  spawn)
+    [ $# -ge 3 ] || die "usage: lab.sh spawn NODE NAME CMD..."
+    require_root spawn
+    node=$(node_name "$1") name=$2; shift 2
+    [[ $name =~ ^[a-zA-Z0-9_.-]+$ ]] || die "spawn: NAME must be letters, digits, '.', '_' or '-'; got '$name'"
+    ns_exists "$node" || die "node $node has no namespace; run 'bash scripts/lab.sh up' first"
+    start_proc "$node" "$name" "$@"
+    cat "$(pidfile "$node" "$name")" ;;
+  -h|--help|help) usage ;;
+  *) usage >&2; die "expected a command: up, down, status, exec, stop, start, restart or spawn; got '${cmd}'" ;;
+esac
