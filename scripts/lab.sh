@@ -54,10 +54,11 @@ in_ns() { local node=$1; shift; ip netns exec "$node" "$@"; }
 node_name() {
   local arg=$1 n
   case $arg in "$LAB_PREFIX"-*) n=$arg ;; *) n=$LAB_PREFIX-$arg ;; esac
-  nodes | grep -qx -- "$n" || die "no node '$arg' in this lab; expected one of: $(nodes | tr '\n' ' ')"
+  nodes | grep -x -- "$n" >/dev/null || die "no node '$arg' in this lab; expected one of: $(nodes | tr '\n' ' ')"
   echo "$n"
 }
-ns_exists() { ip netns list | awk '{print $1}' | grep -qx -- "$1"; }
+# (No `grep -q` after a pipe: it stops reading early, the writer gets SIGPIPE, and pipefail fails the test.)
+ns_exists() { ip netns list | awk '{print $1}' | grep -x -- "$1" >/dev/null; }
 # Every namespace of this prefix, whatever LAB_NODES was when it was made.
 lab_namespaces() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^$LAB_PREFIX-(server|node[0-9]+)$" || true; }
 roles_of() { local i; i=$(index_of "$1"); [ "$i" -eq 0 ] && return 0; lm_demo_role "$i" "$LAB_NODES"; }
@@ -71,7 +72,7 @@ alive() { # NODE NAME: the recorded process runs, in that node's namespace
   local f pid; f=$(pidfile "$1" "$2")
   [ -f "$f" ] || return 1
   pid=$(cat "$f")
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && ip netns pids "$1" 2>/dev/null | grep -qx -- "$pid"
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && ip netns pids "$1" 2>/dev/null | grep -x -- "$pid" >/dev/null
 }
 
 # start_proc NODE NAME CMD...: starts CMD in NODE unless it already runs there.
@@ -103,6 +104,23 @@ stop_proc() {
 }
 
 register_in() { LM_EXEC=(ip netns exec "$1"); lm_register http://127.0.0.1:8500 "$2"; LM_EXEC=(); }
+# The data plane's restart: SIGTERM makes the old balancer close its listeners at once and drain its
+# open connections (up to LOOPMESH_DRAIN_TIMEOUT) in the background; the new one starts as soon as
+# the ports are free (a listen that fails is only retried on the next config change).
+handover_balancer() {
+  local node=$1 f pid end
+  f=$(pidfile "$node" balancer)
+  alive "$node" balancer || return 0
+  pid=$(cat "$f")
+  kill -TERM "$pid"
+  end=$((SECONDS + 10))
+  while in_ns "$node" ss -lntupH 2>/dev/null | grep -F "pid=$pid," >/dev/null; do
+    [ $SECONDS -lt $end ] || die "the old balancer on $node (pid $pid) still listens 10 s after SIGTERM"
+    sleep 0.02
+  done
+  mv "$f" "$LAB_STATE/$node/balancer-draining-$pid.pid"
+}
+
 loopmesh_env() { mapfile -t LOOPMESH_ENV <"$LAB_STATE/$1/loopmesh.env"; }
 
 start_component() {
@@ -142,8 +160,12 @@ wait_for() { # SECONDS WHAT CMD...: until CMD succeeds
 }
 has_leader() { local l; l=$(consul_api "$SERVER" /v1/status/leader) && [ -n "$l" ] && [ "$l" != '""' ]; }
 members_alive() { [ "$(consul_api "$SERVER" /v1/agent/members | grep -o '"Status":1' | wc -l)" -ge $((LAB_NODES + 1)) ]; }
-loopmesh_healthy() { in_ns "$1" curl -sf --max-time 2 http://127.0.0.1:9190/health | grep -q '"status":"ok"'; }
-web_by_name() { in_ns "$LAB_PREFIX-node1" curl -sf --max-time 2 http://web.local/ | grep -q 'hello from'; }
+loopmesh_healthy() { in_ns "$1" curl -sf --max-time 2 http://127.0.0.1:9190/health | grep -F '"status":"ok"' >/dev/null; }
+web_by_name() { in_ns "$LAB_PREFIX-node1" curl -sf --max-time 2 http://web.local/ | grep -F 'hello from' >/dev/null; }
+web_backends() { # COUNT: node1's loopmesh routes web to COUNT instances
+  in_ns "$LAB_PREFIX-node1" curl -sf --max-time 2 http://127.0.0.1:9190/v1/routes \
+    | node -e 'let s="";process.stdin.on("data",(c)=>s+=c).on("end",()=>{const r=JSON.parse(s).routes.find((x)=>x.service==="web");process.exit(r&&r.backends.length===Number(process.argv[1])?0:1)})' "$1"
+}
 redis_by_name() { [ "$(in_ns "$LAB_PREFIX-node1" redis-cli -h redis.local -p 6379 ping 2>/dev/null)" = PONG ]; }
 
 etc_files() { # NODE: /etc/netns/NODE/{hosts,resolv.conf,nsswitch.conf}
@@ -171,7 +193,7 @@ network() {
   ip link set "$BRIDGE" up
   # With br_netfilter, bridged frames pass the host's FORWARD chain; a DROP policy (Docker) would cut the lab.
   if [ "$(sysctl -n net.bridge.bridge-nf-call-iptables 2>/dev/null || echo 0)" = 1 ] && command -v iptables >/dev/null \
-     && ! iptables -C "${FORWARD_RULE[@]}" 2>/dev/null && ! iptables -S FORWARD 2>/dev/null | grep -q '^-P FORWARD ACCEPT'; then
+     && ! iptables -C "${FORWARD_RULE[@]}" 2>/dev/null && ! iptables -S FORWARD 2>/dev/null | grep -E '^-P FORWARD ACCEPT' >/dev/null; then
     iptables -I "${FORWARD_RULE[@]}"
   fi
   for node in $(nodes); do
@@ -226,6 +248,8 @@ up() {
   say "waiting for loopmesh on every node and web.local, redis.local from $LAB_PREFIX-node1"
   for node in $(nodes); do wait_for 60 "loopmesh healthy on $node" loopmesh_healthy "$node"; done
   wait_for 60 "http://web.local/ from $LAB_PREFIX-node1" web_by_name
+  local web_nodes; web_nodes=$(for n in $(clients); do case " $(roles_of "$n") " in *" web "*) echo "$n" ;; esac; done | wc -l)
+  wait_for 60 "all $web_nodes web instances healthy in node1's routes" web_backends "$web_nodes"
   if [ "$LAB_NODES" -ge 1 ]; then wait_for 60 "redis.local:6379 from $LAB_PREFIX-node1" redis_by_name; fi
   local lab="bash scripts/lab.sh"
   [ "$LAB_PREFIX" = lm ] || lab="LAB_PREFIX=$LAB_PREFIX LAB_SUBNET=$LAB_SUBNET LAB_NODES=$LAB_NODES bash scripts/lab.sh"
@@ -336,7 +360,11 @@ case $cmd in
     node=$(node_name "$1") comp=$2
     case " $(components_of "$node") " in *" $comp "*) ;; *) die "$node has no component '$comp'; it has: $(components_of "$node")" ;; esac
     ns_exists "$node" || die "node $node has no namespace; run 'bash scripts/lab.sh up' first"
-    [ "$cmd" = start ] || stop_proc "$node" "$comp"
+    if [ "$cmd" = restart ] && [ "$comp" = balancer ]; then
+      handover_balancer "$node"
+    elif [ "$cmd" != start ]; then
+      stop_proc "$node" "$comp"
+    fi
     if [ "$cmd" != stop ]; then
       [ "$comp" != consul ] || CONSUL_BIN=$(bash scripts/install-consul.sh 2>/dev/null | tail -n 1)
       start_component "$node" "$comp"
