@@ -93,6 +93,66 @@ function percentile(sorted: number[], p: number): number {
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/** Every process a lab ran: the recorded pids and whatever is in its namespaces. */
+async function labPids(labPrefix: string, labState: string): Promise<Set<number>> {
+  const pids = new Set<number>();
+  if (existsSync(labState)) {
+    for (const dir of readdirSync(labState)) {
+      const d = join(labState, dir);
+      if (!dir.startsWith(`${labPrefix}-`) || !existsSync(d)) continue;
+      for (const f of readdirSync(d).filter((x) => x.endsWith('.pid'))) pids.add(Number(readFileSync(join(d, f), 'utf8')));
+    }
+  }
+  const list = String((await execa('ip', ['netns', 'list'], { reject: false })).stdout).split('\n').map((l) => l.split(' ')[0] ?? '');
+  for (const ns of list.filter((n) => n.startsWith(`${labPrefix}-`))) {
+    const r = await execa('ip', ['netns', 'pids', ns], { reject: false });
+    for (const p of String(r.stdout).split('\n').filter(Boolean)) pids.add(Number(p));
+  }
+  return pids;
+}
+
+/** After `lab.sh down`: no namespace, link, process, /etc/netns dir, state dir or iptables rule of the lab. */
+async function assertNothingLeft(labPrefix: string, labState: string, pids: Set<number>): Promise<void> {
+  const namespaces = String((await execa('ip', ['netns', 'list'])).stdout).split('\n').filter((l) => l.startsWith(`${labPrefix}-`));
+  assert.deepEqual(namespaces, [], `no namespace ${labPrefix}-* is left`);
+  const links = String((await execa('ip', ['-o', 'link', 'show'])).stdout).split('\n').filter((l) => l.includes(`${labPrefix}-br0`) || l.includes(`v-${labPrefix}-`));
+  assert.deepEqual(links, [], `no bridge or veth of lab ${labPrefix} is left`);
+  assert.equal(existsSync(labState), false, `${labState} is removed`);
+  const etc = existsSync('/etc/netns') ? readdirSync('/etc/netns').filter((d) => d.startsWith(`${labPrefix}-`)) : [];
+  assert.deepEqual(etc, [], `no /etc/netns/${labPrefix}-* is left`);
+  await sleep(200);
+  const living = [...pids].filter((pid) => {
+    try {
+      // A zombie is already dead, waiting for init to reap it.
+      return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+    } catch {
+      return false;
+    }
+  });
+  assert.deepEqual(living, [], `no process of lab ${labPrefix} is left (checked ${pids.size})`);
+  const rules = String((await execa('iptables', ['-S'], { reject: false })).stdout);
+  assert.equal(rules.includes(`loopmesh-lab ${labPrefix}`), false, `no iptables rule of lab ${labPrefix} is left`);
+}
+
+describe('lab.sh down after an interrupted up', { skip, timeout: 120_000 }, () => {
+  test('up killed half-way (namespaces and Consul agents running), then down: nothing is left', async (t) => {
+    const env = { LAB_PREFIX: 'lmf', LAB_SUBNET: '10.77.79.0/24', LAB_NODES: '2', LAB_STATE: '/run/loopmesh-lab-lmf' };
+    const run = (args: string[]) => execa('bash', [join(repo, 'scripts', 'lab.sh'), ...args], { env, reject: false, timeout: 90_000, all: true });
+    await run(['down']);
+    const up = run(['up']);
+    // Kill it once the Consul agents run: the point where a failed up leaves the most behind.
+    await eventually(() => existsSync(`${env.LAB_STATE}/lmf-node2/consul.pid`), 60_000, 'lab.sh up starting the Consul agents');
+    up.kill('SIGKILL');
+    await up;
+    const pids = await labPids('lmf', env.LAB_STATE);
+    assert.ok(pids.size >= 3, `processes were running when up was killed (${pids.size})`);
+    const down = await run(['down']);
+    assert.equal(down.exitCode, 0, String(down.all));
+    await assertNothingLeft('lmf', env.LAB_STATE, pids);
+    t.diagnostic(`down after a killed up removed ${pids.size} processes, 3 namespaces, the bridge and the files`);
+  });
+});
+
 describe('the multi-node lab (scripts/lab.sh, network namespaces, real Consul)', { skip, timeout: 300_000 }, () => {
   const suiteStart = Date.now();
   let upOk = false;
@@ -108,40 +168,10 @@ describe('the multi-node lab (scripts/lab.sh, network namespaces, real Consul)',
   });
 
   after(async () => {
-    // Every process the lab ran, to check they are gone.
-    const pids = new Set<number>();
-    if (existsSync(state)) {
-      for (const dir of readdirSync(state)) {
-        const d = join(state, dir);
-        if (!existsSync(d) || !/^lmt-/.test(dir)) continue;
-        for (const f of readdirSync(d).filter((x) => x.endsWith('.pid'))) pids.add(Number(readFileSync(join(d, f), 'utf8')));
-      }
-    }
-    for (const n of ['server', 'node1', 'node2', 'node3']) {
-      const r = await execa('ip', ['netns', 'pids', node(n)], { reject: false });
-      for (const p of String(r.stdout).split('\n').filter(Boolean)) pids.add(Number(p));
-    }
+    const pids = await labPids(prefix, state);
     const down = await lab(['down'], 60_000);
     assert.equal(down.exitCode, 0, `lab.sh down failed: ${String(down.all)}`);
-    const namespaces = String((await execa('ip', ['netns', 'list'])).stdout).split('\n').filter((l) => l.startsWith(`${prefix}-`));
-    assert.deepEqual(namespaces, [], 'no namespace of the test lab is left');
-    const links = String((await execa('ip', ['-o', 'link', 'show'])).stdout).split('\n').filter((l) => l.includes(`${prefix}-br0`) || l.includes(`v-${prefix}-`));
-    assert.deepEqual(links, [], 'no bridge or veth of the test lab is left');
-    assert.equal(existsSync(state), false, `${state} is removed`);
-    const etc = existsSync('/etc/netns') ? readdirSync('/etc/netns').filter((d) => d.startsWith(`${prefix}-`)) : [];
-    assert.deepEqual(etc, [], 'no /etc/netns/lmt-* is left');
-    await sleep(200);
-    const living = [...pids].filter((pid) => {
-      try {
-        const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-        return !/^\d+ \(.*\) Z/.test(stat); // a zombie is already dead, waiting for init to reap it
-      } catch {
-        return false;
-      }
-    });
-    assert.deepEqual(living, [], `no lab process is left (checked ${pids.size})`);
-    const rules = String((await execa('iptables', ['-S'], { reject: false })).stdout);
-    assert.equal(rules.includes(`loopmesh-lab ${prefix}`), false, 'no iptables rule of the lab is left');
+    await assertNothingLeft(prefix, state, pids);
     process.stderr.write(`# lab suite, up to down: ${Math.round((Date.now() - suiteStart) / 1000)} s\n`);
   });
 
@@ -237,6 +267,8 @@ describe('the multi-node lab (scripts/lab.sh, network namespaces, real Consul)',
     await sleep(2000);
     await must(lab(['start', 'server', 'consul'], 60_000), 'start the Consul server');
     const restarted = Date.now();
+    await eventually(async () => /"\d+\.\d+\.\d+\.\d+:\d+"/.test(String((await inNode('node1', ['curl', '-s', '--max-time', '2', 'http://127.0.0.1:8500/v1/status/leader'], 3000)).stdout)), 60_000, "node1's Consul agent seeing a leader");
+    t.diagnostic(`node1's Consul agent sees a leader ${Date.now() - restarted} ms after the server started`);
     for (const n of nodes) {
       await eventually(async () => {
         const r = await inNode(n, ['curl', '-s', 'http://127.0.0.1:9190/health'], 3000);
