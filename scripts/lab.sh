@@ -38,6 +38,13 @@ if [ "$LAB_PREFIX" = lm ]; then LAB_STATE=${LAB_STATE:-/run/loopmesh-lab}; else 
 NET=${LAB_SUBNET%.0/24}
 [[ $LAB_STATE == /* && $LAB_STATE != / ]] || die "LAB_STATE must be an absolute path other than /; got '$LAB_STATE'"
 
+# loopmesh runs unprivileged, as on the VMs: the balancer with CAP_NET_BIND_SERVICE only (ports 80 and
+# 53), the control plane with no capability. LAB_LOOPMESH_USER=root runs both as root instead.
+LAB_LOOPMESH_USER=${LAB_LOOPMESH_USER:-nobody}
+id -u "$LAB_LOOPMESH_USER" >/dev/null 2>&1 || die "LAB_LOOPMESH_USER=$LAB_LOOPMESH_USER is not a user on this host"
+LM_UID=$(id -u "$LAB_LOOPMESH_USER") LM_GID=$(id -g "$LAB_LOOPMESH_USER")
+AS_USER=(setpriv --reuid="$LM_UID" --regid="$LM_GID" --clear-groups --no-new-privs)
+
 BRIDGE=$LAB_PREFIX-br0
 SERVER=$LAB_PREFIX-server
 SERVER_ADDR=$NET.10
@@ -130,10 +137,12 @@ start_component() {
       start_proc "$node" consul "$CONSUL_BIN" agent -config-file="$LAB_STATE/$node/consul.hcl" ;;
     balancer)
       loopmesh_env "$node"
-      start_proc "$node" balancer env "${LOOPMESH_ENV[@]}" node "$MAIN" "${LM_BALANCER_ARGS[@]}" ;;
+      start_proc "$node" balancer "${AS_USER[@]}" --inh-caps=-all,+net_bind_service --ambient-caps=-all,+net_bind_service --bounding-set=-all,+net_bind_service \
+        env "${LOOPMESH_ENV[@]}" node "$MAIN" "${LM_BALANCER_ARGS[@]}" ;;
     loopmesh)
       loopmesh_env "$node"
-      start_proc "$node" loopmesh env "${LOOPMESH_ENV[@]}" node "$MAIN" "${LM_AGENT_ARGS[@]}" ;;
+      start_proc "$node" loopmesh "${AS_USER[@]}" --inh-caps=-all --ambient-caps=-all --bounding-set=-all \
+        env "${LOOPMESH_ENV[@]}" node "$MAIN" "${LM_AGENT_ARGS[@]}" ;;
     web)
       start_proc "$node" web node "$REPO/scripts/demo-backend.mjs" "web-$node" "$WEB_BACKEND_PORT" "$addr"
       register_in "$node" "$(lm_web_service_json "$node" "$addr")" ;;
@@ -220,6 +229,8 @@ up() {
   ensure_packages ip:iproute2 curl:curl getent:libc-bin redis-server:redis-server redis-cli:redis-tools iptables:iptables
   ensure_node_modules
   ensure_consul
+  "${AS_USER[@]}" node -e "require('fs').accessSync(process.argv[1], require('fs').constants.R_OK)" "$MAIN" 2>/dev/null \
+    || die "loopmesh runs as $LAB_LOOPMESH_USER, who cannot read $MAIN (a folder on the way is private?); move the repository or set LAB_LOOPMESH_USER=root"
   mkdir -p "$LAB_STATE"
   [ -d /etc/netns ] || { mkdir -p /etc/netns; touch "$LAB_STATE/created-etc-netns"; }
   say "network: bridge $BRIDGE, $LAB_SUBNET, nodes $(nodes | tr '\n' ' ')"
@@ -237,6 +248,8 @@ up() {
     # Inside the namespace /etc/hosts is /etc/netns/NODE/hosts, bind-mounted: loopmesh rewrites it in
     # place, so every process of the node, also one started before a change, sees the current block.
     lm_loopmesh_env "$LAB_STATE/$node/run" /etc/hosts 127.0.0.1:53 127.0.0.1:9190 >"$LAB_STATE/$node/loopmesh.env"
+    # What loopmesh writes: its run dir and the node's hosts file (in place, as on a VM).
+    chown -R "$LM_UID:$LM_GID" "$LAB_STATE/$node/run" "/etc/netns/$node/hosts"
     start_component "$node" consul
   done
   say "waiting for Consul: a leader and $((LAB_NODES + 1)) members"
