@@ -193,6 +193,15 @@ describe('the multi-node lab (scripts/lab.sh, network namespaces, real Consul)',
     const pong = await must(inNode('node1', ['redis-cli', '-h', 'redis.local', '-p', '6379', 'ping']), 'redis-cli on node1');
     assert.equal(pong, 'PONG', 'redis.local:6379 from node1 reaches redis on node3');
     t.diagnostic(`web.local -> ${address}:80 on every node; answered by ${[...answered].join(', ')}`);
+
+    // loopmesh runs unprivileged, as on the VMs: the balancer holds CAP_NET_BIND_SERVICE (bit 10) only.
+    for (const [proc, caps] of [['balancer', '0000000000000400'], ['loopmesh', '0000000000000000']] as const) {
+      const pid = readFileSync(join(state, node('node1'), `${proc}.pid`), 'utf8').trim();
+      const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+      assert.match(status, /^Uid:\s+65534\s/m, `${proc} runs as nobody`);
+      assert.match(status, new RegExp(`^CapEff:\\s+${caps}$`, 'm'), `${proc}'s effective capabilities`);
+      assert.match(status, new RegExp(`^CapBnd:\\s+${caps}$`, 'm'), `${proc}'s bounding set`);
+    }
   });
 
   test('a service newly registered on node3 is reachable from node1 by name within 1 s (20 changes)', async (t) => {
