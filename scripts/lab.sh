@@ -18,6 +18,7 @@
 # LAB_STATE (pids, logs, data; default /run/loopmesh-lab, or /run/loopmesh-lab-PREFIX for another
 # prefix). Another prefix and subnet give a second, independent lab (the tests use lmt, 10.77.78.0/24).
 set -euo pipefail
+CALLER_PWD=$PWD
 cd "$(dirname "$0")/.."
 REPO=$PWD
 . scripts/lib.sh
@@ -366,6 +367,7 @@ case $cmd in
     require_root exec
     node=$(node_name "$1"); shift
     ns_exists "$node" || die "node $node has no namespace; run 'bash scripts/lab.sh up' first"
+    cd "$CALLER_PWD"
     exec ip netns exec "$node" "$@" ;;
   stop|start|restart)
     [ $# -eq 2 ] || die "usage: lab.sh $cmd NODE COMPONENT (consul, loopmesh, balancer, web, redis)"
@@ -388,7 +390,7 @@ case $cmd in
     node=$(node_name "$1") name=$2; shift 2
     [[ $name =~ ^[a-zA-Z0-9_.-]+$ ]] || die "spawn: NAME must be letters, digits, '.', '_' or '-'; got '$name'"
     ns_exists "$node" || die "node $node has no namespace; run 'bash scripts/lab.sh up' first"
-    start_proc "$node" "$name" "$@"
+    (cd "$CALLER_PWD" && start_proc "$node" "$name" "$@")
     cat "$(pidfile "$node" "$name")" ;;
   -h|--help|help) usage ;;
   *) usage >&2; die "expected a command: up, down, status, exec, stop, start, restart or spawn; got '${cmd}'" ;;
