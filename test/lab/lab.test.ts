@@ -204,6 +204,21 @@ describe('the multi-node lab (scripts/lab.sh, network namespaces, real Consul)',
     }
   });
 
+  test('up again is idempotent: it starts nothing new and keeps every process', async (t) => {
+    assert.ok(upOk);
+    const pidsOf = (): string[] =>
+      readdirSync(state)
+        .filter((d) => d.startsWith(`${prefix}-`))
+        .flatMap((d) => readdirSync(join(state, d)).filter((f) => f.endsWith('.pid')).map((f) => `${d}/${f}=${readFileSync(join(state, d, f), 'utf8').trim()}`))
+        .sort();
+    const before = pidsOf();
+    const started = Date.now();
+    await must(lab(['up'], 120_000), 'lab.sh up, again');
+    t.diagnostic(`second up: ${Date.now() - started} ms`);
+    assert.deepEqual(pidsOf(), before);
+    assert.equal(String((await execa('ip', ['-o', 'link', 'show', 'master', `${prefix}-br0`])).stdout).trim().split('\n').length, 4, 'still four veths on the bridge');
+  });
+
   test('a service newly registered on node3 is reachable from node1 by name within 1 s (20 changes)', async (t) => {
     assert.ok(upOk);
     // converge.mjs runs in node1 and registers with node3's Consul agent over the lab network.
