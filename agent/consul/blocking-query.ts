@@ -30,6 +30,14 @@ export function nextIndex(previous: bigint | undefined, received: bigint | undef
   return { index, changed: index !== previous };
 }
 
+/**
+ * Retry pacing after a failed call to Consul. The cap is short because the peer is the node's own
+ * Consul agent: polling it every few seconds costs nothing, and a long cap is what decides how long
+ * routes stay stale after a Consul restart.
+ */
+export const retryBaseMs = 250;
+export const retryMaxMs = 10_000;
+
 /** Exponential backoff with full jitter, capped; attempt starts at 1. */
 export function backoffDelay(attempt: number, baseMs: number, maxMs: number, random: () => number): number {
   const ceiling = Math.min(maxMs, baseMs * 2 ** Math.min(attempt - 1, 30));
@@ -55,8 +63,8 @@ export class BlockingQuery {
   private async run(): Promise<void> {
     const { name, logger } = this.options;
     const minInterval = this.options.minIntervalMs ?? 50;
-    const base = this.options.backoffBaseMs ?? 250;
-    const max = this.options.backoffMaxMs ?? 30_000;
+    const base = this.options.backoffBaseMs ?? retryBaseMs;
+    const max = this.options.backoffMaxMs ?? retryMaxMs;
     const random = this.options.random ?? Math.random;
     const signal = this.controller.signal;
     let index: bigint | undefined;

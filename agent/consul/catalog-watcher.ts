@@ -2,7 +2,7 @@ import type { Logger } from '../log.js';
 import { debounce, type Debounced } from '../debounce.js';
 import { ConsulError, codes, errorCode, errorMessage } from '../errors.js';
 import { sleep } from '../sleep.js';
-import { BlockingQuery, backoffDelay } from './blocking-query.js';
+import { BlockingQuery, backoffDelay, retryBaseMs, retryMaxMs } from './blocking-query.js';
 import type { ConsulClient } from './client.js';
 import {
   parseCatalogServices,
@@ -192,7 +192,7 @@ export class CatalogWatcher {
     this.emit();
     if (failures > 0) {
       this.retryAttempt += 1;
-      await sleep(backoffDelay(this.retryAttempt, 250, 30_000, Math.random), this.stopped.signal);
+      await sleep(backoffDelay(this.retryAttempt, retryBaseMs, retryMaxMs, Math.random), this.stopped.signal);
       if (!this.stopped.signal.aborted) this.refresh();
     } else {
       this.retryAttempt = 0;

@@ -72,7 +72,7 @@ export class DataPlane {
     const lines = await readFileIfExists(join(this.options.runDir, renderedHostsFile));
     if (lines === undefined) return;
     try {
-      if (await writeHostsBlock(target, lines)) this.options.logger.info({ file: target }, 'hosts block updated');
+      if (await writeHostsBlock(target, lines, { logger: this.options.logger })) this.options.logger.info({ file: target }, 'hosts block updated');
     } catch (err) {
       this.options.logger.error({ code: errorCode(err), file: target }, errorMessage(err));
     }

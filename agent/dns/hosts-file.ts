@@ -123,6 +123,19 @@ async function rewriteInPlace(path: string, bytes: Buffer): Promise<void> {
   }
 }
 
+/**
+ * Errors of the rename path after which an in-place rewrite can still work, and why. A systemd unit
+ * with ProtectSystem=strict and ReadWritePaths=/etc/hosts gives EROFS: /etc is read-only, the file a
+ * writable bind mount.
+ */
+const inPlaceReasons: Record<string, (folder: string) => string> = {
+  EBUSY: () => 'it is probably bind-mounted, as /etc/hosts is in containers',
+  EXDEV: () => 'it is probably bind-mounted, as /etc/hosts is in containers',
+  EACCES: (folder) => `the folder ${folder} is not writable for this user, only the file may be`,
+  EPERM: (folder) => `the folder ${folder} is not writable for this user, only the file may be`,
+  EROFS: (folder) => `the folder ${folder} is on a read-only mount, only the file may be writable`,
+};
+
 /** Paths that turned out to be bind mounts: rewritten in place from then on, warned about once. */
 const rewrittenInPlace = new Set<string>();
 /** One update at a time per file: each is a read-modify-write. */
@@ -142,11 +155,10 @@ async function update(path: string, lines: string, logger: Logger | undefined): 
     await replaceByRename(path, bytes, current);
   } catch (err) {
     const code = errorCode(err);
-    if (code !== 'EBUSY' && code !== 'EXDEV' && code !== 'EACCES' && code !== 'EPERM') throw err;
+    const reason = Object.hasOwn(inPlaceReasons, code) ? inPlaceReasons[code] : undefined;
+    if (!reason) throw err;
     rewrittenInPlace.add(path);
-    const why = code === 'EACCES' || code === 'EPERM'
-      ? `the folder ${dirname(path)} is not writable for this user, only the file may be`
-      : 'it is probably bind-mounted, as /etc/hosts is in containers';
+    const why = reason(dirname(path));
     logger?.warn({ file: path, code }, `${path} cannot be replaced by a rename (${code}: ${why}); rewriting it in place from now on`);
     await rewriteInPlace(path, bytes);
   }

@@ -44,11 +44,19 @@ export function renderAll(
   return { files, errors, failed };
 }
 
+/**
+ * The order files are written in: balancer.json last. A separate balancer process watches only that
+ * file and reads the others (the hosts lines) when it changes, so they must be in place first.
+ */
+export function writeOrder(files: readonly RenderedFile[]): RenderedFile[] {
+  return [...files.filter((f) => f.output !== balancerFile), ...files.filter((f) => f.output === balancerFile)];
+}
+
 /** Writes each file that changed; a file whose template failed keeps its previous content. */
 export async function writeRendered(runDir: string, files: readonly RenderedFile[]): Promise<{ changed: string[]; errors: RenderError[] }> {
   const changed: string[] = [];
   const errors: RenderError[] = [];
-  for (const f of files) {
+  for (const f of writeOrder(files)) {
     const path = join(runDir, f.output);
     try {
       if (await writeFileAtomic(path, f.text)) changed.push(f.output);

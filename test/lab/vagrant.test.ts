@@ -73,7 +73,7 @@ describe('the Vagrant lab (vagrant/Vagrantfile, scripts/provision)', { timeout: 
     }
     assert.match(text[1] ?? '', /^AmbientCapabilities=CAP_NET_BIND_SERVICE$/m);
     assert.match(text[1] ?? '', /^CapabilityBoundingSet=CAP_NET_BIND_SERVICE$/m);
-    assert.match(text[1] ?? '', /^ReadWritePaths=\/etc$/m);
+    assert.match(text[1] ?? '', /^ReadWritePaths=\/etc\/hosts$/m);
     assert.match(text[0] ?? '', /^CapabilityBoundingSet=$/m);
     if ((await execa('systemd-analyze', ['--version'], { reject: false })).exitCode !== 0) {
       t.diagnostic('systemd-analyze is not installed: unit files checked by content only');

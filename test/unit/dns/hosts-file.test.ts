@@ -171,14 +171,14 @@ test('a bind-mounted hosts file (rename fails with EBUSY) is rewritten in place,
   assert.deepEqual((await readdir(dir)).sort(), ['source', 'target'], 'no temp file left behind');
 });
 
-test('an unprivileged agent with write access to the file but not its folder rewrites it in place (EACCES)', async (t) => {
-  if (process.getuid?.() !== 0) return t.skip('needs root to run a child as another user (setpriv): unprivileged fallback check skipped');
-  const dir = await tempDir(t);
-  await chmod(dir, 0o755);
-  const path = join(dir, 'hosts');
-  await writeFile(path, '127.0.0.1 localhost\n# mine\n');
-  await chown(path, 65534, 65534);
-  const before = await stat(path);
+interface ChildWrite {
+  changed: boolean;
+  uid: number;
+  warnings: Array<{ code: string; message: string }>;
+}
+
+/** Runs writeHostsBlock in a child started through `wrapper` (setpriv, unshare...), the way a unit would start the agent. */
+async function writeInChild(wrapper: string[], path: string, home: string): Promise<ChildWrite> {
   const module = new URL('../../../agent/dns/hosts-file.ts', import.meta.url).href;
   const script = `
     const { writeHostsBlock } = await import(${JSON.stringify(module)});
@@ -187,16 +187,46 @@ test('an unprivileged agent with write access to the file but not its folder rew
     const changed = await writeHostsBlock(${JSON.stringify(path)}, '127.77.0.2 web.local\\n', { logger });
     process.stdout.write(JSON.stringify({ changed, warnings, uid: process.getuid() }));
   `;
-  const child = await run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '--import', 'tsx', '--input-type=module', '-e', script], {
+  const [command = '', ...args] = wrapper;
+  const child = await run(command, [...args, process.execPath, '--import', 'tsx', '--input-type=module', '-e', script], {
     cwd: new URL('../../..', import.meta.url).pathname,
-    env: { ...process.env, HOME: dir },
+    env: { ...process.env, HOME: home },
   });
-  const result = JSON.parse(child.stdout) as { changed: boolean; uid: number; warnings: Array<{ code: string; message: string }> };
+  return JSON.parse(child.stdout) as ChildWrite;
+}
+
+const expectedAfterChild = `127.0.0.1 localhost\n# mine\n${beginMarker}\n127.77.0.2 web.local\n${endMarker}\n`;
+
+test('an unprivileged agent with write access to the file but not its folder rewrites it in place (EACCES)', async (t) => {
+  if (process.getuid?.() !== 0) return t.skip('needs root to run a child as another user (setpriv): unprivileged fallback check skipped');
+  const dir = await tempDir(t);
+  await chmod(dir, 0o755);
+  const path = join(dir, 'hosts');
+  await writeFile(path, '127.0.0.1 localhost\n# mine\n');
+  await chown(path, 65534, 65534);
+  const before = await stat(path);
+  const result = await writeInChild(['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'], path, dir);
   assert.equal(result.uid, 65534);
   assert.equal(result.changed, true);
   assert.equal(result.warnings[0]?.code, 'EACCES');
   assert.match(result.warnings[0]?.message ?? '', /not writable for this user/);
-  assert.equal(await readFile(path, 'utf8'), `127.0.0.1 localhost\n# mine\n${beginMarker}\n127.77.0.2 web.local\n${endMarker}\n`);
+  assert.equal(await readFile(path, 'utf8'), expectedAfterChild);
   assert.equal((await stat(path)).ino, before.ino, 'the same file, not a new one');
+  assert.deepEqual(await readdir(dir), ['hosts'], 'no temp file left behind');
+});
+
+test('a file bind-mounted writable in a read-only folder (ProtectSystem=strict + ReadWritePaths) is rewritten in place (EROFS)', async (t) => {
+  if (process.getuid?.() !== 0) return t.skip('needs root for a private mount namespace (unshare --mount): read-only folder check skipped');
+  const dir = await tempDir(t);
+  const path = join(dir, 'hosts');
+  await writeFile(path, '127.0.0.1 localhost\n# mine\n');
+  // In a private mount namespace: the folder read-only, the file a writable bind mount on top, as
+  // systemd sets up /etc and /etc/hosts for the Vagrant lab's balancer unit.
+  const mounts = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && mount --bind "$1/hosts" "$1/hosts" && mount -o remount,bind,rw "$1/hosts" && shift && exec "$@"';
+  const result = await writeInChild(['unshare', '--mount', '--propagation', 'private', 'sh', '-c', mounts, 'sh', dir], path, dir);
+  assert.equal(result.changed, true);
+  assert.equal(result.warnings[0]?.code, 'EROFS');
+  assert.match(result.warnings[0]?.message ?? '', /read-only mount/);
+  assert.equal(await readFile(path, 'utf8'), expectedAfterChild);
   assert.deepEqual(await readdir(dir), ['hosts'], 'no temp file left behind');
 });

@@ -71,3 +71,19 @@ test('writes are atomic, only on change, and keep the file mode', async (t) => {
   const failed = await writeRendered(join(dir, 'missing-dir'), [{ output: 'x', text: 'y' }]);
   assert.equal(failed.errors[0]?.code, 'LM_ERR_RENDER_WRITE');
 });
+
+test('balancer.json is written last, so a balancer process that reloads on it finds the hosts lines already in place', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'lm-order-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const files = [
+    { output: 'balancer.json', text: '{"version":1,"services":[]}' },
+    { output: 'hosts', text: '127.77.0.2 web.local\n' },
+    { output: 'haproxy.cfg', text: 'global\n' },
+  ];
+  const { changed, errors } = await writeRendered(dir, files);
+  assert.deepEqual(errors, []);
+  assert.deepEqual(changed, ['hosts', 'haproxy.cfg', 'balancer.json'], 'writes happen one after another in this order');
+  const mtime = async (name: string): Promise<bigint> => (await stat(join(dir, name), { bigint: true })).mtimeNs;
+  const last = await mtime('balancer.json');
+  assert.ok(last >= (await mtime('hosts')) && last >= (await mtime('haproxy.cfg')), 'balancer.json has the newest mtime');
+});
