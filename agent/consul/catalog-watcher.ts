@@ -53,6 +53,8 @@ export class CatalogWatcher {
   private known = new Map<string, string[]>();
   private checkStates = new Map<string, CheckState>();
   private readonly instances = new Map<string, readonly Instance[]>();
+  /** Service -> every node with an instance of it, healthy or not, from its last read. */
+  private readonly nodes = new Map<string, readonly string[]>();
   private readonly dirty = new Set<string>();
   private problems = new Map<string, CatalogProblem[]>();
   private catalogSeen = false;
@@ -134,6 +136,7 @@ export class CatalogWatcher {
     // The list does not say which service's instances moved, so every selected one is read again.
     for (const name of this.known.keys()) this.dirty.add(name);
     for (const name of [...this.instances.keys()]) if (!this.known.has(name)) this.instances.delete(name);
+    for (const name of [...this.nodes.keys()]) if (!this.known.has(name)) this.nodes.delete(name);
     this.catalogSeen = true;
     this.refresh();
   }
@@ -147,7 +150,7 @@ export class CatalogWatcher {
       this.failed(new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err }));
       return;
     }
-    const nodesOf = (service: string): string[] => (this.instances.get(service) ?? []).map((i) => i.node);
+    const nodesOf = (service: string): readonly string[] => this.nodes.get(service) ?? [];
     const affected = servicesAffectedByChecks(this.checkStates, next, nodesOf, [...this.known.keys()]);
     this.checkStates = next;
     for (const name of affected) if (this.known.has(name)) this.dirty.add(name);
@@ -176,7 +179,10 @@ export class CatalogWatcher {
           const result = await this.options.client.healthService(name, { signal: this.stopped.signal });
           this.contact();
           const parsed = parseHealthService(name, result.body, this.options.filter);
-          if (this.known.has(name)) this.instances.set(name, parsed.instances);
+          if (this.known.has(name)) {
+            this.instances.set(name, parsed.instances);
+            this.nodes.set(name, parsed.nodes);
+          }
           this.problems.set(name, parsed.problems);
         } catch (err) {
           if (this.stopped.signal.aborted) return;

@@ -44,10 +44,11 @@ export function parseHealthService(
   service: string,
   body: unknown,
   filter: HealthFilter,
-): { instances: Instance[]; problems: CatalogProblem[] } {
+): { instances: Instance[]; nodes: string[]; problems: CatalogProblem[] } {
   const problems: CatalogProblem[] = [];
+  const nodes = new Set<string>();
   if (!Array.isArray(body)) {
-    return { instances: [], problems: [{ service, message: `health/service/${service}: expected an array, got ${describe(body)}` }] };
+    return { instances: [], nodes: [], problems: [{ service, message: `health/service/${service}: expected an array, got ${describe(body)}` }] };
   }
   const instances: Instance[] = [];
   body.forEach((entry, i) => {
@@ -64,6 +65,9 @@ export function parseHealthService(
       problems.push({ service, message: `${where}: expected string Node.Node and Service.ID` });
       return;
     }
+    // Every node with an instance, healthy or not: a node-level check there (serfHealth) turning
+    // passing again must bring this service's instances back, so the watcher has to know of them.
+    if (typeof svc.Service !== 'string' || svc.Service === service) nodes.add(node.Node);
     if (typeof address !== 'string' || address === '') {
       problems.push({ service, message: `${where} (${svc.ID} on ${node.Node}): expected an address, got ${describe(address)}` });
       return;
@@ -93,7 +97,7 @@ export function parseHealthService(
     });
   });
   instances.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
-  return { instances, problems };
+  return { instances, nodes: [...nodes].sort(), problems };
 }
 
 /** /v1/catalog/services -> service name -> tags. */
@@ -148,7 +152,8 @@ export function parseHealthState(body: unknown): Map<string, CheckState> {
 
 /**
  * Which services a change in check states can affect. A node-level check (no service) affects
- * every service with an instance on that node, so those are looked up in `nodesOf`.
+ * every service with an instance on that node, so those are looked up in `nodesOf`, which must
+ * count unhealthy instances too (else a node that recovers never brings its services back).
  */
 export function servicesAffectedByChecks(
   before: ReadonlyMap<string, CheckState>,

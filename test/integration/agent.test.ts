@@ -108,6 +108,15 @@ describe('loopmesh agent with a real Consul', { timeout: 120_000 }, () => {
     await eventually(() => route(node.agent, 'web')?.backends.length === 2, 5000, 'web-b passing again');
   });
 
+  test('node maintenance on, then off (a node-level check): the instances leave, then come back', async () => {
+    // Node-level checks (maintenance, serfHealth when a node is cut off) name no service; turning one
+    // off must bring back instances that loopmesh no longer holds as healthy.
+    await consul.api('PUT', '/v1/agent/maintenance?enable=true&reason=loopmesh-test');
+    await eventually(() => route(node.agent, 'web')?.backends.length === 0, 5000, 'web with no backends during node maintenance');
+    await consul.api('PUT', '/v1/agent/maintenance?enable=false');
+    await eventually(() => route(node.agent, 'web')?.backends.length === 2, 5000, 'both web instances back after node maintenance');
+  });
+
   test('a killed backend process: the connect is retried on the other instance', async () => {
     const web = route(node.agent, 'web')!;
     await b.close();

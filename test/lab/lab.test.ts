@@ -353,6 +353,13 @@ describe('the multi-node lab (scripts/lab.sh, network namespaces, real Consul)',
     assert.ok(converged < 45_000, `converged in ${converged} ms (bound 45 s)`);
     assert.equal(failed, 0, 'no new connection from node1 fails once converged');
     assert.deepEqual([...answered], [`web-${node('node2')}`]);
-    await inNode('node3', ['iptables', '-F']);
+
+    // Healed: serf reconnects node3 and its node-level check (serfHealth) passes again; its
+    // instances, which loopmesh no longer held as healthy, must come back by themselves.
+    await must(inNode('node3', ['iptables', '-F']), 'iptables -F on node3');
+    const healed = Date.now();
+    await eventually(async () => (await backendsOf('node1', 'web')).length === 2, 90_000, "node3's web instance back on node1 after the DROP rules are removed");
+    await eventually(async () => (await backendsOf('node1', 'redis')).length === 1, 30_000, "node3's redis back on node1");
+    t.diagnostic(`node3 reconnected -> its instances back in node1's routes ${Date.now() - healed} ms after the DROP rules were removed (serf retries failed members every 30 s)`);
   });
 });

@@ -15,6 +15,7 @@ test('parseHealthService keeps healthy instances only and falls back to the node
   assert.deepEqual(strict.instances[0]?.meta, { 'loopmesh-port': '80' }, 'non-string meta values are dropped');
   const lenient = parseHealthService('web', body, { allowWarning: true });
   assert.deepEqual(lenient.instances.map((i) => `${i.id}:${i.status}`), ['n1/w1:passing', 'n22/w2:warning', 'n4/w4:passing']);
+  assert.deepEqual(strict.nodes, ['n1', 'n22', 'n333', 'n4'], 'nodes lists unhealthy instances too (for node-level checks)');
 });
 
 test('parseHealthService rejects bad entries one by one, naming them', () => {
