@@ -7,7 +7,7 @@ import type { Catalog, CatalogProblem } from './consul/catalog.js';
 import { CatalogWatcher } from './consul/catalog-watcher.js';
 import { ConsulClient } from './consul/client.js';
 import { DataPlane } from './data-plane/data-plane.js';
-import { errorCode, type RenderError } from './errors.js';
+import { errorCode, errorMessage, type RenderError } from './errors.js';
 import type { Logger } from './log.js';
 import { plan, planLabels, type PlanProblem, type Route } from './plan/plan.js';
 import { balancerFile, renderAll, writeRendered } from './render/render.js';
@@ -38,6 +38,9 @@ export class Agent {
   private again = false;
   private readonly reported = new Set<string>();
   lastRenderAt: number | undefined;
+  /** The local Consul agent's node name, once it answered (reports fall back to the hostname). */
+  nodeName: string | undefined;
+  private nodeNameAsked = false;
 
   constructor(
     readonly config: AgentConfig,
@@ -115,7 +118,21 @@ export class Agent {
 
   private catalogChanged(catalog: Catalog): void {
     this.catalog = catalog;
+    this.learnNodeName();
     void this.reconcile();
+  }
+
+  /** Once, after Consul first answers: the node name for reports (network namespaces share a hostname). */
+  private learnNodeName(): void {
+    if (this.nodeNameAsked) return;
+    this.nodeNameAsked = true;
+    this.client.nodeName().then(
+      (name) => (this.nodeName = name),
+      (err: unknown) => {
+        this.nodeNameAsked = false;
+        this.logger.debug({ code: errorCode(err) }, `cannot read the Consul agent's node name: ${errorMessage(err)}`);
+      },
+    );
   }
 
   /** One reconcile at a time; a change during one runs another right after. */

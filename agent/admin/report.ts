@@ -15,6 +15,7 @@ export interface RouteReport
 
 /** The JSON of /v1/routes, which `loopmesh status` prints as a table. */
 export interface StatusReport {
+  /** The local Consul agent's node name, or the hostname until Consul has answered. */
   node: string;
   consul: ConsulStatus;
   lastRenderAt: number | undefined;
@@ -53,5 +54,5 @@ export function routeReport(agent: Agent): StatusReport {
       backends,
     };
   });
-  return { node: hostname(), consul: agent.watcher.status(), lastRenderAt: agent.lastRenderAt, dataPlane: plane ? 'in-process' : 'separate', routes, problems: agent.problems() };
+  return { node: agent.nodeName ?? hostname(), consul: agent.watcher.status(), lastRenderAt: agent.lastRenderAt, dataPlane: plane ? 'in-process' : 'separate', routes, problems: agent.problems() };
 }

@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events';
 import Consul from 'consul';
 import { ConsulError, codes } from '../errors.js';
+import { describe, isRecord } from '../validate.js';
 
 /** What every read returns: the body as Consul sent it (unvalidated) and the blocking-query index. */
 export interface QueryResult {
@@ -81,6 +82,17 @@ export class ConsulClient {
   async kvCas(key: string, value: string, cas: bigint): Promise<boolean> {
     const result = await this.call(`kv.set(${key})`, (o) => this.consul.kv.set(o as never), { key, value, cas: cas.toString() }, {});
     return result.body === true;
+  }
+
+  /** The local Consul agent's node name (/v1/agent/self Config.NodeName), validated here. */
+  async nodeName(): Promise<string> {
+    const result = await this.call('agent.self', (o) => this.consul.agent.self(o as never), {}, {});
+    const config = isRecord(result.body) ? result.body.Config : undefined;
+    const name = isRecord(config) ? config.NodeName : undefined;
+    if (typeof name !== 'string' || name === '') {
+      throw new ConsulError(codes.consulInvalidData, `agent/self: expected a non-empty string Config.NodeName, got ${describe(name)}`);
+    }
+    return name;
   }
 
   async leader(): Promise<string> {

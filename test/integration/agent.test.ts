@@ -1,3 +1,4 @@
+import { routeReport } from '../../agent/admin/report.js';
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
@@ -80,6 +81,10 @@ describe('loopmesh agent with a real Consul', { timeout: 120_000 }, () => {
     assert.equal(lookup.stdout.split(/\s+/)[0], web.address);
     const viaCurl = await withHostsFile(node.config.hostsFile!, `curl -s --max-time 3 telnet://web.local:${servicePort} </dev/null | head -1`);
     assert.match(viaCurl.stdout, /^web-[ab]$/, 'curl connects by name through the balancer');
+  });
+
+  test("the status report names the node as the local Consul agent does (not the hostname, which network namespaces share)", async () => {
+    await eventually(() => routeReport(node.agent).node === `loopmesh-test-${consul.httpPort}`, 5000, `node name loopmesh-test-${consul.httpPort} in the report`);
   });
 
   test('connections reach both instances', async () => {
