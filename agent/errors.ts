@@ -15,6 +15,7 @@ export class RenderError extends LoopmeshError {}
 export class BalancerError extends LoopmeshError {}
 export class DnsError extends LoopmeshError {}
 export class AdminError extends LoopmeshError {}
+export class DataPlaneError extends LoopmeshError {}
 
 export const codes = {
   configInvalid: 'LM_ERR_CONFIG_INVALID',
@@ -37,6 +38,7 @@ export const codes = {
   dnsListen: 'LM_ERR_DNS_LISTEN',
   hostsWrite: 'LM_ERR_HOSTS_WRITE',
   adminListen: 'LM_ERR_ADMIN_LISTEN',
+  handover: 'LM_ERR_HANDOVER',
 } as const;
 
 export type ErrorCode = (typeof codes)[keyof typeof codes];

@@ -1,5 +1,6 @@
 import type { Server } from 'node:net';
 import type { Logger } from '../log.js';
+import type { InheritedSockets, ListeningSocket } from '../data-plane/handover.js';
 import { BalancerError, codes, errorCode, errorMessage } from '../errors.js';
 import type { BalancerConfig, ServiceSpec } from './config.js';
 import { addressKey } from './listener.js';
@@ -14,6 +15,8 @@ export interface BalancerOptions {
   connectTimeoutMs?: number;
   /** How long connections of a removed or moved listener may keep flowing. */
   drainTimeoutMs?: number;
+  /** Listening sockets from a predecessor process (hot restart), used before binding anew. */
+  inherited?: InheritedSockets;
 }
 
 /** The built-in TCP balancer: one listener per service, changed in place by `apply`. */
@@ -24,6 +27,7 @@ export class Balancer {
   private readonly logger: Logger;
   private readonly connectTimeoutMs: number;
   private readonly drainTimeoutMs: number;
+  private readonly inherited: InheritedSockets | undefined;
   private applying: Promise<unknown> = Promise.resolve();
   private closed = false;
 
@@ -31,6 +35,7 @@ export class Balancer {
     this.logger = options.logger.child({ component: 'balancer' });
     this.connectTimeoutMs = options.connectTimeoutMs ?? 2000;
     this.drainTimeoutMs = options.drainTimeoutMs ?? 30000;
+    this.inherited = options.inherited;
   }
 
   /** Applies the difference to what runs now; calls are queued so that two applies never interleave. */
@@ -42,6 +47,19 @@ export class Balancer {
 
   snapshot(): ServiceStatus[] {
     return [...this.services.values()].map((proxy) => proxy.status());
+  }
+
+  /** Resolves once no apply is running or queued. */
+  settled(): Promise<void> {
+    return this.applying.then(() => undefined);
+  }
+
+  /** Every socket that accepts for a service now, for a successor process to take over. */
+  listeningSockets(): ListeningSocket[] {
+    return [...this.services.values()].flatMap((proxy) => {
+      const server = proxy.server;
+      return proxy.listening && server ? [{ kind: 'tcp' as const, key: proxy.key, handle: server }] : [];
+    });
   }
 
   /** Counters for /metrics; the same view as `snapshot`. */
@@ -101,7 +119,7 @@ export class Balancer {
     for (const spec of wanted.values()) {
       let proxy = this.services.get(spec.service);
       if (!proxy) {
-        proxy = new ServiceProxy(spec, { logger: this.logger, connectTimeoutMs: this.connectTimeoutMs, drainTimeoutMs: this.drainTimeoutMs });
+        proxy = new ServiceProxy(spec, { logger: this.logger, connectTimeoutMs: this.connectTimeoutMs, drainTimeoutMs: this.drainTimeoutMs, inherited: this.inherited });
         this.services.set(spec.service, proxy);
         toListen.push(proxy);
         continue;

@@ -1,5 +1,6 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Logger } from '../log.js';
+import type { InheritedSockets } from '../data-plane/handover.js';
 import { errorCode, errorMessage } from '../errors.js';
 
 export function addressKey(address: string, port: number): string {
@@ -17,6 +18,8 @@ export interface ServiceListenerOptions {
   port: number;
   /** Already bound to the service. */
   logger: Logger;
+  /** Sockets from a predecessor process (hot restart): one for this address is used instead of a new bind. */
+  inherited?: InheritedSockets;
   /** Wraps a client socket; the connection calls `done` once it is fully closed. */
   onConnection(client: Socket, done: (connection: AcceptedConnection) => void): AcceptedConnection;
 }
@@ -53,7 +56,10 @@ export class ServiceListener {
     return new Promise((resolve, reject) => {
       const onError = (err: Error): void => reject(err);
       server.once('error', onError);
-      server.listen({ host: options.address, port: options.port }, () => {
+      // An inherited socket is already bound and listening; the kernel's accept queue is shared with
+      // the predecessor until it closes its copy, so no connection is refused in between.
+      const inherited = options.inherited?.takeTcp(this.key);
+      const onListening = (): void => {
         server.off('error', onError);
         server.on('error', (err) => {
           options.logger.error({ address: this.key, code: errorCode(err), err: errorMessage(err) }, 'listener error');
@@ -61,7 +67,9 @@ export class ServiceListener {
         this.accepting = true;
         this.everListened = true;
         resolve();
-      });
+      };
+      if (inherited) server.listen(inherited, onListening);
+      else server.listen({ host: options.address, port: options.port }, onListening);
     });
   }
 

@@ -1,5 +1,6 @@
 import type { Server } from 'node:net';
 import type { Logger } from '../log.js';
+import type { InheritedSockets } from '../data-plane/handover.js';
 import { codes } from '../errors.js';
 import { BackendPool } from './backend-pool.js';
 import type { ServiceSpec } from './config.js';
@@ -9,6 +10,7 @@ import type { ServiceStatus } from './status.js';
 
 export interface ServiceProxyOptions {
   logger: Logger;
+  inherited?: InheritedSockets;
   connectTimeoutMs: number;
   drainTimeoutMs: number;
 }
@@ -70,6 +72,7 @@ export class ServiceProxy {
       address: this.spec.address,
       port: this.spec.port,
       logger: this.logger,
+      inherited: this.options.inherited,
       onConnection: (client, done) => new ProxiedConnection(client, this.context, done),
     });
     await listener.listen();

@@ -1,8 +1,12 @@
 import { DataPlane } from '../data-plane/data-plane.js';
+import { receiveHandover, reportHandover, type InheritedSockets } from '../data-plane/handover.js';
 import { errorCode, errorMessage } from '../errors.js';
 import type { Logger, LogOptions } from '../log.js';
 import { loadConfig, parseFlags } from './args.js';
 import { usage } from './usage.js';
+
+/** How long a successor gets to take over the sockets and serve. */
+const handoverTimeoutMs = 15_000;
 
 /** The data plane alone, from the rendered files: what keeps serving when the control plane is gone. */
 export async function runBalancer(argv: string[], makeLogger: (level: LogOptions['level']) => Logger): Promise<number> {
@@ -13,24 +17,58 @@ export async function runBalancer(argv: string[], makeLogger: (level: LogOptions
   }
   const config = loadConfig(flags, process.env);
   const log = makeLogger(config.logLevel);
-  const plane = new DataPlane({ ...config, logger: log });
+  // Started by a running balancer's hot restart (SIGUSR2)? Then take over its sockets and config.
+  let inherited: InheritedSockets | undefined;
+  try {
+    inherited = await receiveHandover(handoverTimeoutMs);
+  } catch (err) {
+    log.fatal({ code: errorCode(err) }, errorMessage(err));
+    await reportHandover({ started: false, message: errorMessage(err) });
+    return 1;
+  }
+  const plane = new DataPlane({ ...config, logger: log, inherited });
+  // Hot restart (an upgrade, say): a new process of the same command line takes over every socket,
+  // then this one stops accepting and drains. If the new one fails, this one keeps serving. Asked
+  // for while this process still starts, it runs once the start is done (SIGUSR2 would otherwise
+  // kill the process: that is its default action).
+  let state: 'starting' | 'serving' | 'stopping' = 'starting';
+  let hotRestartAsked = false;
+  const hotRestart = (): void => {
+    if (state === 'starting') {
+      hotRestartAsked = true;
+      return;
+    }
+    if (state === 'stopping') return;
+    log.info('SIGUSR2: handing the listening sockets over to a new balancer process');
+    plane.handOver({ timeoutMs: handoverTimeoutMs }).then(
+      (pid) => {
+        log.info({ successor: pid }, `balancer process ${pid} serves now; this one stops accepting and drains`);
+        stop();
+      },
+      (err: unknown) => log.error({ code: errorCode(err) }, errorMessage(err)),
+    );
+  };
+  const stop = (): void => {
+    // A second signal stops at once, cutting what is still draining.
+    if (state === 'stopping') process.exit(1);
+    state = 'stopping';
+    log.info({ drainTimeoutMs: config.drainTimeoutMs }, 'stopping: listeners closed, open connections drain');
+    void plane.close({ drain: true }).then(() => process.exit(0));
+  };
+  process.on('SIGUSR2', hotRestart);
   try {
     await plane.start();
   } catch (err) {
     log.fatal({ code: errorCode(err) }, errorMessage(err));
+    await reportHandover({ started: false, message: errorMessage(err) });
     await plane.close().catch(() => undefined);
     return 1;
   }
-  log.info({ runDir: config.runDir }, 'loopmesh data plane started');
-  let stopping = false;
-  const stop = (): void => {
-    // A second signal stops at once, cutting what is still draining.
-    if (stopping) process.exit(1);
-    stopping = true;
-    log.info({ drainTimeoutMs: config.drainTimeoutMs }, 'stopping: listeners closed, open connections drain');
-    void plane.close({ drain: true }).then(() => process.exit(0));
-  };
+  log.info({ runDir: config.runDir, hotRestart: inherited !== undefined }, inherited ? 'loopmesh data plane started on the sockets of the previous process' : 'loopmesh data plane started');
+  await reportHandover({ started: true });
+  state = 'serving';
   process.on('SIGINT', stop);
   process.on('SIGTERM', stop);
+  if (hotRestartAsked) hotRestart();
   return new Promise<number>(() => undefined);
 }

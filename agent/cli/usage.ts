@@ -52,6 +52,9 @@ ${flagLines()}
 Runs the data plane alone from the rendered files in --run-dir (balancer.json, hosts), reloading
 when they change: a control plane crash or restart never drops traffic. Pair it with
 'loopmesh agent --render-only' on the same --run-dir. SIGTERM closes the listeners and lets open
-connections finish for up to --drain-timeout seconds.
+connections finish for up to --drain-timeout seconds. SIGUSR2 is a hot restart (after an upgrade):
+a new process with the same command line takes over every listening socket and the current routes,
+then this one stops accepting and drains, so no connection is refused; if the new process fails to
+start, this one keeps serving.
 `,
 };

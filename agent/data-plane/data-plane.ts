@@ -5,7 +5,8 @@ import { BalancerFileSource } from '../balancer/file-source.js';
 import type { Endpoint } from '../config/config.js';
 import { DnsServer } from '../dns/server.js';
 import { writeHostsBlock } from '../dns/hosts-file.js';
-import { errorCode, errorMessage } from '../errors.js';
+import { DataPlaneError, codes, errorCode, errorMessage } from '../errors.js';
+import { handOver, type HandOverOptions, type InheritedSockets, type ListeningSocket } from './handover.js';
 import { readFileIfExists } from '../fs/atomic-write.js';
 import type { Logger } from '../log.js';
 import { balancerFile, hostsFile as renderedHostsFile } from '../render/render.js';
@@ -18,6 +19,8 @@ export interface DataPlaneOptions {
   hostsFile: string | undefined;
   connectTimeoutMs: number;
   drainTimeoutMs: number;
+  /** From a predecessor process (hot restart): its sockets, and its config, served before the file. */
+  inherited?: InheritedSockets;
 }
 
 /**
@@ -28,12 +31,17 @@ export class DataPlane {
   readonly balancer: Balancer;
   readonly dns: DnsServer | undefined;
   private readonly source: BalancerFileSource;
+  /** While a handover runs: resolves true once the successor serves (then this process only drains). */
+  private handover: Promise<boolean> | undefined;
+  /** The config applied last (the inherited one, or the file's). */
+  private served: BalancerConfig | undefined;
 
   constructor(private readonly options: DataPlaneOptions) {
     const { logger } = options;
-    this.balancer = new Balancer({ logger: logger.child({ stage: 'balancer' }), connectTimeoutMs: options.connectTimeoutMs, drainTimeoutMs: options.drainTimeoutMs });
+    const { inherited } = options;
+    this.balancer = new Balancer({ logger: logger.child({ stage: 'balancer' }), connectTimeoutMs: options.connectTimeoutMs, drainTimeoutMs: options.drainTimeoutMs, inherited });
     this.dns = options.dns
-      ? new DnsServer({ host: options.dns.host, port: options.dns.port, suffix: options.suffix, logger: logger.child({ stage: 'dns' }) })
+      ? new DnsServer({ host: options.dns.host, port: options.dns.port, suffix: options.suffix, logger: logger.child({ stage: 'dns' }), inherited })
       : undefined;
     this.source = new BalancerFileSource({
       path: join(options.runDir, balancerFile),
@@ -44,7 +52,39 @@ export class DataPlane {
 
   async start(): Promise<void> {
     await this.dns?.start();
+    const inherited = this.options.inherited;
+    // A successor serves what its predecessor served first (the file may hold a config that did not
+    // load), on the inherited sockets; then it follows the file like any data plane.
+    if (inherited?.config) await this.apply(inherited.config);
     await this.source.start();
+    const unused = inherited?.releaseRest() ?? [];
+    if (unused.length > 0) this.options.logger.info({ sockets: unused }, 'inherited sockets no service uses any more were closed');
+  }
+
+  /** Every listening socket (services and DNS), for a successor process. */
+  listeningSockets(): ListeningSocket[] {
+    return [...this.balancer.listeningSockets(), ...(this.dns?.listeningSockets() ?? [])];
+  }
+
+  /**
+   * Hot restart: starts a successor process that takes over every listening socket and the current
+   * config, and resolves with its pid once it serves. Config changes wait meanwhile, so the set of
+   * sockets handed over stays the set in use. On failure this process carries on as before.
+   */
+  async handOver(options: Pick<HandOverOptions, 'timeoutMs' | 'command'>): Promise<number> {
+    if (this.handover) throw new DataPlaneError(codes.handover, 'a handover is already running or done');
+    let settle: (handedOver: boolean) => void = () => undefined;
+    this.handover = new Promise<boolean>((resolve) => (settle = resolve));
+    try {
+      await this.balancer.settled();
+      const pid = await handOver({ ...options, sockets: this.listeningSockets(), config: this.config() });
+      settle(true);
+      return pid;
+    } catch (err) {
+      this.handover = undefined;
+      settle(false);
+      throw err;
+    }
   }
 
   /** Reads the rendered files now (the renderer calls this right after it writes). */
@@ -54,11 +94,14 @@ export class DataPlane {
   }
 
   config(): BalancerConfig | undefined {
-    return this.source.current();
+    return this.served ?? this.source.current();
   }
 
   private async apply(config: BalancerConfig): Promise<void> {
+    // The successor follows the file from now on; this process keeps what it handed over.
+    if (this.handover && (await this.handover)) return;
     const result = await this.balancer.apply(config);
+    this.served = config;
     this.dns?.setServices(config.services);
     if (result.added.length + result.removed.length + result.updated.length > 0) {
       this.options.logger.info({ added: result.added, removed: result.removed, updated: result.updated }, 'routes applied');

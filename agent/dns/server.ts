@@ -3,6 +3,7 @@ import { createServer, isIPv6, type Server, type Socket } from 'node:net';
 import type { ServiceSpec } from '../balancer/config.js';
 import { DnsError, codes, errorCode, errorMessage } from '../errors.js';
 import type { Logger } from '../log.js';
+import type { InheritedSockets, ListeningSocket } from '../data-plane/handover.js';
 import { answerQuery, type Outcome, type Transport } from './responder.js';
 import { FrameReader, frame } from './tcp-frames.js';
 import { normalizeName, zoneFromServices, type Zone } from './zone.js';
@@ -18,6 +19,8 @@ export interface DnsServerOptions {
   /** A TCP connection with no traffic for this long is closed. */
   idleTimeoutMs?: number;
   maxConnections?: number;
+  /** Sockets from a predecessor process (hot restart), used instead of binding anew. */
+  inherited?: InheritedSockets;
 }
 
 export type DnsStats = Record<Outcome, number> & { queries: number };
@@ -45,13 +48,15 @@ function bindUdp(host: string, port: number): Promise<UdpSocket> {
   });
 }
 
-function listenTcp(server: Server, host: string, port: number): Promise<void> {
+function listenTcp(server: Server, where: { host: string; port: number } | Server): Promise<void> {
   return new Promise((resolve, reject) => {
     server.once('error', reject);
-    server.listen(port, host, () => {
+    const listening = (): void => {
       server.off('error', reject);
       resolve();
-    });
+    };
+    if ('host' in where) server.listen(where.port, where.host, listening);
+    else server.listen(where, listening);
   });
 }
 
@@ -75,9 +80,32 @@ export class DnsServer {
     this.zone = zoneFromServices([], options.suffix, this.ttl);
   }
 
+  /** How a hot restart names this server's sockets: the configured address, the same in both processes. */
+  private get handoverKey(): string {
+    return `dns ${hostPort(this.options.host, this.options.port)}`;
+  }
+
+  /** The UDP and TCP sockets, for a successor process to take over. */
+  listeningSockets(): ListeningSocket[] {
+    return this.udp && this.tcp
+      ? [{ kind: 'udp', key: this.handoverKey, handle: this.udp }, { kind: 'tcp', key: this.handoverKey, handle: this.tcp }]
+      : [];
+  }
+
   async start(): Promise<void> {
     if (this.udp) return;
     const { host, port } = this.options;
+    const inheritedUdp = this.options.inherited?.takeUdp(this.handoverKey);
+    const inheritedTcp = this.options.inherited?.takeTcp(this.handoverKey);
+    if (inheritedUdp && inheritedTcp) {
+      const tcp = createServer((socket) => this.onConnection(socket));
+      await listenTcp(tcp, inheritedTcp);
+      this.serve(inheritedUdp, tcp);
+      this.log.info({ address: hostPort(host, inheritedUdp.address().port), suffix: this.zone.suffix }, 'DNS responder listening on the sockets of the previous process');
+      return;
+    }
+    inheritedUdp?.close();
+    inheritedTcp?.close();
     for (let attempt = 1; ; attempt++) {
       let udp: UdpSocket;
       try {
@@ -87,23 +115,27 @@ export class DnsServer {
       }
       const actual = udp.address().port;
       const tcp = createServer((socket) => this.onConnection(socket));
-      tcp.maxConnections = this.options.maxConnections ?? 256;
       try {
         // The address UDP resolved to, so a host name cannot put TCP on another address family.
-        await listenTcp(tcp, udp.address().address, actual);
+        await listenTcp(tcp, { host: udp.address().address, port: actual });
       } catch (cause) {
         await closeUdp(udp);
         if (port === 0 && errorCode(cause) === 'EADDRINUSE' && attempt < portAttempts) continue;
         throw new DnsError(codes.dnsListen, `cannot listen for DNS on tcp ${hostPort(host, actual)}: ${errorMessage(cause)}`, { cause });
       }
-      udp.on('message', (message, peer) => this.onDatagram(message, peer));
-      udp.on('error', (err) => this.log.warn({ code: errorCode(err) }, `DNS UDP socket error: ${err.message}`));
-      tcp.on('error', (err) => this.log.warn({ code: errorCode(err) }, `DNS TCP listener error: ${err.message}`));
-      this.udp = udp;
-      this.tcp = tcp;
+      this.serve(udp, tcp);
       this.log.info({ address: hostPort(host, actual), suffix: this.zone.suffix }, 'DNS responder listening (UDP and TCP)');
       return;
     }
+  }
+
+  private serve(udp: UdpSocket, tcp: Server): void {
+    tcp.maxConnections = this.options.maxConnections ?? 256;
+    udp.on('message', (message, peer) => this.onDatagram(message, peer));
+    udp.on('error', (err) => this.log.warn({ code: errorCode(err) }, `DNS UDP socket error: ${err.message}`));
+    tcp.on('error', (err) => this.log.warn({ code: errorCode(err) }, `DNS TCP listener error: ${err.message}`));
+    this.udp = udp;
+    this.tcp = tcp;
   }
 
   /** The address UDP and TCP both listen on, once started. */
