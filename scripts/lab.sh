@@ -9,8 +9,8 @@
 #   scripts/lab.sh exec NODE CMD...           run CMD on NODE (node1, server, or lm-node1)
 #   scripts/lab.sh stop|start|restart NODE COMPONENT
 #                                             COMPONENT: consul, loopmesh (the control plane,
-#                                             `agent --render-only`), balancer (the data plane),
-#                                             web, redis
+#                                             `agent --render-only`), balancer (the data plane;
+#                                             restart is a hot restart, SIGUSR2), web, redis
 #   scripts/lab.sh spawn NODE NAME CMD...     a background process on NODE that `down` stops
 #
 # Environment: LAB_NODES (client nodes, default 3), LAB_PREFIX (default lm: namespaces lm-server,
@@ -112,21 +112,32 @@ stop_proc() {
 }
 
 register_in() { LM_EXEC=(ip netns exec "$1"); lm_register http://127.0.0.1:8500 "$2"; LM_EXEC=(); }
-# The data plane's restart: SIGTERM makes the old balancer close its listeners at once and drain its
-# open connections (up to LOOPMESH_DRAIN_TIMEOUT) in the background; the new one starts as soon as
-# the ports are free (a listen that fails is only retried on the next config change).
-handover_balancer() {
-  local node=$1 f pid end
+# The data plane's restart is a hot restart: SIGUSR2 makes the running balancer start a successor
+# (same command line, user and capabilities) that takes over its listening sockets, then the old one
+# stops accepting and drains its open connections (up to LOOPMESH_DRAIN_TIMEOUT) in the background.
+# No new connection is refused. If the successor fails, the old one keeps serving and this says so.
+hot_restart_balancer() {
+  local node=$1 f pid successor end
   f=$(pidfile "$node" balancer)
-  alive "$node" balancer || return 0
   pid=$(cat "$f")
-  kill -TERM "$pid"
-  end=$((SECONDS + 10))
-  while in_ns "$node" ss -lntupH 2>/dev/null | grep -F "pid=$pid," >/dev/null; do
-    [ $SECONDS -lt $end ] || die "the old balancer on $node (pid $pid) still listens 10 s after SIGTERM"
-    sleep 0.02
+  kill -USR2 "$pid"
+  end=$((SECONDS + 20))
+  successor=""
+  while :; do
+    [ -n "$successor" ] || successor=$(pgrep -P "$pid" 2>/dev/null | head -n 1 || true)
+    if [ -n "$successor" ] && kill -0 "$successor" 2>/dev/null \
+       && ! in_ns "$node" ss -lntupH 2>/dev/null | grep -F "pid=$pid," >/dev/null; then
+      break
+    fi
+    [ $SECONDS -lt $end ] || die "the hot restart of the balancer on $node did not finish within 20 s; the old process (pid $pid) keeps serving; see $LAB_STATE/$node/balancer.log"
+    if [ -n "$successor" ] && ! kill -0 "$successor" 2>/dev/null; then
+      die "the new balancer on $node exited during the hot restart; the old process (pid $pid) keeps serving; see $LAB_STATE/$node/balancer.log"
+    fi
+    sleep 0.05
   done
-  mv "$f" "$LAB_STATE/$node/balancer-draining-$pid.pid"
+  echo "$successor" >"$f"
+  echo "$pid" >"$LAB_STATE/$node/balancer-draining-$pid.pid"
+  say "balancer on $node: process $successor took over the sockets of $pid, which drains"
 }
 
 loopmesh_env() { mapfile -t LOOPMESH_ENV <"$LAB_STATE/$1/loopmesh.env"; }
@@ -375,9 +386,11 @@ case $cmd in
     node=$(node_name "$1") comp=$2
     case " $(components_of "$node") " in *" $comp "*) ;; *) die "$node has no component '$comp'; it has: $(components_of "$node")" ;; esac
     ns_exists "$node" || die "node $node has no namespace; run 'bash scripts/lab.sh up' first"
-    if [ "$cmd" = restart ] && [ "$comp" = balancer ]; then
-      handover_balancer "$node"
-    elif [ "$cmd" != start ]; then
+    if [ "$cmd" = restart ] && [ "$comp" = balancer ] && alive "$node" balancer; then
+      hot_restart_balancer "$node"
+      exit 0
+    fi
+    if [ "$cmd" != start ]; then
       stop_proc "$node" "$comp"
     fi
     if [ "$cmd" != stop ]; then

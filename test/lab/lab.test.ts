@@ -254,12 +254,16 @@ describe('the multi-node lab (scripts/lab.sh, network namespaces, real Consul)',
     for (const o of agentLoad.open) assert.deepEqual([o.failed, o.sockets], [0, 1], 'each open connection carried every request on one socket');
     assert.deepEqual(agentLoad.addresses, [address]);
 
-    // The data plane (loopmesh balancer): the old process closes its listeners and drains; a new one takes over.
+    // The data plane (loopmesh balancer): a hot restart. A new process takes over the listening
+    // sockets, then the old one stops accepting and drains its open connections.
+    const balancerPid = readFileSync(join(state, `${prefix}-node1`, 'balancer.pid'), 'utf8');
     const balancerRun = load('node1', 'web.local', 80, 6000);
     await sleep(1500);
     await must(lab(['restart', 'node1', 'balancer'], 60_000), 'restart node1 balancer');
     const balancerLoad = await balancerRun;
-    t.diagnostic(`data-plane restart: new connections ok=${balancerLoad.newOk} failed=${balancerLoad.newFailed} ${JSON.stringify(balancerLoad.failures)}; open connections ${JSON.stringify(balancerLoad.open)}`);
+    t.diagnostic(`data-plane hot restart: new connections ok=${balancerLoad.newOk} failed=${balancerLoad.newFailed} ${JSON.stringify(balancerLoad.failures)}; open connections ${JSON.stringify(balancerLoad.open)}`);
+    assert.notEqual(readFileSync(join(state, `${prefix}-node1`, 'balancer.pid'), 'utf8'), balancerPid, 'another process serves now');
+    assert.equal(balancerLoad.newFailed, 0, `no new connection fails during the hot restart: ${JSON.stringify(balancerLoad.failures)}`);
     for (const o of balancerLoad.open) assert.deepEqual([o.failed, o.sockets], [0, 1], 'each open connection finished its requests on its socket (drained by the old process)');
     assert.deepEqual(balancerLoad.addresses, [address]);
     assert.ok(balancerLoad.newOk > 0);
