@@ -154,6 +154,7 @@ export function handOver(options: HandOverOptions): Promise<number> {
 export function receiveHandover(timeoutMs: number): Promise<InheritedSockets | undefined> {
   if (!process.env[handoverEnv] || !process.send) return Promise.resolve(undefined);
   delete process.env[handoverEnv];
+  isSuccessor = true;
   return new Promise((resolve, reject) => {
     const pending: Array<{ kind: SocketKind; key: string; handle: Server | UdpSocket }> = [];
     const timer = setTimeout(() => done(new DataPlaneError(codes.handover, `handover: no sockets from the predecessor within ${timeoutMs} ms`)), timeoutMs);
@@ -187,10 +188,13 @@ export function receiveHandover(timeoutMs: number): Promise<InheritedSockets | u
   });
 }
 
+/** Whether this process was started by `handOver` (an IPC channel from elsewhere is not ours to use). */
+let isSuccessor = false;
+
 /** Successor side: tells the predecessor how the start went, then lets go of the IPC channel. */
 export function reportHandover(result: { started: true } | { started: false; message: string }): Promise<void> {
   return new Promise((resolve) => {
-    if (!process.send || !process.connected) return resolve();
+    if (!isSuccessor || !process.send || !process.connected) return resolve();
     const message: Message = result.started ? { type: 'started' } : { type: 'failed', message: result.message };
     process.send(message, undefined, {}, () => {
       if (process.connected) process.disconnect();
