@@ -68,6 +68,11 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 [ -n "${addr:-}" ] || { log "web.local did not come up; see $demo/loopmesh.log"; exit 1; }
+# Consul runs each instance's first check within its 2 s interval: wait until both are healthy.
+web_backends() {
+  curl -sf --max-time 2 "http://$ADMIN/v1/routes" | node -e 'let s="";process.stdin.on("data",(c)=>s+=c).on("end",()=>{const r=JSON.parse(s).routes.find((x)=>x.service==="web");process.stdout.write(String(r?r.healthyBackends:0))})'
+}
+for _ in $(seq 1 50); do [ "$(web_backends 2>/dev/null)" = 2 ] && break; sleep 0.2; done
 
 cat <<TXT
 
