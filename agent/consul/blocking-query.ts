@@ -68,6 +68,8 @@ export class BlockingQuery {
     const random = this.options.random ?? Math.random;
     const signal = this.controller.signal;
     let index: bigint | undefined;
+    /** The index of the last result handed to onChange: what this node serves now. */
+    let accepted: bigint | undefined;
     let attempt = 0;
     while (!signal.aborted) {
       const started = Date.now();
@@ -90,12 +92,23 @@ export class BlockingQuery {
         attempt = 0;
         this.options.onRecover?.();
       }
+      if (!result.knownLeader && accepted !== undefined && result.index !== undefined && result.index < accepted) {
+        // A stale read from a server that knows no leader and is behind what this node serves: a
+        // server replaying its log after a restart answers from an old snapshot. Keep what we have
+        // and ask again shortly (a cluster really rebuilt with lower indexes elects a leader first).
+        logger.debug({ query: name, accepted: accepted.toString(), returned: result.index.toString() }, 'older answer from a Consul server without a leader ignored');
+        index = undefined;
+        await sleep(base, signal);
+        continue;
+      }
       const next = nextIndex(index, result.index);
+      logger.trace({ query: name, index: index?.toString(), returned: result.index?.toString(), knownLeader: result.knownLeader, tookMs: Date.now() - started }, 'Consul query returned');
       if (index !== undefined && next.index !== undefined && next.index < index) {
         logger.info({ query: name, from: index.toString(), to: next.index.toString() }, 'Consul index went backwards; reset');
       }
       index = next.index;
       if (next.changed) {
+        accepted = next.index;
         try {
           this.options.onChange(result);
         } catch (err) {

@@ -279,45 +279,6 @@ describe('the multi-node lab (scripts/lab.sh, network namespaces, real Consul)',
     assert.equal(failed, 0);
   });
 
-  test('the Consul server restarted: routes keep serving meanwhile, every agent recovers by itself', async (t) => {
-    assert.ok(upOk);
-    const address = await getent('node1', 'web.local');
-    const nodes = ['server', 'node1', 'node2', 'node3'];
-    await must(lab(['stop', 'server', 'consul'], 60_000), 'stop the Consul server');
-    const stopped = Date.now();
-    // Fail static: the last routes keep serving while there is no server.
-    await eventually(async () => {
-      const r = await inNode('node1', ['curl', '-s', 'http://127.0.0.1:9190/health'], 3000);
-      return String(r.stdout).includes('"degraded"');
-    }, 30_000, 'node1 loopmesh reporting degraded without a Consul server');
-    const during = await burst(10);
-    assert.equal(during.failed, 0, 'web.local serves from node1 while the Consul server is down');
-    await sleep(2000);
-    await must(lab(['start', 'server', 'consul'], 60_000), 'start the Consul server');
-    const restarted = Date.now();
-    await eventually(async () => /"\d+\.\d+\.\d+\.\d+:\d+"/.test(String((await inNode('node1', ['curl', '-s', '--max-time', '2', 'http://127.0.0.1:8500/v1/status/leader'], 3000)).stdout)), 60_000, "node1's Consul agent seeing a leader");
-    t.diagnostic(`node1's Consul agent sees a leader ${Date.now() - restarted} ms after the server started`);
-    for (const n of nodes) {
-      await eventually(async () => {
-        const r = await inNode(n, ['curl', '-s', 'http://127.0.0.1:9190/health'], 3000);
-        return String(r.stdout).includes('"status":"ok"');
-      }, 60_000, `loopmesh on ${n} healthy again`);
-    }
-    t.diagnostic(`server down ${restarted - stopped} ms; every loopmesh healthy ${Date.now() - restarted} ms after the server started`);
-    // And they follow the catalog again: a new service on node3 shows up on every node.
-    const name = `after-restart-${Date.now().toString(36)}`;
-    await eventually(async () => {
-      await consulPut('node3', '/v1/agent/service/register', { ID: name, Name: name, Address: addr.node3, Port: 8080 });
-      return true;
-    }, 30_000, 'node3 agent accepting a registration');
-    for (const n of nodes) {
-      await eventually(async () => (await curl(n, `http://${name}.local:8080/`))?.includes(`web-${node('node3')}`), 30_000, `${name}.local from ${n}`);
-    }
-    t.diagnostic(`a new service reachable from every node ${Date.now() - restarted} ms after the server started`);
-    await consulPut('node3', `/v1/agent/service/deregister/${name}`);
-    assert.equal(await getent('node1', 'web.local'), address, 'addresses survive the server restart (Consul KV, persisted)');
-  });
-
   test("node3's Consul agent stopped: its instances leave the set, then no new connection from node1 fails", async (t) => {
     assert.ok(upOk);
     await eventually(async () => (await backendsOf('node1', 'web')).length === 2, 30_000, 'web with two backends on node1');
@@ -365,5 +326,47 @@ describe('the multi-node lab (scripts/lab.sh, network namespaces, real Consul)',
     await eventually(async () => (await backendsOf('node1', 'web')).length === 2, 90_000, "node3's web instance back on node1 after the DROP rules are removed");
     await eventually(async () => (await backendsOf('node1', 'redis')).length === 1, 30_000, "node3's redis back on node1");
     t.diagnostic(`node3 reconnected -> its instances back in node1's routes ${Date.now() - healed} ms after the DROP rules were removed (serf retries failed members every 30 s)`);
+  });
+
+  // Last: right after a server restart Consul itself can take up to its reconcile interval (60 s)
+  // to reflect an agent that leaves or fails (seen in /v1/health/service from the nodes' own agents,
+  // with loopmesh following it), which would blur the node3 measurements above.
+  test('the Consul server restarted: routes keep serving meanwhile, every agent recovers by itself', async (t) => {
+    assert.ok(upOk);
+    const address = await getent('node1', 'web.local');
+    const nodes = ['server', 'node1', 'node2', 'node3'];
+    await must(lab(['stop', 'server', 'consul'], 60_000), 'stop the Consul server');
+    const stopped = Date.now();
+    // Fail static: the last routes keep serving while there is no server.
+    await eventually(async () => {
+      const r = await inNode('node1', ['curl', '-s', 'http://127.0.0.1:9190/health'], 3000);
+      return String(r.stdout).includes('"degraded"');
+    }, 30_000, 'node1 loopmesh reporting degraded without a Consul server');
+    const during = await burst(10);
+    assert.equal(during.failed, 0, 'web.local serves from node1 while the Consul server is down');
+    await sleep(2000);
+    await must(lab(['start', 'server', 'consul'], 60_000), 'start the Consul server');
+    const restarted = Date.now();
+    await eventually(async () => /"\d+\.\d+\.\d+\.\d+:\d+"/.test(String((await inNode('node1', ['curl', '-s', '--max-time', '2', 'http://127.0.0.1:8500/v1/status/leader'], 3000)).stdout)), 60_000, "node1's Consul agent seeing a leader");
+    t.diagnostic(`node1's Consul agent sees a leader ${Date.now() - restarted} ms after the server started`);
+    for (const n of nodes) {
+      await eventually(async () => {
+        const r = await inNode(n, ['curl', '-s', 'http://127.0.0.1:9190/health'], 3000);
+        return String(r.stdout).includes('"status":"ok"');
+      }, 60_000, `loopmesh on ${n} healthy again`);
+    }
+    t.diagnostic(`server down ${restarted - stopped} ms; every loopmesh healthy ${Date.now() - restarted} ms after the server started`);
+    // And they follow the catalog again: a new service on node3 shows up on every node.
+    const name = `after-restart-${Date.now().toString(36)}`;
+    await eventually(async () => {
+      await consulPut('node3', '/v1/agent/service/register', { ID: name, Name: name, Address: addr.node3, Port: 8080 });
+      return true;
+    }, 30_000, 'node3 agent accepting a registration');
+    for (const n of nodes) {
+      await eventually(async () => (await curl(n, `http://${name}.local:8080/`))?.includes(`web-${node('node3')}`), 30_000, `${name}.local from ${n}`);
+    }
+    t.diagnostic(`a new service reachable from every node ${Date.now() - restarted} ms after the server started`);
+    await consulPut('node3', `/v1/agent/service/deregister/${name}`);
+    assert.equal(await getent('node1', 'web.local'), address, 'addresses survive the server restart (Consul KV, persisted)');
   });
 });

@@ -57,3 +57,34 @@ test('the loop sends the last index, resets it after an error, reports changes o
   assert.equal(errors, 2);
   assert.equal(recovered, 1);
 });
+
+test('an older answer from a server without a leader (replaying after a restart) is ignored; one with a leader resets', async () => {
+  // [index, knownLeader]: 100 served; a leaderless server answers 43 (old snapshot): ignored; then
+  // 120 with a leader. Later 50 with a leader (a cluster really rebuilt): taken.
+  const answers: Array<[bigint, boolean]> = [[100n, true], [43n, false], [43n, false], [120n, true], [50n, true]];
+  const sent: (bigint | undefined)[] = [];
+  const changes: bigint[] = [];
+  let done!: () => void;
+  const finished = new Promise<void>((r) => (done = r));
+  const q = new BlockingQuery({
+    name: 'test',
+    logger: silentLogger(),
+    minIntervalMs: 1,
+    backoffBaseMs: 1,
+    fetch: async (index): Promise<QueryResult> => {
+      sent.push(index);
+      const a = answers.shift();
+      if (a === undefined) {
+        done();
+        return new Promise(() => undefined);
+      }
+      return { body: null, index: a[0], knownLeader: a[1] };
+    },
+    onChange: (r) => changes.push(r.index ?? -1n),
+  });
+  q.start();
+  await finished;
+  await Promise.race([q.stop(), new Promise((r) => setTimeout(r, 100))]);
+  assert.deepEqual(changes, [100n, 120n, 50n], 'the old snapshot never reaches onChange');
+  assert.deepEqual(sent, [undefined, 100n, undefined, undefined, 120n, 50n], 'after an ignored answer, a plain read');
+});
