@@ -27,8 +27,11 @@ export interface ConsulStatus {
   errors: Record<string, number>;
 }
 
+/** The reads the watcher makes: a ConsulClient. */
+export type CatalogReader = Pick<ConsulClient, 'url' | 'catalogServices' | 'healthState' | 'healthService'>;
+
 export interface CatalogWatcherOptions {
-  client: ConsulClient;
+  client: CatalogReader;
   logger: Logger;
   selection: ServiceSelection;
   filter: HealthFilter;
@@ -177,7 +180,9 @@ export class CatalogWatcher {
         if (this.stopped.signal.aborted) return;
         try {
           const result = await this.options.client.healthService(name, { signal: this.stopped.signal });
-          this.contact();
+          // Any answer means Consul is back: the long polls may block for a minute with nothing new,
+          // and health must not stay "degraded" that long after one failed read.
+          this.recovered();
           const parsed = parseHealthService(name, result.body, this.options.filter);
           if (this.known.has(name)) {
             this.instances.set(name, parsed.instances);
