@@ -50,6 +50,26 @@ BRIDGE=$LAB_PREFIX-br0
 SERVER=$LAB_PREFIX-server
 SERVER_ADDR=$NET.10
 MAIN=$REPO/dist/agent/cli/main.js
+
+# loopmesh runs as $LAB_LOOPMESH_USER, who may not be able to read the repository (a clone in /root
+# or in a `mktemp -d` folder is private to root). Then the built app (dist, templates, package.json,
+# node_modules) is copied to $LAB_STATE/app, readable by all, and run from there; every up and every
+# start of a loopmesh component copies it again, so a rebuild is picked up as from the repository.
+can_read_as_user() { "${AS_USER[@]}" node -e "require('fs').accessSync(process.argv[1], require('fs').constants.R_OK)" "$1" 2>/dev/null; }
+stage_app() {
+  if can_read_as_user "$REPO/dist/agent/cli/main.js"; then MAIN=$REPO/dist/agent/cli/main.js; return 0; fi
+  local app=$LAB_STATE/app
+  mkdir -p "$app.new"
+  cp -a "$REPO/dist" "$REPO/templates" "$REPO/package.json" "$REPO/node_modules" "$app.new/"
+  chmod -R a+rX "$app.new"
+  rm -rf "$app.old"
+  if [ -d "$app" ]; then mv "$app" "$app.old"; fi
+  mv "$app.new" "$app"
+  rm -rf "$app.old"
+  chmod a+rx "$LAB_STATE"
+  MAIN=$app/dist/agent/cli/main.js
+  can_read_as_user "$MAIN" || die "loopmesh runs as $LAB_LOOPMESH_USER, who cannot read $MAIN either; set LAB_LOOPMESH_USER=root"
+}
 FORWARD_RULE=(FORWARD -i "$BRIDGE" -o "$BRIDGE" -m comment --comment "loopmesh-lab $LAB_PREFIX" -j ACCEPT)
 
 nodes() { echo "$SERVER"; local i; for i in $(seq 1 "$LAB_NODES"); do echo "$LAB_PREFIX-node$i"; done; }
@@ -241,9 +261,8 @@ up() {
   ensure_packages ip:iproute2 curl:curl getent:libc-bin redis-server:redis-server redis-cli:redis-tools iptables:iptables
   ensure_node_modules
   ensure_consul
-  "${AS_USER[@]}" node -e "require('fs').accessSync(process.argv[1], require('fs').constants.R_OK)" "$MAIN" 2>/dev/null \
-    || die "loopmesh runs as $LAB_LOOPMESH_USER, who cannot read $MAIN (a folder on the way is private?); move the repository or set LAB_LOOPMESH_USER=root"
   mkdir -p "$LAB_STATE"
+  stage_app
   [ -d /etc/netns ] || { mkdir -p /etc/netns; touch "$LAB_STATE/created-etc-netns"; }
   say "network: bridge $BRIDGE, $LAB_SUBNET, nodes $(nodes | tr '\n' ' ')"
   network
@@ -386,6 +405,7 @@ case $cmd in
     node=$(node_name "$1") comp=$2
     case " $(components_of "$node") " in *" $comp "*) ;; *) die "$node has no component '$comp'; it has: $(components_of "$node")" ;; esac
     ns_exists "$node" || die "node $node has no namespace; run 'bash scripts/lab.sh up' first"
+    case "$cmd:$comp" in start:loopmesh|start:balancer|restart:loopmesh|restart:balancer) stage_app ;; esac
     if [ "$cmd" = restart ] && [ "$comp" = balancer ] && alive "$node" balancer; then
       hot_restart_balancer "$node"
       exit 0

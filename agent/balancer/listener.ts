@@ -60,6 +60,8 @@ export class ServiceListener {
       // the predecessor until it closes its copy, so no connection is refused in between.
       const inherited = options.inherited?.takeTcp(this.key);
       const onListening = (): void => {
+        // Connections the inherited socket accepted before this listener owned it.
+        for (const client of inherited?.adopt() ?? []) this.accept(client);
         server.off('error', onError);
         server.on('error', (err) => {
           options.logger.error({ address: this.key, code: errorCode(err), err: errorMessage(err) }, 'listener error');
@@ -68,7 +70,7 @@ export class ServiceListener {
         this.everListened = true;
         resolve();
       };
-      if (inherited) server.listen(inherited, onListening);
+      if (inherited) server.listen(inherited.server, onListening);
       else server.listen({ host: options.address, port: options.port }, onListening);
     });
   }

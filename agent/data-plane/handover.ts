@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
-import type { Socket as UdpSocket } from 'node:dgram';
-import type { Server } from 'node:net';
+import type { RemoteInfo, Socket as UdpSocket } from 'node:dgram';
+import type { Server, Socket } from 'node:net';
 import { parseBalancerConfig, type BalancerConfig } from '../balancer/config.js';
 import { DataPlaneError, codes, errorMessage } from '../errors.js';
 import { describe, isRecord } from '../validate.js';
@@ -25,25 +25,80 @@ export interface ListeningSocket {
   handle: Server | UdpSocket;
 }
 
+/**
+ * An inherited listening TCP socket. Node starts accepting on it the moment it arrives, before any
+ * service has taken it; connections accepted in between wait here (paused), so none is left hanging.
+ */
+export class InheritedServer {
+  private pending: Socket[] = [];
+  private readonly hold = (socket: Socket): void => {
+    socket.pause();
+    // Node's wrapper server is not half-open; the balancer's connections are.
+    socket.allowHalfOpen = true;
+    this.pending.push(socket);
+  };
+
+  constructor(readonly server: Server) {
+    server.on('connection', this.hold);
+  }
+
+  /** Once the new owner listens on `server`: the connections that arrived before it. */
+  adopt(): Socket[] {
+    this.server.off('connection', this.hold);
+    const held = this.pending;
+    this.pending = [];
+    return held;
+  }
+
+  close(): void {
+    for (const socket of this.adopt()) socket.destroy();
+    this.server.close();
+  }
+}
+
+/** An inherited UDP socket; datagrams that arrive before a server takes it are kept for it. */
+export class InheritedUdp {
+  private pending: Array<[Buffer, RemoteInfo]> = [];
+  private readonly hold = (message: Buffer, peer: RemoteInfo): void => {
+    if (this.pending.length < 1024) this.pending.push([message, peer]);
+  };
+
+  constructor(readonly socket: UdpSocket) {
+    socket.on('message', this.hold);
+  }
+
+  adopt(): Array<[Buffer, RemoteInfo]> {
+    this.socket.off('message', this.hold);
+    const held = this.pending;
+    this.pending = [];
+    return held;
+  }
+
+  close(): void {
+    this.adopt();
+    this.socket.close();
+  }
+}
+
 /** Listening sockets a successor got from its predecessor; each is taken at most once. */
 export class InheritedSockets {
-  private readonly tcp = new Map<string, Server>();
-  private readonly udp = new Map<string, UdpSocket>();
+  private readonly tcp = new Map<string, InheritedServer>();
+  private readonly udp = new Map<string, InheritedUdp>();
 
   constructor(readonly config: BalancerConfig | undefined) {}
 
   add(kind: SocketKind, key: string, handle: Server | UdpSocket): void {
-    if (kind === 'tcp') this.tcp.set(key, handle as Server);
-    else this.udp.set(key, handle as UdpSocket);
+    if (kind === 'tcp') this.tcp.set(key, new InheritedServer(handle as Server));
+    else this.udp.set(key, new InheritedUdp(handle as UdpSocket));
   }
 
-  takeTcp(key: string): Server | undefined {
+  takeTcp(key: string): InheritedServer | undefined {
     const server = this.tcp.get(key);
     this.tcp.delete(key);
     return server;
   }
 
-  takeUdp(key: string): UdpSocket | undefined {
+  takeUdp(key: string): InheritedUdp | undefined {
     const socket = this.udp.get(key);
     this.udp.delete(key);
     return socket;

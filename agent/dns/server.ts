@@ -99,9 +99,15 @@ export class DnsServer {
     const inheritedTcp = this.options.inherited?.takeTcp(this.handoverKey);
     if (inheritedUdp && inheritedTcp) {
       const tcp = createServer((socket) => this.onConnection(socket));
-      await listenTcp(tcp, inheritedTcp);
-      this.serve(inheritedUdp, tcp);
-      this.log.info({ address: hostPort(host, inheritedUdp.address().port), suffix: this.zone.suffix }, 'DNS responder listening on the sockets of the previous process');
+      await listenTcp(tcp, inheritedTcp.server);
+      this.serve(inheritedUdp.socket, tcp);
+      // What arrived before this server owned the sockets.
+      for (const socket of inheritedTcp.adopt()) {
+        this.onConnection(socket);
+        socket.resume(); // held paused; a 'data' listener alone does not restart a paused socket
+      }
+      for (const [message, peer] of inheritedUdp.adopt()) this.onDatagram(message, peer);
+      this.log.info({ address: hostPort(host, inheritedUdp.socket.address().port), suffix: this.zone.suffix }, 'DNS responder listening on the sockets of the previous process');
       return;
     }
     inheritedUdp?.close();

@@ -3,12 +3,11 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
 import { mkdtemp, readFile, writeFile } from 'node:fs/promises';
-import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { removeDir } from '../support/agent.js';
-import { eventually, freePort, startIdServer, whoAnswers, type IdServer } from '../support/net.js';
+import { eventually, freePort, openConnection, startIdServer, steadyLoad, whoAnswers, type IdServer } from '../support/net.js';
 import { dig } from '../support/resolve.js';
 
 // `loopmesh balancer` is driven only by the files in its run dir, so these tests write balancer.json
@@ -49,59 +48,6 @@ async function untilStarted(b: BalancerProcess, log: string, address: string, po
   assert.equal(await whoAnswers(address, port, 2000), 'web-a');
 }
 
-/** New connections every 10 ms until stopped; each must get the backend's greeting. */
-function steadyLoad(host: string, port: number): { stop: () => Promise<{ ok: number; failed: string[] }> } {
-  let running = true;
-  let ok = 0;
-  const failed: string[] = [];
-  const loop = (async () => {
-    while (running) {
-      try {
-        await whoAnswers(host, port, 2000);
-        ok++;
-      } catch (err) {
-        failed.push((err as Error).message);
-      }
-      await new Promise((r) => setTimeout(r, 10));
-    }
-  })();
-  return { stop: async () => ((running = false), await loop, { ok, failed }) };
-}
-
-/** An open connection through the balancer: the greeting, then each line echoed back. */
-async function openEcho(host: string, port: number): Promise<{ socket: Socket; ping: (text: string) => Promise<string> }> {
-  const socket = connect({ host, port });
-  socket.on('error', () => undefined);
-  let buffered = '';
-  let wake: (() => void) | undefined;
-  socket.on('data', (chunk) => {
-    buffered += chunk.toString();
-    wake?.();
-  });
-  const line = async (): Promise<string> => {
-    const deadline = Date.now() + 3000;
-    while (!buffered.includes('\n')) {
-      if (Date.now() > deadline) throw new Error('no line within 3 s');
-      await new Promise<void>((r) => {
-        wake = r;
-        setTimeout(r, 50);
-      });
-    }
-    const nl = buffered.indexOf('\n');
-    const out = buffered.slice(0, nl);
-    buffered = buffered.slice(nl + 1);
-    return out;
-  };
-  await line();
-  return {
-    socket,
-    ping: async (text) => {
-      socket.write(`${text}\n`);
-      return line();
-    },
-  };
-}
-
 describe('hot restart of loopmesh balancer (SIGUSR2): a new process takes over the sockets', { timeout: 120_000 }, () => {
   let dir: string;
   let backend: IdServer;
@@ -137,8 +83,8 @@ describe('hot restart of loopmesh balancer (SIGUSR2): a new process takes over t
     const old = startBalancer(main, args(), log);
     started.push(old);
     await untilStarted(old, log, address, port);
-    const open = await openEcho(address, port);
-    const load = steadyLoad(address, port);
+    const open = await openConnection(address, port);
+    const load = steadyLoad(address, port, 10);
     t.after(() => load.stop());
     await new Promise((r) => setTimeout(r, 300));
 
@@ -180,7 +126,7 @@ describe('hot restart of loopmesh balancer (SIGUSR2): a new process takes over t
     await untilStarted(old, log, address, port);
 
     await writeFile(entry, "process.stderr.write('this upgrade is broken\\n');\nprocess.exit(3);\n");
-    const load = steadyLoad(address, port);
+    const load = steadyLoad(address, port, 10);
     t.after(() => load.stop());
     old.child.kill('SIGUSR2');
     const failure = await eventually(async () => (await logLines(log)).find((l) => l.code === 'LM_ERR_HANDOVER'), 15_000, 'the handover failure logged');

@@ -1,12 +1,11 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { connect, type Socket } from 'node:net';
 import { mkdtemp, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa, type ResultPromise } from 'execa';
 import { TestConsul } from '../support/consul.js';
-import { eventually, freePort, startIdServer, whoAnswers, type IdServer } from '../support/net.js';
+import { eventually, freePort, openConnection, startIdServer, steadyLoad, whoAnswers, type IdServer } from '../support/net.js';
 import { hostsPrelude, removeDir } from '../support/agent.js';
 import type { StatusReport } from '../../agent/admin/report.js';
 import { parseBalancerConfig, type ServiceSpec } from '../../agent/balancer/config.js';
@@ -23,69 +22,6 @@ async function stopProcess(p: ResultPromise | undefined): Promise<void> {
   if (!p || p.exitCode !== null) return;
   p.kill('SIGTERM');
   await p;
-}
-
-/** An open client connection that echoes: `ping` proves it still works end to end. */
-async function openConnection(address: string, port: number): Promise<{ socket: Socket; greeting: string; ping: (text: string) => Promise<string> }> {
-  const socket = connect({ host: address, port });
-  const lines: string[] = [];
-  const waiters: Array<(line: string) => void> = [];
-  let buffer = '';
-  socket.on('data', (chunk) => {
-    buffer += chunk.toString();
-    for (let nl = buffer.indexOf('\n'); nl >= 0; nl = buffer.indexOf('\n')) {
-      const line = buffer.slice(0, nl);
-      buffer = buffer.slice(nl + 1);
-      const waiter = waiters.shift();
-      if (waiter) waiter(line);
-      else lines.push(line);
-    }
-  });
-  socket.on('error', () => undefined);
-  const next = (): Promise<string> =>
-    new Promise((resolve, reject) => {
-      const line = lines.shift();
-      if (line !== undefined) return resolve(line);
-      const timer = setTimeout(() => reject(new Error('no line within 3 s')), 3000);
-      waiters.push((l) => {
-        clearTimeout(timer);
-        resolve(l);
-      });
-    });
-  const greeting = await next();
-  return {
-    socket,
-    greeting,
-    ping: async (text) => {
-      socket.write(`${text}\n`);
-      return next();
-    },
-  };
-}
-
-/** New connections every `everyMs` until stopped: how many failed, and how many there were. */
-function steadyLoad(address: string, port: number, everyMs = 20): { stop: () => Promise<{ ok: number; failed: string[] }> } {
-  let running = true;
-  const failed: string[] = [];
-  let ok = 0;
-  const loop = (async () => {
-    while (running) {
-      try {
-        await whoAnswers(address, port, 2000);
-        ok++;
-      } catch (err) {
-        failed.push((err as Error).message);
-      }
-      await new Promise((r) => setTimeout(r, everyMs));
-    }
-  })();
-  return {
-    stop: async () => {
-      running = false;
-      await loop;
-      return { ok, failed };
-    },
-  };
 }
 
 describe('restarts with real processes: a graceful stop drains, and --render-only restarts without touching traffic', { timeout: 120_000 }, () => {

@@ -92,3 +92,66 @@ export async function eventually<T>(fn: () => Promise<T | undefined | false> | T
   }
   throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? ` (last error: ${(last as Error).message})` : ''}`);
 }
+
+/** An open client connection that echoes: `ping` proves it still works end to end. */
+export async function openConnection(address: string, port: number): Promise<{ socket: Socket; greeting: string; ping: (text: string) => Promise<string> }> {
+  const socket = connect({ host: address, port });
+  const lines: string[] = [];
+  const waiters: Array<(line: string) => void> = [];
+  let buffer = '';
+  socket.on('data', (chunk) => {
+    buffer += chunk.toString();
+    for (let nl = buffer.indexOf('\n'); nl >= 0; nl = buffer.indexOf('\n')) {
+      const line = buffer.slice(0, nl);
+      buffer = buffer.slice(nl + 1);
+      const waiter = waiters.shift();
+      if (waiter) waiter(line);
+      else lines.push(line);
+    }
+  });
+  socket.on('error', () => undefined);
+  const next = (): Promise<string> =>
+    new Promise((resolve, reject) => {
+      const line = lines.shift();
+      if (line !== undefined) return resolve(line);
+      const timer = setTimeout(() => reject(new Error('no line within 3 s')), 3000);
+      waiters.push((l) => {
+        clearTimeout(timer);
+        resolve(l);
+      });
+    });
+  const greeting = await next();
+  return {
+    socket,
+    greeting,
+    ping: async (text) => {
+      socket.write(`${text}\n`);
+      return next();
+    },
+  };
+}
+
+/** New connections every `everyMs` until stopped: how many failed, and how many there were. */
+export function steadyLoad(address: string, port: number, everyMs = 20): { stop: () => Promise<{ ok: number; failed: string[] }> } {
+  let running = true;
+  const failed: string[] = [];
+  let ok = 0;
+  const loop = (async () => {
+    while (running) {
+      try {
+        await whoAnswers(address, port, 2000);
+        ok++;
+      } catch (err) {
+        failed.push((err as Error).message);
+      }
+      await new Promise((r) => setTimeout(r, everyMs));
+    }
+  })();
+  return {
+    stop: async () => {
+      running = false;
+      await loop;
+      return { ok, failed };
+    },
+  };
+}

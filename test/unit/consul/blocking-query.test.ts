@@ -21,8 +21,11 @@ test('backoffDelay grows, is capped and jittered within [ceiling/2, ceiling]', (
   assert.equal(backoffDelay(40, 250, 30_000, () => 0), 15_000);
 });
 
-test('the loop sends the last index, resets it after an error, reports changes only, and never gives up', async () => {
-  const answers: (bigint | Error)[] = [5n, 5n, 7n, new Error('down'), new Error('down'), 7n, 3n];
+/**
+ * Runs a BlockingQuery over scripted answers (each an index and whether a leader is known, or an
+ * error); resolves once they are used up, with what the loop sent and reported.
+ */
+async function runScripted(answers: Array<[bigint, boolean] | Error>): Promise<{ sent: (bigint | undefined)[]; changes: bigint[]; errors: number; recovered: number }> {
   const sent: (bigint | undefined)[] = [];
   const changes: bigint[] = [];
   let errors = 0;
@@ -43,7 +46,7 @@ test('the loop sends the last index, resets it after an error, reports changes o
         return new Promise(() => undefined);
       }
       if (a instanceof Error) throw a;
-      return { body: null, index: a, knownLeader: true };
+      return { body: null, index: a[0], knownLeader: a[1] };
     },
     onChange: (r) => changes.push(r.index ?? -1n),
     onError: () => (errors += 1),
@@ -52,6 +55,12 @@ test('the loop sends the last index, resets it after an error, reports changes o
   q.start();
   await finished;
   await Promise.race([q.stop(), new Promise((r) => setTimeout(r, 100))]);
+  return { sent, changes, errors, recovered };
+}
+
+test('the loop sends the last index, resets it after an error, reports changes only, and never gives up', async () => {
+  const down = new Error('down');
+  const { sent, changes, errors, recovered } = await runScripted([[5n, true], [5n, true], [7n, true], down, down, [7n, true], [3n, true]]);
   assert.deepEqual(sent, [undefined, 5n, 5n, 7n, undefined, undefined, 7n, 3n]);
   assert.deepEqual(changes, [5n, 7n, 7n, 3n], 'the read after an outage is reported; a repeat of the same index is not');
   assert.equal(errors, 2);
@@ -59,32 +68,9 @@ test('the loop sends the last index, resets it after an error, reports changes o
 });
 
 test('an older answer from a server without a leader (replaying after a restart) is ignored; one with a leader resets', async () => {
-  // [index, knownLeader]: 100 served; a leaderless server answers 43 (old snapshot): ignored; then
-  // 120 with a leader. Later 50 with a leader (a cluster really rebuilt): taken.
-  const answers: Array<[bigint, boolean]> = [[100n, true], [43n, false], [43n, false], [120n, true], [50n, true]];
-  const sent: (bigint | undefined)[] = [];
-  const changes: bigint[] = [];
-  let done!: () => void;
-  const finished = new Promise<void>((r) => (done = r));
-  const q = new BlockingQuery({
-    name: 'test',
-    logger: silentLogger(),
-    minIntervalMs: 1,
-    backoffBaseMs: 1,
-    fetch: async (index): Promise<QueryResult> => {
-      sent.push(index);
-      const a = answers.shift();
-      if (a === undefined) {
-        done();
-        return new Promise(() => undefined);
-      }
-      return { body: null, index: a[0], knownLeader: a[1] };
-    },
-    onChange: (r) => changes.push(r.index ?? -1n),
-  });
-  q.start();
-  await finished;
-  await Promise.race([q.stop(), new Promise((r) => setTimeout(r, 100))]);
+  // 100 served; a leaderless server answers 43 (old snapshot): ignored; then 120 with a leader.
+  // Later 50 with a leader (a cluster really rebuilt): taken.
+  const { sent, changes } = await runScripted([[100n, true], [43n, false], [43n, false], [120n, true], [50n, true]]);
   assert.deepEqual(changes, [100n, 120n, 50n], 'the old snapshot never reaches onChange');
   assert.deepEqual(sent, [undefined, 100n, undefined, undefined, 120n, 50n], 'after an ignored answer, a plain read');
 });
