@@ -1,7 +1,8 @@
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { chmod, chown, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, cp, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -178,8 +179,8 @@ interface ChildWrite {
 }
 
 /** Runs writeHostsBlock in a child started through `wrapper` (setpriv, unshare...), the way a unit would start the agent. */
-async function writeInChild(wrapper: string[], path: string, home: string): Promise<ChildWrite> {
-  const module = new URL('../../../agent/dns/hosts-file.ts', import.meta.url).href;
+async function writeInChild(wrapper: string[], path: string, home: string, root = repoRoot): Promise<ChildWrite> {
+  const module = pathToFileURL(join(root, 'agent', 'dns', 'hosts-file.ts')).href;
   const script = `
     const { writeHostsBlock } = await import(${JSON.stringify(module)});
     const warnings = [];
@@ -189,10 +190,27 @@ async function writeInChild(wrapper: string[], path: string, home: string): Prom
   `;
   const [command = '', ...args] = wrapper;
   const child = await run(command, [...args, process.execPath, '--import', 'tsx', '--input-type=module', '-e', script], {
-    cwd: new URL('../../..', import.meta.url).pathname,
+    cwd: root,
     env: { ...process.env, HOME: home },
   });
   return JSON.parse(child.stdout) as ChildWrite;
+}
+
+const repoRoot = fileURLToPath(new URL('../../..', import.meta.url));
+
+/**
+ * The code as user nobody can read it: the repository itself, or, when it sits in a private folder
+ * (a clone in /root or in a `mktemp -d` folder), a copy of what the child needs in a readable one.
+ */
+async function readableByNobody(t: TestContext): Promise<string> {
+  const probe = await run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'test', '-r', join(repoRoot, 'agent', 'dns', 'hosts-file.ts')]).then(() => true, () => false);
+  if (probe) return repoRoot;
+  const copy = await tempDir(t);
+  await chmod(copy, 0o755);
+  for (const part of ['agent', 'node_modules', 'package.json', 'tsconfig.json']) await cp(join(repoRoot, part), join(copy, part), { recursive: true });
+  await run('chmod', ['-R', 'a+rX', copy]);
+  t.diagnostic(`the repository is not readable by nobody; the child runs from a copy in ${copy}`);
+  return copy;
 }
 
 const expectedAfterChild = `127.0.0.1 localhost\n# mine\n${beginMarker}\n127.77.0.2 web.local\n${endMarker}\n`;
@@ -205,7 +223,7 @@ test('an unprivileged agent with write access to the file but not its folder rew
   await writeFile(path, '127.0.0.1 localhost\n# mine\n');
   await chown(path, 65534, 65534);
   const before = await stat(path);
-  const result = await writeInChild(['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'], path, dir);
+  const result = await writeInChild(['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'], path, dir, await readableByNobody(t));
   assert.equal(result.uid, 65534);
   assert.equal(result.changed, true);
   assert.equal(result.warnings[0]?.code, 'EACCES');
