@@ -5,19 +5,40 @@ import type { AgentConfig } from './config/config.js';
 import { AddressBook } from './consul/address-book.js';
 import type { Catalog, CatalogProblem } from './consul/catalog.js';
 import { CatalogWatcher } from './consul/catalog-watcher.js';
-import { ConsulClient } from './consul/client.js';
+import { ConsulClient, consulClientOptions } from './consul/client.js';
 import { DataPlane } from './data-plane/data-plane.js';
-import { errorCode, errorMessage, type RenderError } from './errors.js';
+import { codes, errorCode, errorMessage, type Problem, type RenderError } from './errors.js';
 import type { Logger } from './log.js';
 import { plan, planLabels, type PlanProblem, type Route } from './plan/plan.js';
 import { balancerFile, renderAll, writeRendered } from './render/render.js';
 import { builtinTemplatesDir, loadTemplates, type Template } from './render/templates.js';
 
-export interface Problem {
-  service?: string;
-  code: string;
-  message: string;
+export type { Problem } from './errors.js';
+
+/** What /health answers and `loopmesh status` shows: ok only when everything that should be served is. */
+export interface HealthReport {
+  status: 'ok' | 'degraded' | 'failing';
+  /** Why not ok; empty when ok. */
+  reasons: Problem[];
 }
+
+/**
+ * Problems that mean this node does not serve what it should (503), as against a bad registration
+ * in Consul that is skipped and reported (an invalid name, an invalid instance): those are not this
+ * node's fault, and every other service is still served.
+ */
+const failingCodes: ReadonlySet<string> = new Set([
+  codes.planAddressesExhausted,
+  codes.planNoAddress,
+  codes.planAddressConflict,
+  codes.planAddressInvalid,
+  codes.renderTemplate,
+  codes.renderWrite,
+  codes.balancerListen,
+  codes.consulStale,
+  codes.hostsWrite,
+  codes.hostsOwned,
+]);
 
 /** watch -> plan -> render -> (files) -> data plane, with the admin API on the side. */
 export class Agent {
@@ -46,23 +67,25 @@ export class Agent {
     readonly config: AgentConfig,
     private readonly logger: Logger,
   ) {
-    this.client = new ConsulClient({ url: config.consul, token: config.token, datacenter: config.datacenter });
+    this.client = new ConsulClient(consulClientOptions(config, logger.child({ stage: 'consul' })));
     this.addresses = new AddressBook({
       client: this.client,
       logger: logger.child({ stage: 'plan' }),
       key: `${config.kvPrefix}/addresses`,
       range: config.range,
       cacheFile: join(config.runDir, 'addresses.json'),
+      onRemoteChange: () => void this.reconcile(),
     });
     this.watcher = new CatalogWatcher({
       client: this.client,
       logger: logger.child({ stage: 'watch' }),
       selection: { services: config.services, tag: config.tag },
       filter: { allowWarning: config.allowWarning },
+      waitMs: config.consulWaitMs,
       onCatalog: (catalog) => this.catalogChanged(catalog),
       onProblems: (problems) => {
         this.catalogProblems = problems;
-        this.report(problems.map((p) => ({ ...p, code: 'LM_ERR_CONSUL_INVALID_DATA' })));
+        this.report(problems);
       },
     });
     this.dataPlane = config.renderOnly ? undefined : new DataPlane({
@@ -88,12 +111,13 @@ export class Agent {
     await this.dataPlane?.start();
     await this.addresses.load();
     await this.admin?.start();
+    this.addresses.start();
     this.watcher.start();
   }
 
   /** With `drain` (a signal), open connections may finish before the process goes; see DataPlane.close. */
   async stop(options: { drain?: boolean } = {}): Promise<void> {
-    await this.watcher.stop();
+    await Promise.all([this.watcher.stop(), this.addresses.stop()]);
     await this.reconciling;
     await this.admin?.close();
     await this.dataPlane?.close(options);
@@ -105,11 +129,48 @@ export class Agent {
   }
 
   problems(): Problem[] {
-    return [...this.catalogProblems.map((p) => ({ ...p, code: 'LM_ERR_CONSUL_INVALID_DATA' })), ...this.planProblems, ...this.templateErrors, ...this.renderErrors].map((p) => ({
-      ...('service' in p && p.service !== undefined ? { service: p.service } : {}),
-      code: p.code,
-      message: p.message,
-    }));
+    const all: Problem[] = [
+      ...this.catalogProblems,
+      ...this.addresses.problems(),
+      ...this.planProblems,
+      ...this.templateErrors,
+      ...this.renderErrors,
+      ...this.servingProblems(),
+    ];
+    const seen = new Set<string>();
+    return all
+      .map((p) => ({ ...(p.service !== undefined ? { service: p.service } : {}), code: p.code, message: p.message }))
+      .filter((p) => {
+        const key = `${p.code}:${p.service ?? ''}:${p.message}`;
+        if (seen.has(key)) return false;
+        seen.add(key);
+        return true;
+      });
+  }
+
+  /** ok only when Consul answers, the last render succeeded and every planned route is served. */
+  health(): HealthReport {
+    const reasons = this.problems().filter((p) => failingCodes.has(p.code));
+    const consul = this.watcher.status();
+    if (!consul.connected) {
+      reasons.unshift({ code: consul.lastError?.code ?? codes.consulUnreachable, message: `Consul unreachable, serving the last-known-good routes: ${consul.lastError?.message ?? 'no answer yet'}` });
+      return { status: 'degraded', reasons };
+    }
+    return { status: reasons.length === 0 ? 'ok' : 'failing', reasons };
+  }
+
+  /** Planned routes the in-process data plane does not serve (a port taken, an address refused). */
+  private servingProblems(): Problem[] {
+    const plane = this.dataPlane;
+    if (!plane || this.lastRenderAt === undefined) return [];
+    const served = new Map(plane.balancer.snapshot().map((s) => [s.service, s]));
+    const out: Problem[] = [];
+    for (const route of this.routesValue) {
+      const s = served.get(route.service);
+      if (s?.listening && s.address === route.address && s.port === route.port) continue;
+      out.push({ service: route.service, code: codes.balancerListen, message: `service "${route.service}" is not listening on ${route.address}:${route.port}${s?.lastError ? `: ${s.lastError}` : ''}` });
+    }
+    return out;
   }
 
   adminUrl(): string | undefined {
@@ -159,7 +220,7 @@ export class Agent {
     if (!catalog) return;
     const { labels } = planLabels([...catalog.keys()]);
     const { table } = await this.addresses.ensure([...labels.values()]);
-    const planned = plan(catalog, table, this.routesValue, { suffix: this.config.suffix, empty: this.config.empty });
+    const planned = plan(catalog, table, this.routesValue, { suffix: this.config.suffix, empty: this.config.empty, range: this.config.range });
     this.planProblems = planned.problems;
     this.report(planned.problems);
     const rendered = renderAll(this.templates, { routes: planned.routes, suffix: this.config.suffix });

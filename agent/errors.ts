@@ -39,7 +39,32 @@ export const codes = {
   hostsWrite: 'LM_ERR_HOSTS_WRITE',
   adminListen: 'LM_ERR_ADMIN_LISTEN',
   handover: 'LM_ERR_HANDOVER',
+  consulStale: 'LM_ERR_CONSUL_STALE',
+  consulInvalidInstance: 'LM_ERR_CONSUL_INVALID_INSTANCE',
+  consulTls: 'LM_ERR_CONSUL_TLS',
+  tokenFile: 'LM_ERR_TOKEN_FILE',
+  tokenInArgv: 'LM_ERR_TOKEN_IN_ARGV',
+  planAddressInvalid: 'LM_ERR_PLAN_ADDRESS_INVALID',
+  planAddressConflict: 'LM_ERR_PLAN_ADDRESS_CONFLICT',
+  planSelfBackend: 'LM_ERR_PLAN_SELF_BACKEND',
+  balancerSelfBackend: 'LM_ERR_BALANCER_SELF_BACKEND',
+  hostsOwned: 'LM_ERR_HOSTS_OWNED',
+  hostsConcurrent: 'LM_ERR_HOSTS_CONCURRENT',
+  hostsInvalidLine: 'LM_ERR_HOSTS_INVALID_LINE',
+  runDirUnsafe: 'LM_ERR_RUN_DIR_UNSAFE',
+  runDirFile: 'LM_ERR_RUN_DIR_FILE',
+  adminHost: 'LM_ERR_ADMIN_HOST',
+  adminPublic: 'LM_ERR_ADMIN_PUBLIC',
+  dnsTcpDeadline: 'LM_ERR_DNS_TCP_DEADLINE',
+  dnsTcpLimit: 'LM_ERR_DNS_TCP_LIMIT',
 } as const;
+
+/** The one shape of a problem: what is wrong, with which service (when one), under a stable code. */
+export interface Problem {
+  service?: string;
+  code: string;
+  message: string;
+}
 
 export type ErrorCode = (typeof codes)[keyof typeof codes];
 

@@ -1,3 +1,5 @@
+import { isIPv6 } from 'node:net';
+
 /** Small checks that say what they expected and what they got, for every boundary. */
 export type Issue = string;
 
@@ -65,4 +67,19 @@ export function parseHostPort(value: string, where: string): { host: string; por
     throw new TypeError(`${where}: expected ADDRESS:PORT (for example 127.0.0.1:8600), got ${describe(value)}`);
   }
   return { host: match[1].replace(/^\[(.*)\]$/, '$1'), port };
+}
+
+const hostLabel = /^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$/;
+
+/**
+ * An address a backend may have: an IPv4 literal, an IPv6 literal without a zone (a zone names an
+ * interface of one host), or an RFC 1123 host name (at most 253 characters, labels of 1 to 63
+ * letters, digits and inner hyphens; an all-numeric last label is a mistyped IPv4 address, not a name).
+ */
+export function isHostAddress(value: string): boolean {
+  if (isIPv4(value)) return true;
+  if (value.includes(':')) return !value.includes('%') && isIPv6(value);
+  if (value.length > 253) return false;
+  const labels = value.split('.');
+  return labels.every((label) => hostLabel.test(label)) && !/^\d+$/.test(labels[labels.length - 1] ?? '');
 }

@@ -12,17 +12,32 @@ ensure_consul
 demo=$(mktemp -d "${TMPDIR:-/tmp}/loopmesh-demo.XXXXXX")
 pids=()
 cleanup() {
-  trap - EXIT INT TERM
+  # A second Ctrl-C (or npm passing the signal on) must not cut the clean-up short.
+  trap '' INT TERM HUP
+  trap - EXIT
   log "stopping the demo"
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # Bounded: a process that does not stop within 10 s is killed, so the hosts block is always removed.
+  for _ in $(seq 1 50); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.2
+  done
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  if [ -n "${HOSTS_FILE:-}" ] && [ -w "$HOSTS_FILE" ]; then
-    # Leave the hosts file as we found it.
-    sed -i '/^# BEGIN loopmesh/,/^# END loopmesh/d' "$HOSTS_FILE"
+  if [ -n "${HOSTS_FILE:-}" ] && [ -d "$demo/run" ]; then
+    # Leave the hosts file as we found it: only the demo agent's own block goes (another agent's stays).
+    # In a session of its own, so that another Ctrl-C from the terminal does not reach it.
+    setsid -w node --input-type=module -e '
+      const { realpath } = await import("node:fs/promises");
+      const { removeOwnedHostsBlock } = await import("./dist/agent/dns/hosts-file.js");
+      await removeOwnedHostsBlock(process.argv[1], { owner: await realpath(process.argv[2]) });
+    ' "$HOSTS_FILE" "$demo/run" || log "could not remove the demo block from $HOSTS_FILE; remove the lines from # BEGIN loopmesh to # END loopmesh by hand"
   fi
   rm -rf "$demo"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT INT TERM HUP
 
 free_port() { node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'; }
 CONSUL_PORT=${CONSUL_PORT:-8500}
@@ -58,8 +73,10 @@ done
 if [ "$(id -u)" -eq 0 ] && [ -w /etc/hosts ]; then HOSTS_FILE=/etc/hosts; else HOSTS_FILE="$demo/hosts"; fi
 DNS=127.0.0.1:${DNS_PORT:-8653}
 ADMIN=127.0.0.1:${ADMIN_PORT:-9190}
+# tee ignores Ctrl-C: killed with the rest of the terminal's process group, it would leave the agent
+# writing its last log lines into a closed pipe, where it hung instead of exiting (the hosts block stayed).
 node dist/agent/cli/main.js agent --run-dir "$demo/run" --hosts-file "$HOSTS_FILE" --dns "$DNS" --admin "$ADMIN" --log-level info \
-  2> >(tee "$demo/loopmesh.log" >&2) &
+  2> >(trap '' INT; exec tee "$demo/loopmesh.log" >&2) &
 pids+=($!)
 
 for _ in $(seq 1 100); do

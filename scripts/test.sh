@@ -14,7 +14,7 @@ npx tsc -p test/tsconfig.json
 if [ $# -gt 0 ]; then
   files=("$@")
 else
-  mapfile -t files < <(find test/unit test/integration test/lab -name '*.test.ts' 2>/dev/null | sort)
+  mapfile -t files < <(find test/unit test/integration test/faults test/lab -name '*.test.ts' 2>/dev/null | sort)
 fi
 log "running ${#files[@]} test files"
 exec node --import tsx --test --test-timeout=600000 --test-reporter=spec "${files[@]}"

@@ -1,5 +1,5 @@
 import { hostname } from 'node:os';
-import type { Agent, Problem } from '../agent.js';
+import type { Agent, HealthReport, Problem } from '../agent.js';
 import type { ConsulStatus } from '../consul/catalog-watcher.js';
 import type { BackendStatus, ServiceStatus } from '../balancer/status.js';
 
@@ -23,6 +23,8 @@ export interface StatusReport {
   dataPlane: 'in-process' | 'separate';
   routes: RouteReport[];
   problems: Problem[];
+  /** The same verdict as /health. */
+  health: HealthReport;
 }
 
 /** What is served (the balancer's view), not only what was planned. */
@@ -54,5 +56,5 @@ export function routeReport(agent: Agent): StatusReport {
       backends,
     };
   });
-  return { node: agent.nodeName ?? hostname(), consul: agent.watcher.status(), lastRenderAt: agent.lastRenderAt, dataPlane: plane ? 'in-process' : 'separate', routes, problems: agent.problems() };
+  return { node: agent.nodeName ?? hostname(), consul: agent.watcher.status(), lastRenderAt: agent.lastRenderAt, dataPlane: plane ? 'in-process' : 'separate', routes, problems: agent.problems(), health: agent.health() };
 }

@@ -4,6 +4,8 @@ import type { Agent } from '../agent.js';
 import type { Endpoint } from '../config/config.js';
 import { AdminError, codes } from '../errors.js';
 import type { Logger } from '../log.js';
+import { isLoopbackHost } from '../config/config.js';
+import { misdirected } from './host.js';
 import { routeReport } from './report.js';
 import { prometheusText } from './metrics.js';
 
@@ -29,6 +31,8 @@ export class AdminServer {
       this.server.once('error', onError);
       this.server.listen(port, host, () => {
         this.server.off('error', onError);
+        // Config refuses this without --admin-public; with it, say so on every start.
+        if (!isLoopbackHost(host)) this.options.logger.warn({ code: codes.adminPublic, admin: this.url() }, `admin HTTP listens on ${this.url()}, outside loopback (--admin-public): whoever reaches it reads this node's routes and metrics`);
         resolve();
       });
     });
@@ -53,11 +57,19 @@ export class AdminServer {
       res.writeHead(status, { 'content-type': type, 'cache-control': 'no-store' });
       res.end(body);
     };
+    const refused = misdirected({ host: req.headers.host, adminHost: this.options.endpoint.host, adminPort: (this.server.address() as AddressInfo).port, localAddress: req.socket.localAddress, peer: req.socket.remoteAddress });
+    if (refused !== undefined) {
+      // DNS rebinding: a browser page whose name now points here sends its own name as Host.
+      this.options.logger.debug({ code: codes.adminHost, peer: req.socket.remoteAddress }, refused);
+      res.setHeader('x-content-type-options', 'nosniff');
+      return send(421, 'text/plain; charset=utf-8', `misdirected request: ${refused}\n`);
+    }
     if (req.method !== 'GET' && req.method !== 'HEAD') return send(405, 'text/plain', 'expected GET\n');
     const report = routeReport(agent);
     switch (path) {
       case '/health':
-        return send(200, 'application/json', `${JSON.stringify({ status: report.consul.connected ? 'ok' : 'degraded', consul: report.consul, routes: report.routes.length })}\n`);
+        // 200 only when every route is served and the last render succeeded; 503 says why not.
+        return send(report.health.status === 'ok' ? 200 : 503, 'application/json', `${JSON.stringify({ status: report.health.status, reasons: report.health.reasons, consul: report.consul, routes: report.routes.length })}\n`);
       case '/v1/routes':
         return send(200, 'application/json', `${JSON.stringify(report, null, 2)}\n`);
       case '/metrics':

@@ -17,6 +17,8 @@ export interface BalancerOptions {
   drainTimeoutMs?: number;
   /** Listening sockets from a predecessor process (hot restart), used before binding anew. */
   inherited?: InheritedSockets;
+  /** First pause before a service that could not listen is tried again (doubles up to 30 s). */
+  listenRetryMs?: number;
 }
 
 /** The built-in TCP balancer: one listener per service, changed in place by `apply`. */
@@ -30,12 +32,26 @@ export class Balancer {
   private readonly inherited: InheritedSockets | undefined;
   private applying: Promise<unknown> = Promise.resolve();
   private closed = false;
+  /** Every address:port a listener of this balancer accepts on now. */
+  private listenerKeys = new Set<string>();
+  /** The last config applied, tried again while some service cannot listen (a port taken). */
+  private lastConfig: BalancerConfig | undefined;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private retryAttempt = 0;
 
   constructor(options: BalancerOptions) {
     this.logger = options.logger.child({ component: 'balancer' });
     this.connectTimeoutMs = options.connectTimeoutMs ?? 2000;
     this.drainTimeoutMs = options.drainTimeoutMs ?? 30000;
     this.inherited = options.inherited;
+    this.listenRetryMs = options.listenRetryMs ?? 2000;
+  }
+
+  private readonly listenRetryMs: number;
+
+  /** Whether address:port is one of this balancer's listeners (a backend there would loop). */
+  isOwnListener(address: string, port: number): boolean {
+    return this.listenerKeys.has(addressKey(address, port));
   }
 
   /** Applies the difference to what runs now; calls are queued so that two applies never interleave. */
@@ -79,6 +95,7 @@ export class Balancer {
    */
   async drain(): Promise<void> {
     this.closed = true;
+    clearTimeout(this.retryTimer);
     await this.applying;
     const proxies = [...this.services.values(), ...this.retired];
     await Promise.all(proxies.map((proxy) => proxy.drain()));
@@ -86,6 +103,7 @@ export class Balancer {
 
   async close(): Promise<void> {
     this.closed = true;
+    clearTimeout(this.retryTimer);
     await this.applying;
     const proxies = [...this.services.values(), ...this.retired];
     this.services.clear();
@@ -119,7 +137,13 @@ export class Balancer {
     for (const spec of wanted.values()) {
       let proxy = this.services.get(spec.service);
       if (!proxy) {
-        proxy = new ServiceProxy(spec, { logger: this.logger, connectTimeoutMs: this.connectTimeoutMs, drainTimeoutMs: this.drainTimeoutMs, inherited: this.inherited });
+        proxy = new ServiceProxy(spec, {
+          logger: this.logger,
+          connectTimeoutMs: this.connectTimeoutMs,
+          drainTimeoutMs: this.drainTimeoutMs,
+          inherited: this.inherited,
+          isOwnListener: (address, port) => this.isOwnListener(address, port),
+        });
         this.services.set(spec.service, proxy);
         toListen.push(proxy);
         continue;
@@ -151,7 +175,27 @@ export class Balancer {
     if (result.added.length + result.removed.length + result.updated.length + result.failed.length > 0) {
       this.logger.debug(result, 'balancer config applied');
     }
+    this.listenerKeys = new Set([...this.services.values()].flatMap((p) => (p.listeningKey ? [p.listeningKey] : [])));
+    this.lastConfig = config;
+    this.scheduleListenRetry(result.failed.some((f) => f.code === codes.balancerListen));
     return result;
+  }
+
+  /** A port taken now may be free later: retry with backoff, not only on the next config change. */
+  private scheduleListenRetry(failed: boolean): void {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = undefined;
+    if (!failed || this.closed) {
+      this.retryAttempt = 0;
+      return;
+    }
+    this.retryAttempt += 1;
+    const delay = Math.min(30_000, this.listenRetryMs * 2 ** Math.min(this.retryAttempt - 1, 10));
+    this.retryTimer = setTimeout(() => {
+      const config = this.lastConfig;
+      if (config && !this.closed) void this.apply(config).catch(() => undefined);
+    }, delay);
+    this.retryTimer.unref();
   }
 
   /** Another service that moves away from the address this one wants must let go of it first. */

@@ -1,6 +1,7 @@
-import { connect, type Socket } from 'node:net';
+import { lookup as dnsLookup, type LookupAddress } from 'node:dns';
+import { connect, isIP, type LookupFunction, type Socket } from 'node:net';
 import type { Logger } from '../log.js';
-import { errorCode, errorMessage } from '../errors.js';
+import { codes, errorCode, errorMessage } from '../errors.js';
 import type { Backend, BackendPool } from './backend-pool.js';
 
 /** Counters of one service, shared by its current listener and any listener draining after a move. */
@@ -17,6 +18,8 @@ export interface ConnectionContext {
   connectTimeoutMs: number;
   /** Already bound to the service. */
   logger: Logger;
+  /** Whether address:port is one of this balancer's own listeners (a backend there loops). */
+  isOwnListener(address: string, port: number): boolean;
   /** Called when no backend could take a connection. */
   onNoBackend(reason: string): void;
   onForwarded(): void;
@@ -25,6 +28,9 @@ export interface ConnectionContext {
 function timeoutError(backend: Backend, ms: number): Error {
   return Object.assign(new Error(`connect to ${backend.label} timed out after ${ms} ms`), { code: 'ETIMEDOUT' });
 }
+
+/** Backends already reported as one of our own listeners: said once, not once per connection. */
+const selfWarned = new WeakSet<Backend>();
 
 function closedCleanly(socket: Socket): boolean {
   return socket.readableEnded && socket.writableFinished;
@@ -83,7 +89,23 @@ export class ProxiedConnection {
       return;
     }
     this.tried.add(backend);
-    const socket = connect({ host: backend.spec.address, port: backend.spec.port, allowHalfOpen: true });
+    const own = (address: string): boolean => this.context.isOwnListener(address.replace(/^::ffff:/, ''), backend.spec.port);
+    if (isIP(backend.spec.address) !== 0 && own(backend.spec.address)) {
+      // Dialing our own listener would accept a connection that dials again, and so on: never dial.
+      this.refuseSelf(backend);
+      return;
+    }
+    const lookup: LookupFunction = (hostname, options, callback) => {
+      dnsLookup(hostname, options, (err, address, family) => {
+        const addresses = Array.isArray(address) ? address.map((a: LookupAddress) => a.address) : [address];
+        if (!err && addresses.some((a) => own(a))) {
+          callback(Object.assign(new Error(`${hostname} resolves to one of loopmesh's own listeners`), { code: codes.balancerSelfBackend }), '', 4);
+          return;
+        }
+        (callback as (e: NodeJS.ErrnoException | null, a: string | LookupAddress[], f?: number) => void)(err, address, family);
+      });
+    };
+    const socket = connect({ host: backend.spec.address, port: backend.spec.port, allowHalfOpen: true, lookup });
     const timer = setTimeout(() => onFailure(timeoutError(backend, this.context.connectTimeoutMs)), this.context.connectTimeoutMs);
     const onFailure = (err: Error): void => {
       this.abortDial();
@@ -97,6 +119,14 @@ export class ProxiedConnection {
       this.dialNext(next);
     };
     const onConnect = (): void => {
+      // A host name (or a stale route) that leads back to one of our own listeners would dial
+      // itself once per accepted connection until file descriptors run out.
+      const remote = (socket.remoteAddress ?? '').replace(/^::ffff:/, '');
+      if (this.context.isOwnListener(remote, socket.remotePort ?? 0)) {
+        this.abortDial();
+        this.refuseSelf(backend);
+        return;
+      }
       socket.off('error', onFailure);
       clearTimeout(timer);
       this.dialing = undefined;
@@ -105,6 +135,15 @@ export class ProxiedConnection {
     socket.once('error', onFailure);
     socket.once('connect', onConnect);
     this.dialing = { socket, timer };
+  }
+
+  /** A backend that is one of our own listeners: counted as a failed connect, the next one tried. */
+  private refuseSelf(backend: Backend): void {
+    backend.failedConnects++;
+    if (selfWarned.has(backend)) return this.dialNext(this.context.pool.pick(this.tried));
+    selfWarned.add(backend);
+    this.context.logger.warn({ code: codes.balancerSelfBackend, backend: backend.spec.id }, `backend ${backend.label} is one of loopmesh's own listeners; refused (a connection would loop)`);
+    this.dialNext(this.context.pool.pick(this.tried));
   }
 
   private abortDial(): void {

@@ -1,7 +1,7 @@
 import type { Server } from 'node:net';
 import type { Logger } from '../log.js';
 import type { InheritedSockets } from '../data-plane/handover.js';
-import { codes } from '../errors.js';
+import { codes, errorMessage } from '../errors.js';
 import { BackendPool } from './backend-pool.js';
 import type { ServiceSpec } from './config.js';
 import { ProxiedConnection, type ConnectionContext, type ServiceCounters } from './connection.js';
@@ -10,6 +10,8 @@ import type { ServiceStatus } from './status.js';
 
 export interface ServiceProxyOptions {
   logger: Logger;
+  /** Whether address:port is one of this balancer's own listeners: a backend there is a loop. */
+  isOwnListener: (address: string, port: number) => boolean;
   inherited?: InheritedSockets;
   connectTimeoutMs: number;
   drainTimeoutMs: number;
@@ -30,6 +32,7 @@ export class ServiceProxy {
   private readonly counters: ServiceCounters = { activeConnections: 0, totalConnections: 0, failedConnections: 0, retries: 0 };
   private readonly logger: Logger;
   private failing = false;
+  private listenError: string | undefined;
   private readonly context: ConnectionContext;
 
   constructor(
@@ -75,7 +78,13 @@ export class ServiceProxy {
       inherited: this.options.inherited,
       onConnection: (client, done) => new ProxiedConnection(client, this.context, done),
     });
-    await listener.listen();
+    try {
+      await listener.listen();
+    } catch (err) {
+      this.listenError = errorMessage(err);
+      throw err;
+    }
+    this.listenError = undefined;
     if (this.current) this.retire(this.current);
     this.current = listener;
     this.logger.info({ address: listener.key }, 'listening');
@@ -112,6 +121,7 @@ export class ServiceProxy {
       address,
       port,
       listening: this.listening,
+      ...(this.listenError !== undefined && !this.listening ? { lastError: this.listenError } : {}),
       empty,
       keptLast: this.pool.keptLast,
       backends: this.pool.list().map((b) => b.status()),
@@ -144,6 +154,7 @@ export class ServiceProxy {
       counters: this.counters,
       connectTimeoutMs: this.options.connectTimeoutMs,
       logger: this.logger,
+      isOwnListener: this.options.isOwnListener,
       onNoBackend: (reason) => {
         if (this.failing) return;
         this.failing = true;

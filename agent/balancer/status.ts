@@ -15,6 +15,8 @@ export interface ServiceStatus {
   port: number;
   /** True when a listener accepts on address:port as configured now. */
   listening: boolean;
+  /** Why the last attempt to listen failed (EADDRINUSE, ...), while not listening. */
+  lastError?: string;
   empty: EmptyPolicy;
   /** True while 'keep-last' serves the previous backends because the config gave none. */
   keptLast: boolean;

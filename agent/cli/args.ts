@@ -1,5 +1,5 @@
 import { parseArgs } from 'node:util';
-import { ConfigError, codes } from '../errors.js';
+import { ConfigError, codes, type Problem } from '../errors.js';
 import { readConfigFile, readEnv, resolveConfig, settings, type AgentConfig, type RawConfig } from '../config/config.js';
 
 export class UsageError extends ConfigError {
@@ -36,6 +36,15 @@ export function flagLayer(values: Record<string, string | boolean | undefined>):
     if (v !== undefined) out[s.key] = String(v);
   }
   return out;
+}
+
+/** --token on the command line: every local user reads it in the process list (ps, /proc/PID/cmdline). */
+export function tokenInArgv(values: Record<string, string | boolean | undefined>): Problem | undefined {
+  if (typeof values.token !== 'string') return undefined;
+  return {
+    code: codes.tokenInArgv,
+    message: '--token on the command line is visible to every local user in the process list (ps, /proc/PID/cmdline); pass it with --token-file FILE or the CONSUL_HTTP_TOKEN environment variable instead',
+  };
 }
 
 export function loadConfig(values: Record<string, string | boolean | undefined>, env: NodeJS.ProcessEnv): AgentConfig {

@@ -2,7 +2,7 @@
 import { Agent } from '../agent.js';
 import { ConfigError, errorCode, errorMessage } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
-import { loadConfig, parseFlags, UsageError } from './args.js';
+import { loadConfig, parseFlags, tokenInArgv, UsageError } from './args.js';
 import { renderDryRun } from './render.js';
 import { printStatus } from './status.js';
 import { runBalancer } from './balancer.js';
@@ -29,6 +29,8 @@ async function runAgent(argv: string[]): Promise<number> {
   if (flags.help) return help(usage.agent());
   const config = loadConfig(flags, process.env);
   const log = logger(config.logLevel);
+  const exposed = tokenInArgv(flags);
+  if (exposed) log.warn({ code: exposed.code }, exposed.message);
   const agent = new Agent(config, log);
   try {
     await agent.start();
@@ -64,8 +66,12 @@ export async function main(argv: string[]): Promise<number> {
         return await runAgent(rest);
       case 'status':
         return await printStatus(rest);
-      case 'render':
+      case 'render': {
+        // render logs nothing, so the warning goes to stderr; it still runs, as the agent does.
+        const exposed = rest.some((a) => a === '--token' || a.startsWith('--token=')) ? tokenInArgv({ token: '' }) : undefined;
+        if (exposed) process.stderr.write(`loopmesh: warning ${exposed.code}: ${exposed.message}\n`);
         return await renderDryRun(rest);
+      }
       case 'balancer':
         return await runBalancer(rest, logger);
       default:

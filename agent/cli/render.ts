@@ -1,7 +1,7 @@
 import { join } from 'node:path';
 import { AddressBook } from '../consul/address-book.js';
 import { CatalogWatcher } from '../consul/catalog-watcher.js';
-import { ConsulClient } from '../consul/client.js';
+import { ConsulClient, consulClientOptions } from '../consul/client.js';
 import { errorMessage } from '../errors.js';
 import { readFileIfExists } from '../fs/atomic-write.js';
 import { silentLogger } from '../log.js';
@@ -22,7 +22,7 @@ export async function renderDryRun(argv: string[]): Promise<number> {
   if (!flags['dry-run']) throw new UsageError('render: expected --dry-run (the agent writes files; render only shows them)');
   const config = loadConfig(flags, process.env);
   const log = silentLogger();
-  const client = new ConsulClient({ url: config.consul, token: config.token, datacenter: config.datacenter });
+  const client = new ConsulClient(consulClientOptions(config, log));
   let catalog: Parameters<typeof plan>[0] | undefined;
   const watcher = new CatalogWatcher({
     client,
@@ -45,7 +45,7 @@ export async function renderDryRun(argv: string[]): Promise<number> {
     await book.load();
     const { labels, problems: labelProblems } = planLabels([...catalog.keys()]);
     const table = await book.preview([...labels.values()]);
-    const planned = plan(catalog, table, [], { suffix: config.suffix, empty: config.empty });
+    const planned = plan(catalog, table, [], { suffix: config.suffix, empty: config.empty, range: config.range });
     const { templates, errors: loadErrors } = await loadTemplates([builtinTemplatesDir(), ...(config.templates ? [config.templates] : [])]);
     const rendered = renderAll(templates, { routes: planned.routes, suffix: config.suffix });
     for (const f of rendered.files) {
@@ -54,7 +54,7 @@ export async function renderDryRun(argv: string[]): Promise<number> {
       const state = current === f.text ? 'unchanged' : current === undefined ? 'new' : 'would change';
       process.stdout.write(`==> ${path} (${state}) <==\n${f.text}${f.text.endsWith('\n') ? '' : '\n'}\n`);
     }
-    const problems = [...new Set([...labelProblems, ...planned.problems].map((p) => `${p.code}: ${p.message}`))];
+    const problems = [...new Set([...watcher.currentProblems(), ...book.problems(), ...labelProblems, ...planned.problems].map((p) => `${p.code}: ${p.message}`))];
     for (const p of problems) process.stderr.write(`problem ${p}\n`);
     for (const e of [...loadErrors, ...rendered.errors]) process.stderr.write(`template error ${e.code}: ${e.message}\n`);
     return loadErrors.length + rendered.errors.length > 0 ? 1 : 0;

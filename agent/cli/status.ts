@@ -14,7 +14,8 @@ export function statusTable(report: StatusReport): string {
   for (const r of report.routes) rows.push([r.service, r.fqdn, `${r.address}:${r.port}`, String(r.healthyBackends), r.listening === null ? '(balancer process)' : r.listening ? 'yes' : 'NO']);
   const consul = report.consul.connected ? 'connected' : `UNREACHABLE (serving last-known-good routes; ${report.consul.lastError?.message ?? 'no answer yet'})`;
   const problems = report.problems.map((p) => `problem ${p.code}: ${p.message}`);
-  return [`node ${report.node}, consul ${consul}`, '', formatTable(rows), ...(problems.length ? ['', ...problems] : [])].join('\n');
+  const health = report.health.status === 'ok' ? 'health ok' : `health ${report.health.status.toUpperCase()}: ${report.health.reasons.map((r) => r.code).join(', ')}`;
+  return [`node ${report.node}, consul ${consul}`, health, '', formatTable(rows), ...(problems.length ? ['', ...problems] : [])].join('\n');
 }
 
 export async function printStatus(argv: string[]): Promise<number> {

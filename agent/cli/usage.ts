@@ -28,6 +28,10 @@ Watches Consul's catalog (healthy instances only), gives every service a stable 
 renders the templates into --run-dir, and serves NAME.SUFFIX:PORT with the built-in TCP balancer,
 a DNS responder and a block in the hosts file.
 
+Consul over TLS: an https:// --consul (or --consul-ssl) with --ca-file, --client-cert and --client-key,
+as Consul's own CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY; never a fallback to plain HTTP.
+The ACL token: --token-file or CONSUL_HTTP_TOKEN (a --token argument shows in the process list).
+
 Flags (a flag beats the environment, which beats --config, which beats the default):
   --config FILE                      JSON file with the same settings, keys in camelCase
 ${flagLines()}

@@ -1,3 +1,4 @@
+import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { isIP } from 'node:net';
 import { readFileSync } from 'node:fs';
 import type { LevelWithSilent } from 'pino';
@@ -13,10 +14,26 @@ export interface Endpoint {
   port: number;
 }
 
+/** TLS to Consul, files already read and checked; PEM text as node's tls options take it. */
+export interface ConsulTls {
+  caFile: string | undefined;
+  ca: string | undefined;
+  certFile: string | undefined;
+  cert: string | undefined;
+  keyFile: string | undefined;
+  key: string | undefined;
+  /** The name Consul's certificate must hold (and SNI), when not the host of --consul. */
+  serverName: string | undefined;
+}
+
 /** The whole configuration, validated once at start-up. */
 export interface AgentConfig {
   consul: string;
+  /** undefined: plain HTTP (only with an http:// address). */
+  consulTls: ConsulTls | undefined;
+  /** The token at start-up; with tokenFile, the file is read again when it changes. */
   token: string | undefined;
+  tokenFile: string | undefined;
   datacenter: string | undefined;
   runDir: string;
   templates: string | undefined;
@@ -26,6 +43,8 @@ export interface AgentConfig {
   dns: Endpoint | undefined;
   /** undefined: no admin HTTP. */
   admin: Endpoint | undefined;
+  /** --admin outside loopback was asked for on purpose. */
+  adminPublic: boolean;
   suffix: string;
   range: AddressRange;
   logLevel: LevelWithSilent;
@@ -38,6 +57,8 @@ export interface AgentConfig {
   kvPrefix: string;
   drainTimeoutMs: number;
   connectTimeoutMs: number;
+  /** How long each blocking query to Consul may wait for a change. */
+  consulWaitMs: number;
 }
 
 /** Each setting: its flag, its environment variable, its config-file key, and how to read it. */
@@ -52,15 +73,21 @@ interface Setting {
 }
 
 export const settings: readonly Setting[] = [
-  { key: 'consul', flag: 'consul', env: ['LOOPMESH_CONSUL', 'CONSUL_HTTP_ADDR'], value: 'URL', default: 'http://127.0.0.1:8500', help: "Consul agent's HTTP address" },
-  { key: 'token', flag: 'token', env: ['LOOPMESH_TOKEN', 'CONSUL_HTTP_TOKEN'], value: 'TOKEN', help: 'Consul ACL token' },
-  { key: 'tokenFile', flag: 'token-file', env: ['LOOPMESH_TOKEN_FILE', 'CONSUL_HTTP_TOKEN_FILE'], value: 'FILE', help: 'file holding the Consul ACL token' },
+  { key: 'consul', flag: 'consul', env: ['LOOPMESH_CONSUL', 'CONSUL_HTTP_ADDR'], value: 'URL', default: '127.0.0.1:8500', help: "Consul agent's address; without a scheme http://, or https:// with --consul-ssl" },
+  { key: 'consulSsl', flag: 'consul-ssl', env: ['LOOPMESH_CONSUL_SSL', 'CONSUL_HTTP_SSL'], value: '', boolean: true, help: 'https:// for a --consul address given without a scheme' },
+  { key: 'caFile', flag: 'ca-file', env: ['LOOPMESH_CA_FILE', 'CONSUL_CACERT'], value: 'FILE', help: "PEM CA certificate(s) that Consul's HTTPS certificate must chain to (default: the system's)" },
+  { key: 'clientCert', flag: 'client-cert', env: ['LOOPMESH_CLIENT_CERT', 'CONSUL_CLIENT_CERT'], value: 'FILE', help: 'PEM client certificate for Consul (verify_incoming); needs --client-key' },
+  { key: 'clientKey', flag: 'client-key', env: ['LOOPMESH_CLIENT_KEY', 'CONSUL_CLIENT_KEY'], value: 'FILE', help: 'PEM private key of --client-cert' },
+  { key: 'tlsServerName', flag: 'tls-server-name', env: ['LOOPMESH_TLS_SERVER_NAME', 'CONSUL_TLS_SERVER_NAME'], value: 'NAME', help: "name Consul's certificate must hold, when not the host of --consul (e.g. server.dc1.consul)" },
+  { key: 'token', flag: 'token', env: ['LOOPMESH_TOKEN', 'CONSUL_HTTP_TOKEN'], value: 'TOKEN', help: 'Consul ACL token; on the command line every local user sees it (ps), so prefer the environment or --token-file' },
+  { key: 'tokenFile', flag: 'token-file', env: ['LOOPMESH_TOKEN_FILE', 'CONSUL_HTTP_TOKEN_FILE'], value: 'FILE', help: 'file holding the Consul ACL token; read again when it changes (rotation without a restart)' },
   { key: 'datacenter', flag: 'datacenter', env: ['LOOPMESH_DATACENTER'], value: 'DC', help: "datacenter to route (default: the agent's own)" },
   { key: 'runDir', flag: 'run-dir', env: ['LOOPMESH_RUN_DIR'], value: 'DIR', default: '/run/loopmesh', help: 'where rendered files go' },
   { key: 'templates', flag: 'templates', env: ['LOOPMESH_TEMPLATES'], value: 'DIR', help: 'your templates; override the built-in ones by file name' },
   { key: 'hostsFile', flag: 'hosts-file', env: ['LOOPMESH_HOSTS_FILE'], value: 'FILE|off', default: '/etc/hosts', help: 'hosts file that gets the loopmesh block' },
   { key: 'dns', flag: 'dns', env: ['LOOPMESH_DNS'], value: 'ADDR:PORT|off', default: '127.0.0.1:8653', help: 'DNS responder (UDP and TCP)' },
-  { key: 'admin', flag: 'admin', env: ['LOOPMESH_ADMIN'], value: 'ADDR:PORT|off', default: '127.0.0.1:9190', help: 'admin HTTP: /health, /v1/routes, /metrics' },
+  { key: 'admin', flag: 'admin', env: ['LOOPMESH_ADMIN'], value: 'ADDR:PORT|off', default: '127.0.0.1:9190', help: 'admin HTTP: /health, /v1/routes, /metrics; loopback only unless --admin-public' },
+  { key: 'adminPublic', flag: 'admin-public', env: ['LOOPMESH_ADMIN_PUBLIC'], value: '', boolean: true, help: 'allow --admin on a non-loopback address: whoever reaches it reads routes and metrics' },
   { key: 'suffix', flag: 'suffix', env: ['LOOPMESH_SUFFIX'], value: 'DOMAIN', default: 'local', help: 'names are NAME.DOMAIN' },
   { key: 'range', flag: 'range', env: ['LOOPMESH_RANGE'], value: 'CIDR', default: '127.77.0.0/16', help: 'service addresses come from this range in 127/8' },
   { key: 'logLevel', flag: 'log-level', env: ['LOOPMESH_LOG_LEVEL'], value: 'LEVEL', default: 'info', help: logLevels.join('|') },
@@ -72,6 +99,7 @@ export const settings: readonly Setting[] = [
   { key: 'kvPrefix', flag: 'kv-prefix', env: ['LOOPMESH_KV_PREFIX'], value: 'PREFIX', default: 'loopmesh', help: 'Consul KV prefix for the address table' },
   { key: 'drainTimeout', flag: 'drain-timeout', env: ['LOOPMESH_DRAIN_TIMEOUT'], value: 'SECONDS', default: '30', help: "how long a removed service's connections may drain" },
   { key: 'connectTimeout', flag: 'connect-timeout', env: ['LOOPMESH_CONNECT_TIMEOUT'], value: 'SECONDS', default: '2', help: 'connect timeout to a backend before trying another' },
+  { key: 'consulWait', flag: 'consul-wait', env: ['LOOPMESH_CONSUL_WAIT'], value: 'SECONDS', default: '60', help: "how long each blocking query to Consul waits for a change (1 to 600; Consul caps it at 10 minutes); a frozen Consul is noticed after about this plus max(1/8 of it, 5 s)" },
 ];
 
 /** Raw values by setting key, as strings (booleans as "true"/"false"). */
@@ -143,10 +171,88 @@ function seconds(value: string, flag: string): number {
   return Math.round(n * 1000);
 }
 
+/** Whole seconds, because Consul's `wait` parameter is sent in whole seconds. */
+function consulWait(value: string): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isInteger(n) || n < 1 || n > 600) throw invalid(`--consul-wait: expected a whole number of seconds from 1 to 600 (Consul caps a blocking wait at 10 minutes), got "${value}"`);
+  return n * 1000;
+}
+
 function bool(value: string, flag: string): boolean {
-  if (['true', '1', 'yes'].includes(value)) return true;
-  if (['false', '0', 'no', ''].includes(value)) return false;
+  // Consul's CLI reads CONSUL_HTTP_SSL with Go's ParseBool, so "t" and "TRUE" mean true here too.
+  const v = value.toLowerCase();
+  if (['true', '1', 'yes', 't'].includes(v)) return true;
+  if (['false', '0', 'no', 'f', ''].includes(v)) return false;
   throw invalid(`--${flag}: expected true or false, got "${value}"`);
+}
+
+const loopbackNames: ReadonlySet<string> = new Set(['localhost', '::1']);
+
+/** 127.0.0.0/8, ::1 (and 127/8 mapped into IPv6), localhost: reachable from this host only. */
+export function isLoopbackHost(host: string): boolean {
+  const h = host.toLowerCase().replace(/^\[(.*)\]$/, '$1');
+  if (loopbackNames.has(h)) return true;
+  const v4 = h.startsWith('::ffff:') ? h.slice(7) : h;
+  return isIP(v4) === 4 && v4.startsWith('127.');
+}
+
+/** Reads a file that must be there at start-up; the message names the setting, the file and the reason. */
+function readSettingFile(path: string, flag: string, expected: string): string {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch (err) {
+    throw invalid(`--${flag}: cannot read "${path}" (${(err as NodeJS.ErrnoException).code ?? String(err)}); expected ${expected}`);
+  }
+}
+
+function readCertificates(path: string, flag: string): string {
+  const pem = readSettingFile(path, flag, 'a readable PEM file of certificates');
+  const blocks = pem.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
+  if (blocks.length === 0) throw invalid(`--${flag}: "${path}" holds no PEM certificate; expected "-----BEGIN CERTIFICATE-----" blocks`);
+  for (const block of blocks) {
+    try {
+      new X509Certificate(block);
+    } catch (err) {
+      throw invalid(`--${flag}: "${path}" holds a certificate that cannot be parsed (${(err as Error).message}); expected PEM certificates`);
+    }
+  }
+  return pem;
+}
+
+/** TLS settings, checked together: never a silent fallback to plain HTTP. */
+function consulTls(get: (key: string) => string | undefined, url: URL, given: string): ConsulTls | undefined {
+  const caFile = get('caFile');
+  const certFile = get('clientCert');
+  const keyFile = get('clientKey');
+  const serverName = get('tlsServerName');
+  const set = [caFile && '--ca-file (CONSUL_CACERT)', certFile && '--client-cert (CONSUL_CLIENT_CERT)', keyFile && '--client-key (CONSUL_CLIENT_KEY)', serverName && '--tls-server-name (CONSUL_TLS_SERVER_NAME)'].filter(Boolean);
+  if (url.protocol === 'http:') {
+    if (set.length === 0) return undefined;
+    throw invalid(`${set.join(', ')} ${set.length === 1 ? 'is' : 'are'} set but --consul "${given}" is plain HTTP; expected an https:// address, or --consul-ssl (CONSUL_HTTP_SSL=true) with an address without a scheme`);
+  }
+  if ((certFile === undefined) !== (keyFile === undefined)) {
+    throw invalid(certFile ? `--client-cert "${certFile}" is set without --client-key; expected both (CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY)` : `--client-key "${keyFile}" is set without --client-cert; expected both (CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY)`);
+  }
+  if (serverName !== undefined && !/^[A-Za-z0-9.-]{1,253}$/.test(serverName) && isIP(serverName) === 0) {
+    throw invalid(`--tls-server-name: expected a DNS name such as server.dc1.consul, got "${serverName}"`);
+  }
+  const ca = caFile === undefined ? undefined : readCertificates(caFile, 'ca-file');
+  const cert = certFile === undefined ? undefined : readCertificates(certFile, 'client-cert');
+  let key: string | undefined;
+  if (keyFile !== undefined) {
+    key = readSettingFile(keyFile, 'client-key', 'a readable PEM private key');
+    try {
+      createPrivateKey(key);
+    } catch (err) {
+      throw invalid(`--client-key: "${keyFile}" holds no usable private key (${(err as Error).message}); expected a PEM private key`);
+    }
+    try {
+      if (cert !== undefined && !new X509Certificate(cert).checkPrivateKey(createPrivateKey(key))) throw new Error('mismatch');
+    } catch {
+      throw invalid(`--client-key: "${keyFile}" is not the key of --client-cert "${certFile}"; expected the key the certificate was made for`);
+    }
+  }
+  return { caFile, ca, certFile, cert, keyFile, key, serverName };
 }
 
 /** Layers (later wins) -> a validated AgentConfig, or a ConfigError naming the bad value. */
@@ -157,22 +263,34 @@ export function resolveConfig(...layers: RawConfig[]): AgentConfig {
   const get = (key: string): string => raw[key] ?? '';
   const opt = (key: string): string | undefined => (raw[key] === undefined || raw[key] === '' ? undefined : raw[key]);
 
+  const ssl = bool(get('consulSsl'), 'consul-ssl');
+  const given = get('consul');
+  const hasScheme = given.includes('://');
   let consul: URL;
   try {
-    consul = new URL(get('consul').includes('://') ? get('consul') : `http://${get('consul')}`);
+    consul = new URL(hasScheme ? given : `${ssl ? 'https' : 'http'}://${given}`);
     if (consul.protocol !== 'http:' && consul.protocol !== 'https:') throw new Error();
   } catch {
-    throw invalid(`--consul: expected a URL such as http://127.0.0.1:8500, got "${get('consul')}"`);
+    throw invalid(`--consul: expected a URL such as http://127.0.0.1:8500, got "${given}"`);
   }
+  if (ssl && consul.protocol === 'http:') {
+    throw invalid(`--consul-ssl (CONSUL_HTTP_SSL) is true but --consul "${given}" says http://; expected an https:// address or one without a scheme`);
+  }
+  const tls = consulTls(opt, consul, given);
 
-  let token = opt('token');
-  const tokenFile = opt('tokenFile');
-  if (token === undefined && tokenFile !== undefined) {
-    try {
-      token = readFileSync(tokenFile, 'utf8').trim();
-    } catch (err) {
-      throw invalid(`--token-file: cannot read "${tokenFile}" (${(err as NodeJS.ErrnoException).code ?? 'error'}); expected a readable file holding a Consul token`);
-    }
+  // The token and its file are one choice: the latest layer that sets either decides; within one
+  // layer the file wins, as in Consul's CLI (and a file can be rotated).
+  let token: string | undefined;
+  let tokenFile: string | undefined;
+  for (const layer of layers) {
+    const file = layer.tokenFile === '' ? undefined : layer.tokenFile;
+    const value = layer.token === '' ? undefined : layer.token;
+    if (file !== undefined) [token, tokenFile] = [undefined, file];
+    else if (value !== undefined) [token, tokenFile] = [value, undefined];
+  }
+  if (tokenFile !== undefined) {
+    token = readSettingFile(tokenFile, 'token-file', 'a readable file holding a Consul ACL token').trim();
+    if (token === '') throw invalid(`--token-file: "${tokenFile}" is empty; expected a file holding a Consul ACL token`);
   }
 
   const suffix = get('suffix').toLowerCase().replace(/^\.+|\.+$/g, '');
@@ -197,15 +315,24 @@ export function resolveConfig(...layers: RawConfig[]): AgentConfig {
   const hostsFile = get('hostsFile');
   if (hostsFile === '') throw invalid('--hosts-file: expected a file path or "off", got ""');
 
+  const admin = endpoint(get('admin'), 'admin');
+  const adminPublic = bool(get('adminPublic'), 'admin-public');
+  if (admin && !adminPublic && !isLoopbackHost(admin.host)) {
+    throw invalid(`--admin: "${get('admin')}" is not a loopback address, so anyone who reaches this node could read its routes and metrics; expected 127.0.0.1:PORT, or add --admin-public (LOOPMESH_ADMIN_PUBLIC=true) to bind it there on purpose`);
+  }
+
   return {
     consul: consul.origin,
+    consulTls: tls,
     token,
+    tokenFile,
     datacenter: opt('datacenter'),
     runDir: get('runDir'),
     templates: opt('templates'),
     hostsFile: hostsFile === 'off' ? undefined : hostsFile,
     dns: endpoint(get('dns'), 'dns'),
-    admin: endpoint(get('admin'), 'admin'),
+    admin,
+    adminPublic,
     suffix,
     range,
     logLevel,
@@ -217,5 +344,6 @@ export function resolveConfig(...layers: RawConfig[]): AgentConfig {
     kvPrefix,
     drainTimeoutMs: seconds(get('drainTimeout'), 'drain-timeout'),
     connectTimeoutMs: Math.max(1, seconds(get('connectTimeout'), 'connect-timeout')),
+    consulWaitMs: consulWait(get('consulWait')),
   };
 }

@@ -1,9 +1,10 @@
 import type { Logger } from '../log.js';
-import { ConsulError, codes, errorCode, errorMessage } from '../errors.js';
+import { ConsulError, codes, errorCode, errorMessage, type Problem } from '../errors.js';
 import { readFileIfExists, writeFileAtomic } from '../fs/atomic-write.js';
-import { allocate, type AddressRange, type AddressTable } from '../plan/addresses.js';
-import { describe, isIPv4, isRecord } from '../validate.js';
-import type { ConsulClient } from './client.js';
+import { reconcileAddresses, type AddressRange, type AddressTable } from '../plan/addresses.js';
+import { describe, isRecord } from '../validate.js';
+import { BlockingQuery } from './blocking-query.js';
+import type { ConsulClient, QueryResult } from './client.js';
 
 /** The KV document: one key, so a whole allocation round is one check-and-set. */
 interface AddressDocument {
@@ -11,7 +12,11 @@ interface AddressDocument {
   addresses: Record<string, string>;
 }
 
-export function parseAddressDocument(text: string, where: string): AddressDocument {
+/**
+ * The document's shape only; its entries stay unknown until reconcileAddresses checks each of them,
+ * so one bad entry costs one service its address, not the whole table.
+ */
+export function parseAddressDocument(text: string, where: string): Record<string, unknown> {
   let json: unknown;
   try {
     json = JSON.parse(text);
@@ -21,12 +26,26 @@ export function parseAddressDocument(text: string, where: string): AddressDocume
   if (!isRecord(json) || json.version !== 1 || !isRecord(json.addresses)) {
     throw new TypeError(`${where}: expected {"version":1,"addresses":{...}}, got ${describe(json)}`);
   }
-  const addresses: Record<string, string> = {};
-  for (const [name, address] of Object.entries(json.addresses)) {
-    if (typeof address !== 'string' || !isIPv4(address)) throw new TypeError(`${where}: address of "${name}": expected an IPv4 address, got ${describe(address)}`);
-    addresses[name] = address;
+  return { ...json.addresses };
+}
+
+/** What KV holds now: the table (empty when the key is missing) and the index to check-and-set on. */
+interface RemoteTable {
+  addresses: Record<string, unknown>;
+  modifyIndex: bigint;
+  /** Why the key's value was not a table: it is replaced on the next write. */
+  invalid?: string;
+}
+
+function remoteFrom(result: QueryResult, key: string): RemoteTable {
+  const item = isRecord(result.body) ? result.body : undefined;
+  if (item === undefined) return { addresses: {}, modifyIndex: 0n };
+  const modifyIndex = typeof item.ModifyIndex === 'number' && Number.isInteger(item.ModifyIndex) ? BigInt(item.ModifyIndex) : 0n;
+  try {
+    return { addresses: parseAddressDocument(typeof item.Value === 'string' ? item.Value : '', `Consul KV ${key}`), modifyIndex };
+  } catch (err) {
+    return { addresses: {}, modifyIndex, invalid: errorMessage(err) };
   }
-  return { version: 1, addresses };
 }
 
 export interface AddressBookOptions {
@@ -37,85 +56,152 @@ export interface AddressBookOptions {
   range: AddressRange;
   /** Local copy, so a restart while Consul is down keeps every address. */
   cacheFile: string;
+  /** Called when KV changed under us (an edit, a restore, a lost key): the agent plans again. */
+  onRemoteChange?: () => void;
 }
 
 /**
  * Stable addresses: a service's address is allocated once, cluster-wide, in Consul KV with
- * check-and-set, and never changes after. Every node reads the same table.
+ * check-and-set. The node's table and KV are reconciled on start, on every change of either, so an
+ * address is never given to two services, and a lost or rolled-back KV table is repaired from what
+ * the nodes hold.
  */
 export class AddressBook {
   private current: Record<string, string> = {};
+  private remote: RemoteTable | undefined;
+  private problemsValue: Problem[] = [];
+  private readonly watch: BlockingQuery;
+  private readonly reported = new Set<string>();
 
-  constructor(private readonly options: AddressBookOptions) {}
+  constructor(private readonly options: AddressBookOptions) {
+    this.watch = new BlockingQuery({
+      name: `kv/${options.key}`,
+      logger: options.logger,
+      minIntervalMs: 250,
+      fetch: (index, signal) => options.client.kvGet(options.key, { index, signal }),
+      onChange: (result) => {
+        this.remote = remoteFrom(result, options.key);
+        options.onRemoteChange?.();
+      },
+    });
+  }
 
+  /** Reads the local cache, keeping only entries that are valid and unique. */
   async load(): Promise<void> {
-    const text = await readFileIfExists(this.options.cacheFile);
+    const { cacheFile, logger, range } = this.options;
+    let text: string | undefined;
+    try {
+      text = await readFileIfExists(cacheFile);
+    } catch (err) {
+      logger.warn({ code: errorCode(err), file: cacheFile }, `cannot read the address cache: ${errorMessage(err)}`);
+    }
     if (text === undefined) return;
     try {
-      this.current = parseAddressDocument(text, this.options.cacheFile).addresses;
+      const cached = parseAddressDocument(text, cacheFile);
+      const checked = reconcileAddresses({ remote: {}, local: cached, wanted: [], range });
+      this.current = checked.table;
+      this.report(checked.problems);
     } catch (err) {
-      this.options.logger.warn({ code: codes.consulInvalidData, file: this.options.cacheFile }, `ignoring the address cache: ${errorMessage(err)}`);
+      logger.warn({ code: codes.consulInvalidData, file: cacheFile }, `ignoring the address cache: ${errorMessage(err)}`);
     }
+  }
+
+  /** Follows the KV key, so an edit or a restore there is reconciled at once. */
+  start(): void {
+    this.watch.start();
+  }
+
+  async stop(): Promise<void> {
+    await this.watch.stop();
   }
 
   table(): AddressTable {
     return this.current;
   }
 
+  /** Entries refused or moved by the last reconcile (invalid, duplicate, range full). */
+  problems(): readonly Problem[] {
+    return this.problemsValue;
+  }
+
   /**
-   * Makes sure every label has an address. Never throws: when Consul cannot be reached the known
-   * addresses stay and the missing names are returned, to be tried again on the next change.
+   * Reconciles the node's table with KV and gives every label an address. Never throws: when Consul
+   * cannot be reached the known addresses stay and the missing names are returned, to be tried
+   * again on the next change.
    */
   async ensure(labels: readonly string[]): Promise<{ table: AddressTable; missing: string[] }> {
     const missingNow = (): string[] => labels.filter((l) => this.current[l] === undefined);
-    if (missingNow().length === 0) return { table: this.current, missing: [] };
     const { client, key, range, logger } = this.options;
     try {
       for (let attempt = 1; attempt <= 8; attempt += 1) {
-        const result = await client.kvGet(key);
-        const item = isRecord(result.body) ? result.body : undefined;
-        const remote = item && typeof item.Value === 'string' ? parseAddressDocument(item.Value, `Consul KV ${key}`).addresses : {};
-        const modifyIndex = item && typeof item.ModifyIndex === 'number' ? BigInt(item.ModifyIndex) : 0n;
-        // The cluster's table wins over anything only this node remembers.
-        this.current = { ...this.current, ...remote };
-        const needed = missingNow();
-        if (needed.length === 0) break;
-        const { table, exhausted } = allocate(remote, needed, range);
-        if (exhausted.length > 0) {
-          logger.error({ code: codes.planAddressesExhausted, range: range.cidr, services: exhausted }, `address range ${range.cidr} is full; widen --range`);
+        const remote = this.remote ?? (await this.read());
+        const result = reconcileAddresses({ remote: remote.addresses, local: this.current, wanted: labels, range });
+        // A key holding no table at all (an operator's edit) is rewritten from this node's table.
+        if (remote.invalid !== undefined) {
+          result.problems.unshift({ code: codes.consulInvalidData, message: `${remote.invalid}; rewritten from this node's table` });
+          result.changed = true;
         }
-        const doc: AddressDocument = { version: 1, addresses: table };
-        if (await client.kvCas(key, JSON.stringify(doc, null, 1), modifyIndex)) {
-          this.current = { ...this.current, ...table };
-          logger.info({ allocated: Object.fromEntries(needed.filter((n) => table[n]).map((n) => [n, table[n]])) }, 'allocated addresses');
+        this.problemsValue = result.problems;
+        this.report(result.problems);
+        if (!result.changed) {
+          this.current = result.table;
+          break;
+        }
+        const doc: AddressDocument = { version: 1, addresses: sortedRecord(result.document) };
+        if (await client.kvCas(key, JSON.stringify(doc, null, 1), remote.modifyIndex)) {
+          const added = Object.entries(result.table).filter(([label, address]) => this.current[label] !== address);
+          this.current = result.table;
+          // The write's own index is not returned: read it, so the next check-and-set is based on it.
+          this.remote = undefined;
+          if (added.length > 0) logger.info({ allocated: Object.fromEntries(added) }, 'addresses written to Consul KV');
           break;
         }
         // Another node wrote first: read its table and try again.
-        logger.debug({ code: codes.consulCasConflict, key, attempt }, 'address allocation raced another node; retrying');
+        this.remote = undefined;
+        logger.debug({ code: codes.consulCasConflict, key, attempt }, 'address table changed in KV meanwhile; reconciling again');
       }
     } catch (err) {
       const error = err instanceof ConsulError ? err : new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err });
-      logger.warn({ code: errorCode(error), key }, `cannot allocate addresses now: ${error.message}`);
+      logger.warn({ code: errorCode(error), key }, `cannot reconcile addresses with Consul KV now: ${error.message}`);
     }
     await this.save();
     return { table: this.current, missing: missingNow() };
   }
 
-  /** For a dry run: the cluster's table plus what would be allocated, writing nothing anywhere. */
+  /** For a dry run: the reconciled table plus what would be allocated, writing nothing anywhere. */
   async preview(labels: readonly string[]): Promise<AddressTable> {
-    const result = await this.options.client.kvGet(this.options.key);
-    const item = isRecord(result.body) ? result.body : undefined;
-    const remote = item && typeof item.Value === 'string' ? parseAddressDocument(item.Value, `Consul KV ${this.options.key}`).addresses : {};
-    const known = { ...this.current, ...remote };
-    return allocate(known, labels.filter((l) => known[l] === undefined), this.options.range).table;
+    const remote = await this.read();
+    return reconcileAddresses({ remote: remote.addresses, local: this.current, wanted: labels, range: this.options.range }).table;
+  }
+
+  private async read(): Promise<RemoteTable> {
+    const table = remoteFrom(await this.options.client.kvGet(this.options.key), this.options.key);
+    this.remote = table;
+    return table;
+  }
+
+  /** Each problem is logged once while it lasts. */
+  private report(problems: readonly Problem[]): void {
+    const now = new Set(problems.map((p) => `${p.code}:${p.message}`));
+    for (const p of problems) {
+      const key = `${p.code}:${p.message}`;
+      if (this.reported.has(key)) continue;
+      this.options.logger.warn({ code: p.code, service: p.service }, p.message);
+    }
+    this.reported.clear();
+    for (const key of now) this.reported.add(key);
   }
 
   private async save(): Promise<void> {
-    const doc: AddressDocument = { version: 1, addresses: this.current };
+    const doc: AddressDocument = { version: 1, addresses: sortedRecord(this.current) };
     try {
       await writeFileAtomic(this.options.cacheFile, `${JSON.stringify(doc, null, 1)}\n`);
     } catch (err) {
       this.options.logger.warn({ code: errorCode(err), file: this.options.cacheFile }, `cannot write the address cache: ${errorMessage(err)}`);
     }
   }
+}
+
+function sortedRecord(record: Readonly<Record<string, string>>): Record<string, string> {
+  return Object.fromEntries(Object.entries(record).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
 }

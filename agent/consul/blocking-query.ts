@@ -6,7 +6,10 @@ import type { QueryResult } from './client.js';
 export interface BlockingQueryOptions {
   name: string;
   fetch: (index: bigint | undefined, signal: AbortSignal) => Promise<QueryResult>;
-  /** Called with the first answer and with every answer whose index moved. */
+  /**
+   * Called with the first answer and with every answer whose index moved. Throwing rejects the
+   * answer (a wrong shape): it counts as a failed call, so it is retried with backoff from a plain read.
+   */
   onChange: (result: QueryResult) => void;
   /** Called on every failed call (the loop goes on by itself). */
   onError?: (err: unknown, attempt: number, retryInMs: number) => void;
@@ -70,7 +73,24 @@ export class BlockingQuery {
     let index: bigint | undefined;
     /** The index of the last result handed to onChange: what this node serves now. */
     let accepted: bigint | undefined;
+    /** Failed or rejected calls in a row: paces the retries. */
     let attempt = 0;
+    let unreachable = false;
+    /** The last rejected answer's reason, so a lasting one is logged once, not on every retry. */
+    let rejection: string | undefined;
+    const retryLater = async (err: unknown, rejected: boolean): Promise<void> => {
+      attempt += 1;
+      // After a failure the cluster may have restarted with lower indexes, and blocking on the index
+      // of a rejected answer would keep it in force until the next change: the next call is a plain read.
+      index = undefined;
+      const delay = backoffDelay(attempt, base, max, random);
+      const fields = { query: name, code: errorCode(err), attempt, retryInMs: delay };
+      if (rejected && rejection !== errorMessage(err)) logger.warn(fields, `answer rejected, the last accepted one stays in force: ${errorMessage(err)}`);
+      else logger.debug(fields, errorMessage(err));
+      rejection = rejected ? errorMessage(err) : undefined;
+      this.options.onError?.(err, attempt, delay);
+      await sleep(delay, signal);
+    };
     while (!signal.aborted) {
       const started = Date.now();
       let result: QueryResult;
@@ -78,18 +98,12 @@ export class BlockingQuery {
         result = await this.options.fetch(index, signal);
       } catch (err) {
         if (signal.aborted) return;
-        attempt += 1;
-        // After a failure the cluster may have restarted with lower indexes; blocking on the old one
-        // would hang for the whole wait, so the next call is a plain read.
-        index = undefined;
-        const delay = backoffDelay(attempt, base, max, random);
-        logger.debug({ query: name, code: errorCode(err), attempt, retryInMs: delay }, errorMessage(err));
-        this.options.onError?.(err, attempt, delay);
-        await sleep(delay, signal);
+        unreachable = true;
+        await retryLater(err, false);
         continue;
       }
-      if (attempt > 0) {
-        attempt = 0;
+      if (unreachable) {
+        unreachable = false;
         this.options.onRecover?.();
       }
       if (!result.knownLeader && accepted !== undefined && result.index !== undefined && result.index < accepted) {
@@ -106,15 +120,18 @@ export class BlockingQuery {
       if (index !== undefined && next.index !== undefined && next.index < index) {
         logger.info({ query: name, from: index.toString(), to: next.index.toString() }, 'Consul index went backwards; reset');
       }
-      index = next.index;
       if (next.changed) {
-        accepted = next.index;
         try {
           this.options.onChange(result);
         } catch (err) {
-          logger.error({ query: name, code: errorCode(err), err }, 'change handler failed');
+          await retryLater(err, true);
+          continue;
         }
+        accepted = next.index;
       }
+      attempt = 0;
+      rejection = undefined;
+      index = next.index;
       const elapsed = Date.now() - started;
       const pause = Math.max(0, minInterval - elapsed) + Math.round(random() * minInterval * 0.2);
       if (pause > 0) await sleep(pause, signal);

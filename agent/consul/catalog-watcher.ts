@@ -1,7 +1,6 @@
 import type { Logger } from '../log.js';
 import { debounce, type Debounced } from '../debounce.js';
 import { ConsulError, codes, errorCode, errorMessage } from '../errors.js';
-import { sleep } from '../sleep.js';
 import { BlockingQuery, backoffDelay, retryBaseMs, retryMaxMs } from './blocking-query.js';
 import type { ConsulClient } from './client.js';
 import {
@@ -14,6 +13,7 @@ import {
   type CatalogProblem,
   type CheckState,
   type HealthFilter,
+  type HealthServiceAnswer,
   type Instance,
   type ServiceSelection,
 } from './catalog.js';
@@ -47,6 +47,10 @@ export interface CatalogWatcherOptions {
  * The one watcher per node. It holds two long polls whatever the number of services (the catalog's
  * service list, and every check's state), and on a change reads only the services it can affect,
  * with a bounded number of plain reads. So the load on the local Consul agent stays flat.
+ *
+ * A service whose read fails or comes back wrong-shaped keeps its last good instances and is marked
+ * stale (see stale()) until a read of it succeeds; only its own reads are retried with backoff, so
+ * every other service keeps changing as Consul says.
  */
 export class CatalogWatcher {
   private readonly services: BlockingQuery;
@@ -59,7 +63,11 @@ export class CatalogWatcher {
   /** Service -> every node with an instance of it, healthy or not, from its last read. */
   private readonly nodes = new Map<string, readonly string[]>();
   private readonly dirty = new Set<string>();
-  private problems = new Map<string, CatalogProblem[]>();
+  /** Instances skipped in each service's last good read. */
+  private readonly problems = new Map<string, CatalogProblem[]>();
+  /** Services served from an older read because their last read failed: retried until one succeeds. */
+  private readonly staleServices = new Map<string, CatalogProblem>();
+  private retryTimer: NodeJS.Timeout | undefined;
   private catalogSeen = false;
   private flushing: Promise<void> | undefined;
   private retryAttempt = 0;
@@ -97,6 +105,7 @@ export class CatalogWatcher {
   async stop(): Promise<void> {
     this.stopped.abort();
     this.refresh.cancel();
+    clearTimeout(this.retryTimer);
     await Promise.all([this.services.stop(), this.checks.stop()]);
     await this.flushing;
   }
@@ -105,16 +114,32 @@ export class CatalogWatcher {
     return { ...this.statusValue, errors: { ...this.statusValue.errors } };
   }
 
+  /** Services routed from an older read (or left out, if they never had a good one), with why: LM_ERR_CONSUL_STALE. */
+  stale(): ReadonlyMap<string, CatalogProblem> {
+    return new Map([...this.staleServices].filter(([name]) => this.known.has(name)));
+  }
+
+  /** Everything wrong with the data from Consul now: skipped instances, then stale services. */
+  currentProblems(): CatalogProblem[] {
+    const skipped = [...this.problems.entries()].filter(([name]) => this.known.has(name)).flatMap(([, p]) => p);
+    return [...skipped, ...this.stale().values()];
+  }
+
   private contact(): void {
     this.statusValue.lastContactAt = Date.now();
   }
+
+  private warnedBeforeContact = false;
 
   private failed(err: unknown): void {
     const code = errorCode(err);
     this.statusValue.errors[code] = (this.statusValue.errors[code] ?? 0) + 1;
     this.statusValue.lastError = { code, message: errorMessage(err), at: Date.now() };
-    if (this.statusValue.connected || this.statusValue.lastContactAt === undefined) {
-      // Said once per outage, not once per retry.
+    // Consul answered, with something unusable (logged where it is rejected): reachable, not an outage.
+    if (code === codes.consulInvalidData) return;
+    if (this.statusValue.connected || !this.warnedBeforeContact) {
+      // Said once per outage, not once per retry (also before Consul ever answered).
+      this.warnedBeforeContact = true;
       this.options.logger.warn({ code, consul: this.options.client.url }, `Consul unavailable, serving the last-known-good routes: ${errorMessage(err)}`);
     }
     this.statusValue.connected = false;
@@ -126,32 +151,33 @@ export class CatalogWatcher {
     this.contact();
   }
 
+  /** Throws on a wrong-shaped answer: the BlockingQuery keeps the last good one and asks again. */
   private servicesChanged(body: unknown): void {
     this.recovered();
     let all: Map<string, string[]>;
     try {
       all = parseCatalogServices(body);
     } catch (err) {
-      this.failed(new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err }));
-      return;
+      throw new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err });
     }
     this.known = new Map(selectServices(all, this.options.selection).map((name) => [name, all.get(name) ?? []]));
     // The list does not say which service's instances moved, so every selected one is read again.
     for (const name of this.known.keys()) this.dirty.add(name);
-    for (const name of [...this.instances.keys()]) if (!this.known.has(name)) this.instances.delete(name);
-    for (const name of [...this.nodes.keys()]) if (!this.known.has(name)) this.nodes.delete(name);
+    for (const map of [this.instances, this.nodes, this.problems, this.staleServices]) {
+      for (const name of [...map.keys()]) if (!this.known.has(name)) map.delete(name);
+    }
     this.catalogSeen = true;
     this.refresh();
   }
 
+  /** Throws on a wrong-shaped answer: the BlockingQuery keeps the last good one and asks again. */
   private checksChanged(body: unknown): void {
     this.recovered();
     let next: Map<string, CheckState>;
     try {
       next = parseHealthState(body);
     } catch (err) {
-      this.failed(new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err }));
-      return;
+      throw new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err });
     }
     const nodesOf = (service: string): readonly string[] => this.nodes.get(service) ?? [];
     const affected = servicesAffectedByChecks(this.checkStates, next, nodesOf, [...this.known.keys()]);
@@ -178,36 +204,56 @@ export class CatalogWatcher {
     const worker = async (): Promise<void> => {
       for (let name = queue.shift(); name !== undefined; name = queue.shift()) {
         if (this.stopped.signal.aborted) return;
+        let answer: HealthServiceAnswer;
         try {
           const result = await this.options.client.healthService(name, { signal: this.stopped.signal });
           // Any answer means Consul is back: the long polls may block for a minute with nothing new,
           // and health must not stay "degraded" that long after one failed read.
           this.recovered();
-          const parsed = parseHealthService(name, result.body, this.options.filter);
-          if (this.known.has(name)) {
-            this.instances.set(name, parsed.instances);
-            this.nodes.set(name, parsed.nodes);
-          }
-          this.problems.set(name, parsed.problems);
+          answer = parseHealthService(name, result.body, this.options.filter);
         } catch (err) {
           if (this.stopped.signal.aborted) return;
           // Keep what we had for this service (fail static) and read it again after a pause.
-          failures += 1;
-          this.dirty.add(name);
           this.failed(err);
+          if (!this.known.has(name)) continue;
+          failures += 1;
+          this.markStale(name, err);
+          continue;
         }
+        if (!this.known.has(name)) continue;
+        this.instances.set(name, answer.instances);
+        this.nodes.set(name, answer.nodes);
+        this.problems.set(name, answer.problems);
+        if (this.staleServices.delete(name)) this.options.logger.info({ service: name }, `service ${JSON.stringify(name)} read from Consul again; no longer stale`);
       }
     };
     await Promise.all(Array.from({ length: Math.min(this.options.concurrency ?? 8, batch.length) }, worker));
     if (this.stopped.signal.aborted) return;
     this.emit();
-    if (failures > 0) {
-      this.retryAttempt += 1;
-      await sleep(backoffDelay(this.retryAttempt, retryBaseMs, retryMaxMs, Math.random), this.stopped.signal);
-      if (!this.stopped.signal.aborted) this.refresh();
-    } else {
+    if (this.staleServices.size === 0) {
       this.retryAttempt = 0;
+      clearTimeout(this.retryTimer);
+      this.retryTimer = undefined;
+    } else if (failures > 0 && this.retryTimer === undefined) {
+      // Only the stale services wait for the retry; reads for other changes go on meanwhile.
+      this.retryAttempt += 1;
+      this.retryTimer = setTimeout(() => {
+        this.retryTimer = undefined;
+        if (this.stopped.signal.aborted) return;
+        for (const name of this.staleServices.keys()) if (this.known.has(name)) this.dirty.add(name);
+        this.refresh();
+      }, backoffDelay(this.retryAttempt, retryBaseMs, retryMaxMs, Math.random));
     }
+  }
+
+  private markStale(service: string, err: unknown): void {
+    const name = JSON.stringify(service);
+    const kept = this.instances.get(service);
+    const serving = kept ? `its last good read (${kept.length} healthy instance${kept.length === 1 ? '' : 's'}) stays in service` : 'it is not routed until a good read';
+    const why = errorCode(err) === codes.consulInvalidData ? `Consul's answer had the wrong shape: ${errorMessage(err)}` : `reading it from Consul failed (${errorCode(err)}): ${errorMessage(err)}`;
+    const problem: CatalogProblem = { service, code: codes.consulStale, message: `service ${name} is stale: ${why}; ${serving}, retrying` };
+    if (!this.staleServices.has(service)) this.options.logger.warn({ code: problem.code, service }, problem.message);
+    this.staleServices.set(service, problem);
   }
 
   private emit(): void {
@@ -218,13 +264,12 @@ export class CatalogWatcher {
       // A service never read successfully is left out rather than published with no backends.
       if (instances) catalog.set(name, instances);
     }
-    const problems = [...this.problems.entries()].filter(([name]) => this.known.has(name)).flatMap(([, p]) => p);
-    this.options.onProblems?.(problems);
+    this.options.onProblems?.(this.currentProblems());
     const fingerprint = JSON.stringify([...catalog]);
     if (fingerprint !== this.lastEmitted) {
       this.lastEmitted = fingerprint;
       this.options.onCatalog(catalog);
     }
-    if (this.dirty.size === 0) this.resolveReady();
+    if (this.dirty.size === 0 && this.stale().size === 0) this.resolveReady();
   }
 }

@@ -1,4 +1,5 @@
-import { describe, isRecord } from '../validate.js';
+import { ConsulError, codes, type Problem } from '../errors.js';
+import { describe, isHostAddress, isRecord } from '../validate.js';
 
 /** One healthy instance of a service, as the rest of the agent sees it. */
 export interface Instance {
@@ -22,9 +23,15 @@ export interface HealthFilter {
 }
 
 /** Where data from Consul is rejected, and why; reported, never thrown at the rest of the agent. */
-export interface CatalogProblem {
-  service: string;
-  message: string;
+export type CatalogProblem = Problem & { service: string };
+
+/** What one good /v1/health/service/NAME answer gives. */
+export interface HealthServiceAnswer {
+  instances: Instance[];
+  /** Every node with a valid instance of the service, healthy or not. */
+  nodes: string[];
+  /** Instances skipped one by one (LM_ERR_CONSUL_INVALID_INSTANCE): the others still route. */
+  problems: CatalogProblem[];
 }
 
 const statusRank: Record<string, number> = { passing: 0, warning: 1, critical: 2, maintenance: 3 };
@@ -36,66 +43,99 @@ function stringRecord(value: unknown): Record<string, string> {
   return out;
 }
 
+// C0, DEL, C1 and the Unicode line and paragraph separators: each can end a line in some reader.
+const controlCharacter = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/;
+
+/** Node names and service ids become backend ids in rendered files: one printable line, not too long. */
+function isSaneId(value: string): boolean {
+  return value !== '' && value.length <= 512 && !controlCharacter.test(value);
+}
+
+/** What a health entry lacks of the shape Consul documents ({Node: {...}, Service: {...}, Checks: [...]}); undefined when it has it. */
+function entryShapeError(entry: unknown): string | undefined {
+  if (!isRecord(entry)) return `expected an object with Node, Service and Checks, got ${describe(entry)}`;
+  const wrong: string[] = [];
+  if (!isRecord(entry.Node)) wrong.push(`Node: expected an object, got ${describe(entry.Node)}`);
+  else if (typeof entry.Node.Node !== 'string') wrong.push(`Node.Node: expected a string, got ${describe(entry.Node.Node)}`);
+  if (!isRecord(entry.Service)) wrong.push(`Service: expected an object, got ${describe(entry.Service)}`);
+  else if (typeof entry.Service.ID !== 'string') wrong.push(`Service.ID: expected a string, got ${describe(entry.Service.ID)}`);
+  if (!Array.isArray(entry.Checks)) wrong.push(`Checks: expected an array, got ${describe(entry.Checks)}`);
+  return wrong.length > 0 ? wrong.join('; ') : undefined;
+}
+
 /**
- * /v1/health/service/NAME -> healthy instances. Entries that do not have the shape Consul documents
- * are skipped and reported, so one bad registration never hides the good ones.
+ * /v1/health/service/NAME -> healthy instances. An answer without the shape Consul documents (not an
+ * array, or any entry without Node and Service objects and a Checks array) throws a ConsulError
+ * LM_ERR_CONSUL_INVALID_DATA: none of it is trusted, so the caller keeps its last good read. An
+ * instance with a bad address, port, id or node name is skipped and reported, so one bad
+ * registration never hides the good ones.
  */
-export function parseHealthService(
-  service: string,
-  body: unknown,
-  filter: HealthFilter,
-): { instances: Instance[]; nodes: string[]; problems: CatalogProblem[] } {
+export function parseHealthService(service: string, body: unknown, filter: HealthFilter): HealthServiceAnswer {
+  const name = JSON.stringify(service);
+  const path = `health/service/${encodeURIComponent(service)}`;
+  if (!Array.isArray(body)) {
+    throw new ConsulError(codes.consulInvalidData, `${path}: expected an array of {Node, Service, Checks} entries, got ${describe(body)}`);
+  }
+  body.forEach((entry, i) => {
+    const wrong = entryShapeError(entry);
+    if (wrong !== undefined) throw new ConsulError(codes.consulInvalidData, `${path}: entry ${i} of ${body.length}: ${wrong}`);
+  });
   const problems: CatalogProblem[] = [];
   const nodes = new Set<string>();
-  if (!Array.isArray(body)) {
-    return { instances: [], nodes: [], problems: [{ service, message: `health/service/${service}: expected an array, got ${describe(body)}` }] };
-  }
   const instances: Instance[] = [];
-  body.forEach((entry, i) => {
-    const where = `health/service/${service}[${i}]`;
-    if (!isRecord(entry) || !isRecord(entry.Node) || !isRecord(entry.Service)) {
-      problems.push({ service, message: `${where}: expected an object with Node and Service, got ${describe(entry)}` });
-      return;
-    }
+  const skip = (id: string, node: string, what: string, got: unknown, expected: string): void => {
+    problems.push({
+      service,
+      code: codes.consulInvalidInstance,
+      message: `service ${name}: instance ${JSON.stringify(id)} on node ${JSON.stringify(node)} has ${what} ${describe(got)}; expected ${expected}; the instance is skipped, the others still route`,
+    });
+  };
+  for (const entry of body as Array<{ Node: Record<string, unknown>; Service: Record<string, unknown>; Checks: unknown[] }>) {
     const node = entry.Node;
     const svc = entry.Service;
-    const port = svc.Port;
-    const address = typeof svc.Address === 'string' && svc.Address !== '' ? svc.Address : node.Address;
-    if (typeof node.Node !== 'string' || typeof svc.ID !== 'string') {
-      problems.push({ service, message: `${where}: expected string Node.Node and Service.ID` });
-      return;
+    const nodeName = node.Node as string;
+    const id = svc.ID as string;
+    // Consul matches service names case-insensitively here: /health/service/api also returns "API".
+    // Those belong to the other service (read, checked and reported on its own), not to this one.
+    if (typeof svc.Service === 'string' && svc.Service !== service) continue;
+    if (!isSaneId(nodeName)) {
+      skip(id, nodeName, 'the node name', nodeName, 'a non-empty name of at most 512 characters without control characters');
+      continue;
+    }
+    if (!isSaneId(id)) {
+      skip(id, nodeName, 'the service ID', id, 'a non-empty ID of at most 512 characters without control characters');
+      continue;
     }
     // Every node with an instance, healthy or not: a node-level check there (serfHealth) turning
     // passing again must bring this service's instances back, so the watcher has to know of them.
-    if (typeof svc.Service !== 'string' || svc.Service === service) nodes.add(node.Node);
-    if (typeof address !== 'string' || address === '') {
-      problems.push({ service, message: `${where} (${svc.ID} on ${node.Node}): expected an address, got ${describe(address)}` });
-      return;
+    nodes.add(nodeName);
+    const address = svc.Address === undefined || svc.Address === '' ? node.Address : svc.Address;
+    if (typeof address !== 'string' || !isHostAddress(address)) {
+      skip(id, nodeName, 'the address', address, 'an IP address (IPv4, or IPv6 without a zone) or a host name (RFC 1123: at most 253 characters, labels of 1 to 63 letters, digits and inner hyphens)');
+      continue;
     }
+    const port = svc.Port;
     if (typeof port !== 'number' || !Number.isInteger(port) || port < 1 || port > 65535) {
-      problems.push({ service, message: `${where} (${svc.ID} on ${node.Node}): expected a port from 1 to 65535, got ${describe(port)}` });
-      return;
+      skip(id, nodeName, 'the port', port, 'an integer from 1 to 65535');
+      continue;
     }
     let worst = 0;
-    for (const check of Array.isArray(entry.Checks) ? entry.Checks : []) {
+    for (const check of entry.Checks) {
       const status = isRecord(check) && typeof check.Status === 'string' ? check.Status : 'critical';
       worst = Math.max(worst, statusRank[status] ?? 2);
     }
-    if (worst > (filter.allowWarning ? 1 : 0)) return;
-    // Consul matches service names case-insensitively here: /health/service/api also returns "API".
-    // Those belong to the other service (which the planner reports as a collision), not to this one.
-    if (typeof svc.Service === 'string' && svc.Service !== service) return;
+    if (worst > (filter.allowWarning ? 1 : 0)) continue;
     instances.push({
-      id: `${node.Node}/${svc.ID}`,
-      node: node.Node,
+      id: `${nodeName}/${id}`,
+      node: nodeName,
       address,
       port,
-      datacenter: typeof node.Datacenter === 'string' ? node.Datacenter : '',
+      datacenter: typeof node.Datacenter === 'string' && isSaneId(node.Datacenter) ? node.Datacenter : '',
       tags: Array.isArray(svc.Tags) ? svc.Tags.filter((t): t is string => typeof t === 'string') : [],
       meta: stringRecord(svc.Meta),
       status: worst === 0 ? 'passing' : 'warning',
     });
-  });
+  }
   instances.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
   return { instances, nodes: [...nodes].sort(), problems };
 }

@@ -1,11 +1,12 @@
-import { join } from 'node:path';
+import { realpath } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
 import { Balancer } from '../balancer/balancer.js';
 import type { BalancerConfig } from '../balancer/config.js';
 import { BalancerFileSource } from '../balancer/file-source.js';
 import type { Endpoint } from '../config/config.js';
 import { DnsServer } from '../dns/server.js';
-import { writeHostsBlock } from '../dns/hosts-file.js';
-import { DataPlaneError, codes, errorCode, errorMessage } from '../errors.js';
+import { checkHostsLines, writeHostsBlock } from '../dns/hosts-file.js';
+import { DataPlaneError, codes, errorCode, errorMessage, type Problem } from '../errors.js';
 import { handOver, type HandOverOptions, type InheritedSockets, type ListeningSocket } from './handover.js';
 import { readFileIfExists } from '../fs/atomic-write.js';
 import type { Logger } from '../log.js';
@@ -23,6 +24,9 @@ export interface DataPlaneOptions {
   inherited?: InheritedSockets;
 }
 
+/** Dropped hosts lines shown one by one in hostsProblems(); the rest are counted. */
+const maxHostsLineProblems = 20;
+
 /**
  * Balancer, DNS responder and hosts block, driven only by the rendered files in the run dir, so it
  * serves the last-known-good routes whatever the control plane is doing.
@@ -35,6 +39,11 @@ export class DataPlane {
   private handover: Promise<boolean> | undefined;
   /** The config applied last (the inherited one, or the file's). */
   private served: BalancerConfig | undefined;
+  /** Lines of the rendered hosts file that were dropped, and the last failed hosts-file write. */
+  private hostsLineProblems: Problem[] = [];
+  private hostsWriteProblem: Problem | undefined;
+  /** Dropped lines already logged: each distinct line once while it stays, not on every reload. */
+  private readonly loggedHostsLines = new Set<string>();
 
   constructor(private readonly options: DataPlaneOptions) {
     const { logger } = options;
@@ -109,15 +118,39 @@ export class DataPlane {
     await this.syncHosts();
   }
 
+  /** Why the hosts block is not what the rendered file asked for: dropped lines, a refused or failed write. */
+  hostsProblems(): Problem[] {
+    const shown = this.hostsLineProblems.slice(0, maxHostsLineProblems);
+    const more = this.hostsLineProblems.length - shown.length;
+    if (more > 0) shown.push({ code: codes.hostsInvalidLine, message: `and ${more} more lines of the rendered hosts file dropped (see the log)` });
+    return this.hostsWriteProblem ? [...shown, this.hostsWriteProblem] : shown;
+  }
+
   private async syncHosts(): Promise<void> {
     const target = this.options.hostsFile;
     if (!target) return;
-    const lines = await readFileIfExists(join(this.options.runDir, renderedHostsFile));
-    if (lines === undefined) return;
+    // After a handover the successor owns the block (its pid on the marker).
+    if (this.handover && (await this.handover)) return;
+    const rendered = await readFileIfExists(join(this.options.runDir, renderedHostsFile));
+    if (rendered === undefined) return;
+    // The run dir is untrusted: only loopback addresses under the suffix may reach the hosts file.
+    const checked = checkHostsLines(rendered, { suffix: this.options.suffix });
+    this.hostsLineProblems = checked.dropped.map((d) => d.problem);
+    const current = new Set(checked.dropped.map((d) => d.line));
+    for (const line of this.loggedHostsLines) if (!current.has(line)) this.loggedHostsLines.delete(line);
+    for (const { line, problem } of checked.dropped) {
+      if (this.loggedHostsLines.has(line)) continue;
+      this.loggedHostsLines.add(line);
+      this.options.logger.warn({ code: problem.code, file: target }, problem.message);
+    }
+    const owner = await realpath(this.options.runDir).catch(() => resolve(this.options.runDir));
     try {
-      if (await writeHostsBlock(target, lines, { logger: this.options.logger })) this.options.logger.info({ file: target }, 'hosts block updated');
+      if (await writeHostsBlock(target, checked.text, { owner, logger: this.options.logger })) this.options.logger.info({ file: target }, 'hosts block updated');
+      this.hostsWriteProblem = undefined;
     } catch (err) {
-      this.options.logger.error({ code: errorCode(err), file: target }, errorMessage(err));
+      const problem: Problem = { code: errorCode(err), message: errorMessage(err) };
+      if (problem.message !== this.hostsWriteProblem?.message) this.options.logger.error({ code: problem.code, file: target }, problem.message);
+      this.hostsWriteProblem = problem;
     }
   }
 

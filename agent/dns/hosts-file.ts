@@ -1,13 +1,20 @@
 import { randomBytes } from 'node:crypto';
-import { chown, open, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { chown, lstat, open, readlink, realpath, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
-import { LoopmeshError, codes, errorCode, errorMessage } from '../errors.js';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { LoopmeshError, codes, errorCode, errorMessage, type Problem } from '../errors.js';
 import type { Logger } from '../log.js';
 
 export const beginMarker = '# BEGIN loopmesh (managed by loopmesh; edits inside this block are overwritten)';
 export const endMarker = '# END loopmesh';
 
 export class HostsFileError extends LoopmeshError {}
+
+/** Who wrote a block: the agent's run dir (real path) and its process id, on the BEGIN line. */
+export interface BlockOwner {
+  owner: string;
+  pid: number;
+}
 
 /** Lines with their own terminators, so joining them gives back the text byte for byte. */
 function splitLines(text: string): string[] {
@@ -16,6 +23,28 @@ function splitLines(text: string): string[] {
 
 const isBegin = (line: string): boolean => /^# BEGIN loopmesh(\s|$)/.test(line.trimEnd());
 const isEnd = (line: string): boolean => line.trimEnd() === endMarker;
+
+/** The BEGIN line; the owner is a JSON string so that any path (spaces, quotes) reads back exactly. */
+export function beginLine(owner?: BlockOwner): string {
+  return owner ? `${beginMarker} owner=${JSON.stringify(owner.owner)} pid=${owner.pid}` : beginMarker;
+}
+
+/** The owner on a BEGIN line, or undefined for a marker without one (loopmesh before owners) or a garbled one. */
+export function parseBlockOwner(line: string): BlockOwner | undefined {
+  if (!isBegin(line)) return undefined;
+  const match = /\sowner=("(?:[^"\\]|\\.)*")\s+pid=(\d{1,10})\s*$/.exec(line);
+  if (!match?.[1] || !match[2]) return undefined;
+  let owner: unknown;
+  try {
+    owner = JSON.parse(match[1]);
+  } catch {
+    return undefined;
+  }
+  const pid = Number(match[2]);
+  // pid 0 or below would make process.kill(pid, 0) probe a whole process group.
+  if (typeof owner !== 'string' || owner === '' || !Number.isSafeInteger(pid) || pid <= 0) return undefined;
+  return { owner, pid };
+}
 
 /**
  * [start, end) line ranges of the complete blocks: each END closes the nearest BEGIN above it. A
@@ -34,15 +63,21 @@ function findBlocks(lines: string[]): Array<[number, number]> {
   return blocks;
 }
 
+/** The owner of each complete block in the file (undefined: a block with no owner on its marker). */
+export function blockOwners(text: string): Array<BlockOwner | undefined> {
+  const all = splitLines(text);
+  return findBlocks(all).map(([start]) => parseBlockOwner((all[start] ?? '').trimEnd()));
+}
+
 function lineEnding(text: string): string {
   const newline = text.indexOf('\n');
   return newline > 0 && text[newline - 1] === '\r' ? '\r\n' : '\n';
 }
 
-function renderBlock(lines: string, eol: string): string {
+function renderBlock(lines: string, eol: string, owner: BlockOwner | undefined): string {
   const body = lines.split(/\r?\n/).filter((line) => !isBegin(line) && !isEnd(line));
   while (body.length > 0 && body[body.length - 1] === '') body.pop();
-  return [beginMarker, ...body, endMarker].map((line) => line + eol).join('');
+  return [beginLine(owner), ...body, endMarker].map((line) => line + eol).join('');
 }
 
 function replaceBlocks(lines: string[], blocks: Array<[number, number]>, replacement: string): string {
@@ -57,11 +92,12 @@ function replaceBlocks(lines: string[], blocks: Array<[number, number]>, replace
 
 /**
  * Puts `lines` in the loopmesh block: in place of the existing block (a duplicate block is removed),
- * or appended. Everything outside the block stays exactly as it was; the block uses the file's line ending.
+ * or appended. Everything outside the block stays exactly as it was; the block uses the file's line
+ * ending. With `owner`, the BEGIN line names it.
  */
-export function spliceHostsBlock(original: string, lines: string): string {
+export function spliceHostsBlock(original: string, lines: string, owner?: BlockOwner): string {
   const eol = lineEnding(original);
-  const block = renderBlock(lines, eol);
+  const block = renderBlock(lines, eol, owner);
   const all = splitLines(original);
   const blocks = findBlocks(all);
   if (blocks.length > 0) return replaceBlocks(all, blocks, block);
@@ -69,55 +105,286 @@ export function spliceHostsBlock(original: string, lines: string): string {
   return original + separator + block;
 }
 
-export function removeHostsBlock(original: string): string {
+/** Takes out the loopmesh blocks; with `owner`, only the blocks that owner wrote. */
+export function removeHostsBlock(original: string, options: { owner?: string } = {}): string {
   const all = splitLines(original);
-  return replaceBlocks(all, findBlocks(all), '');
+  const owner = options.owner;
+  const blocks = findBlocks(all).filter(([start]) => owner === undefined || parseBlockOwner((all[start] ?? '').trimEnd())?.owner === owner);
+  return replaceBlocks(all, blocks, '');
 }
 
-interface CurrentFile {
+const ipv4Pattern = /^(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})$/;
+const labelPattern = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/i;
+
+/** Dotted quad inside 127.0.0.0/8; leading zeros are refused since the resolver reads 0127 as octal. */
+function isLoopbackIPv4(address: string): boolean {
+  const octets = ipv4Pattern.exec(address)?.slice(1).map(Number);
+  return octets !== undefined && octets.every((o) => o <= 255) && octets[0] === 127;
+}
+
+/** RFC 1123 host name; the last label not all digits, so that it cannot read as an address. */
+function isHostName(name: string): boolean {
+  if (name.length === 0 || name.length > 253) return false;
+  const labels = name.split('.');
+  return labels.every((label) => labelPattern.test(label)) && !/^\d+$/.test(labels[labels.length - 1] ?? '');
+}
+
+export interface HostsLinesCheck {
+  /** The lines that passed, joined with "\n". */
   text: string;
+  /** Each line dropped, with the problem that says why. */
+  dropped: Array<{ line: string; problem: Problem }>;
+}
+
+/** Long enough to recognise a line in a log, short enough that a megabyte line does not flood it. */
+function clip(line: string): string {
+  return line.length > 200 ? `${line.slice(0, 200)}...` : line;
+}
+
+function lineFault(line: string, suffix: string | undefined): string | undefined {
+  // Tab is a field separator in hosts files; every other control character is refused.
+  if (/[\u0000-\u0008\u000a-\u001f\u007f]/.test(line)) return 'it holds a control character';
+  const trimmed = line.trim();
+  if (trimmed === '') return undefined;
+  if (/^#\s*(BEGIN|END) loopmesh/i.test(trimmed)) return 'it is a loopmesh marker line, which would split the block';
+  if (trimmed.startsWith('#')) return undefined;
+  const [address = '', ...names] = trimmed.split(/[ \t]+/);
+  if (!isLoopbackIPv4(address)) return `address ${JSON.stringify(clip(address))} is not an IPv4 address inside 127.0.0.0/8`;
+  if (names.length === 0) return 'it has an address and no name';
+  for (const name of names) {
+    if (!isHostName(name)) return `name ${JSON.stringify(clip(name))} is not a DNS host name`;
+    if (suffix && !name.toLowerCase().endsWith(`.${suffix.toLowerCase()}`)) return `name ${JSON.stringify(name)} is not under .${suffix}`;
+  }
+  return undefined;
+}
+
+/**
+ * Keeps the lines of a rendered hosts file (the run dir's `hosts`, untrusted: whoever can write the
+ * run dir would otherwise write /etc/hosts as root) that are comments, blank, or `ADDRESS NAME
+ * [NAME...]` with ADDRESS in 127.0.0.0/8 and each NAME a host name (under `suffix` when given).
+ * Every other line is dropped, with an LM_ERR_HOSTS_INVALID_LINE problem naming it.
+ */
+export function checkHostsLines(rendered: string, options: { suffix?: string } = {}): HostsLinesCheck {
+  const kept: string[] = [];
+  const dropped: HostsLinesCheck['dropped'] = [];
+  const under = options.suffix ? ` under .${options.suffix}` : '';
+  const lines = rendered.split('\n');
+  if (lines[lines.length - 1] === '') lines.pop();
+  lines.forEach((raw, i) => {
+    const line = raw.endsWith('\r') ? raw.slice(0, -1) : raw;
+    const fault = lineFault(line, options.suffix);
+    if (fault === undefined) {
+      kept.push(line);
+      return;
+    }
+    const message =
+      `rendered hosts file, line ${i + 1}: ${JSON.stringify(clip(line))} dropped (${fault}); expected a comment, a blank line ` +
+      `or "ADDRESS NAME [NAME...]" with ADDRESS an IPv4 address inside 127.0.0.0/8 and each NAME a DNS host name (RFC 1123: ` +
+      `letters, digits and hyphens, labels of at most 63 characters, at most 253 in all)${under}`;
+    dropped.push({ line, problem: { code: codes.hostsInvalidLine, message } });
+  });
+  return { text: kept.length > 0 ? `${kept.join('\n')}\n` : '', dropped };
+}
+
+/** Text of the file as latin1: every byte maps to one char and back, so bytes that are not UTF-8 survive. */
+const toText = (bytes: Buffer): string => bytes.toString('latin1');
+const toBytes = (text: string): Buffer => Buffer.from(text, 'latin1');
+/** A UTF-8 string (lines, a path) in the file's latin1 text. */
+const utf8AsText = (value: string): string => toText(Buffer.from(value, 'utf8'));
+const textAsUtf8 = (value: string): string => toBytes(value).toString('utf8');
+
+const maxLinks = 40;
+
+/**
+ * The file that `path` finally names: each symbolic link of a chain followed, relative targets read
+ * from the link's real folder. Throws when the chain ends at nothing, since writing there would
+ * create a file nobody reads.
+ */
+async function finalTarget(path: string): Promise<string> {
+  const chain = [resolve(path)];
+  for (;;) {
+    const current = chain[chain.length - 1] ?? '';
+    let isLink: boolean;
+    try {
+      isLink = (await lstat(current)).isSymbolicLink();
+    } catch (err) {
+      if (errorCode(err) !== 'ENOENT') throw err;
+      // No file at all is an empty hosts file; a link to nothing is a mistake to show.
+      if (chain.length === 1) return current;
+      throw new HostsFileError(
+        codes.hostsWrite,
+        `${path} is a symbolic link to ${current}, which does not exist (${chain.join(' -> ')}); expected the link to lead to a hosts file: create ${current}, or point --hosts-file at the real file`,
+      );
+    }
+    if (!isLink) return current;
+    if (chain.length > maxLinks) throw new HostsFileError(codes.hostsWrite, `${path}: more than ${maxLinks} symbolic links in a row (${chain.slice(0, 4).join(' -> ')} -> ...); expected a chain that ends at a hosts file`);
+    chain.push(resolve(await realpath(dirname(current)), await readlink(current)));
+  }
+}
+
+/** The whole file through `handle`, from offset 0, whatever the handle's position. */
+async function readAll(handle: FileHandle): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  let position = 0;
+  for (;;) {
+    const chunk = Buffer.alloc(64 * 1024);
+    const { bytesRead } = await handle.read(chunk, 0, chunk.length, position);
+    if (bytesRead === 0) return Buffer.concat(chunks);
+    chunks.push(chunk.subarray(0, bytesRead));
+    position += bytesRead;
+  }
+}
+
+interface OpenFile {
+  handle: FileHandle;
+  bytes: Buffer;
+  ino: number;
+  dev: number;
   mode: number;
   owner: { uid: number; gid: number };
 }
 
-async function readCurrent(path: string): Promise<CurrentFile | undefined> {
+async function openCurrent(path: string): Promise<OpenFile | undefined> {
+  let handle: FileHandle;
   try {
-    const [bytes, info] = await Promise.all([readFile(path), stat(path)]);
-    // latin1 maps every byte to one char and back: bytes that are not UTF-8 survive untouched.
-    return { text: bytes.toString('latin1'), mode: info.mode & 0o7777, owner: { uid: info.uid, gid: info.gid } };
+    handle = await open(path, 'r');
   } catch (err) {
     if (errorCode(err) === 'ENOENT') return undefined;
     throw err;
   }
-}
-
-async function replaceByRename(path: string, bytes: Buffer, current: CurrentFile | undefined): Promise<void> {
-  const mode = current?.mode ?? 0o644;
-  const temp = join(dirname(path), `.${basename(path)}.loopmesh-${randomBytes(6).toString('hex')}.tmp`);
   try {
-    const handle = await open(temp, 'wx', mode);
-    try {
-      await handle.writeFile(bytes);
-      await handle.chmod(mode);
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
-    if (current && process.getuid?.() === 0) await chown(temp, current.owner.uid, current.owner.gid);
-    await rename(temp, path);
+    const info = await handle.stat();
+    return { handle, bytes: await readAll(handle), ino: info.ino, dev: info.dev, mode: info.mode & 0o7777, owner: { uid: info.uid, gid: info.gid } };
   } catch (err) {
-    await unlink(temp).catch(() => undefined);
+    await handle.close();
     throw err;
   }
 }
 
-/** For a file that cannot be renamed over (a bind mount): overwrite, then cut to the new length. */
-async function rewriteInPlace(path: string, bytes: Buffer): Promise<void> {
-  const handle = await open(path, 'r+');
+const startsWith = (bytes: Buffer, prefix: Buffer): boolean => bytes.length >= prefix.length && bytes.subarray(0, prefix.length).equals(prefix);
+
+/** What is at `path` right before the rename, against what the splice was made from. */
+async function changedSince(path: string, read: OpenFile | undefined): Promise<'same' | 'appended' | 'replaced'> {
+  const info = await stat(path).catch((err: unknown) => {
+    if (errorCode(err) === 'ENOENT') return undefined;
+    throw err;
+  });
+  if (!read) return info ? 'replaced' : 'same';
+  if (!info || info.ino !== read.ino || info.dev !== read.dev) return 'replaced';
+  const now = await readAll(read.handle);
+  if (now.equals(read.bytes)) return 'same';
+  // Appends need no new splice: they are carried over to the new file after the rename.
+  return startsWith(now, read.bytes) ? 'appended' : 'replaced';
+}
+
+/** Pauses between looks at a replaced file: appends are caught up with until it has stayed still this long. */
+const settleChecksMs = [0, 1, 2, 4, 8];
+/** A writer that opened the old file before the rename may write into it later still: one last look then. */
+const stragglerDelayMs = 200;
+const maxAttempts = 8;
+
+interface Replaced {
+  /** The replaced file was rewritten in place after it was read: its new content, to splice again. */
+  rewritten?: Buffer;
+  /** Everything written to the new file: the splice and the appends carried over. */
+  written: Buffer;
+}
+
+interface UpdateContext {
+  path: string;
+  target: string;
+  logger: Logger | undefined;
+  key: string;
+}
+
+/**
+ * Copies bytes appended to the replaced file (through `old`, still open) since `seen` into the new
+ * file (`fresh`, opened O_APPEND so that its own appenders are not overwritten), until it stays still.
+ */
+async function carryAppends(old: OpenFile, fresh: FileHandle, written: Buffer, context: UpdateContext): Promise<Replaced> {
+  let seen = old.bytes;
+  let carried = written;
+  for (const pause of settleChecksMs) {
+    if (pause > 0) await sleep(pause);
+    const now = await readAll(old.handle);
+    if (now.equals(seen)) continue;
+    if (!startsWith(now, seen)) return { rewritten: now, written: carried };
+    const extra = now.subarray(seen.length);
+    await fresh.write(extra);
+    carried = Buffer.concat([carried, extra]);
+    context.logger?.info({ file: context.target, bytes: extra.length }, `${extra.length} bytes another program appended to ${context.path} while loopmesh replaced it were carried over`);
+    seen = now;
+  }
+  watchForStragglers(old.handle, seen, context);
+  return { written: carried };
+}
+
+/** One last look at the replaced file, in the file's queue so that it never races an update. */
+function watchForStragglers(handle: FileHandle, seen: Buffer, context: UpdateContext): void {
+  const look = async (): Promise<boolean> => {
+    try {
+      const now = await readAll(handle);
+      if (now.length <= seen.length || !startsWith(now, seen)) return false;
+      const extra = now.subarray(seen.length);
+      const live = await open(context.target, 'a');
+      try {
+        await live.write(extra);
+      } finally {
+        await live.close();
+      }
+      context.logger?.info({ file: context.target, bytes: extra.length }, `${extra.length} bytes another program appended late to the replaced ${context.path} were carried over`);
+      return true;
+    } catch (err) {
+      context.logger?.warn({ file: context.target, code: errorCode(err) }, `cannot carry over late appends to ${context.path}: ${errorMessage(err)}`);
+      return false;
+    } finally {
+      await handle.close().catch(() => undefined);
+    }
+  };
+  pendingStragglers.add(handle);
+  setTimeout(() => {
+    pendingStragglers.delete(handle);
+    void serialize(context.key, look).catch(() => undefined);
+  }, stragglerDelayMs).unref();
+}
+
+/** The handles kept open for a last look; a process that exits drops them. */
+const pendingStragglers = new Set<FileHandle>();
+
+/** Writes `bytes` to a new file next to `target` and renames it over, then carries over late appends. */
+async function replaceByRename(read: OpenFile | undefined, bytes: Buffer, context: UpdateContext): Promise<Replaced | 'retry'> {
+  const { target } = context;
+  const mode = read?.mode ?? 0o644;
+  const temp = join(dirname(target), `.${basename(target)}.loopmesh-${randomBytes(6).toString('hex')}.tmp`);
+  const handle = await open(temp, 'ax+', mode);
+  let renamed = false;
   try {
-    await handle.write(bytes, 0, bytes.length, 0);
-    await handle.truncate(bytes.length);
+    await handle.write(bytes);
+    await handle.chmod(mode);
     await handle.sync();
+    if (read && process.getuid?.() === 0) await chown(temp, read.owner.uid, read.owner.gid);
+    // Re-read right before the rename: a file rewritten since is spliced again.
+    if ((await changedSince(target, read)) === 'replaced') return 'retry';
+    await rename(temp, target);
+    renamed = true;
+    return read ? await carryAppends(read, handle, bytes, context) : { written: bytes };
+  } finally {
+    await handle.close();
+    if (!renamed) await unlink(temp).catch(() => undefined);
+  }
+}
+
+/** For a file that cannot be renamed over (a bind mount): overwrite, then cut to the new length. */
+async function rewriteInPlace(target: string, compose: (text: string) => string): Promise<boolean> {
+  const handle = await open(target, 'r+');
+  try {
+    const before = await readAll(handle);
+    const after = toBytes(compose(toText(before)));
+    if (after.equals(before)) return false;
+    await handle.write(after, 0, after.length, 0);
+    await handle.truncate(after.length);
+    await handle.sync();
+    return true;
   } finally {
     await handle.close();
   }
@@ -136,52 +403,137 @@ const inPlaceReasons: Record<string, (folder: string) => string> = {
   EROFS: (folder) => `the folder ${folder} is on a read-only mount, only the file may be writable`,
 };
 
-/** Paths that turned out to be bind mounts: rewritten in place from then on, warned about once. */
+/** Files that turned out to be bind mounts: rewritten in place from then on, warned about once. */
 const rewrittenInPlace = new Set<string>();
 /** One update at a time per file: each is a read-modify-write. */
-const updates = new Map<string, Promise<boolean>>();
+const updates = new Map<string, Promise<unknown>>();
 
-async function update(path: string, lines: string, logger: Logger | undefined): Promise<boolean> {
-  const current = await readCurrent(path);
-  const before = current?.text ?? '';
-  const after = spliceHostsBlock(before, Buffer.from(lines, 'utf8').toString('latin1'));
-  if (current && after === before) return false;
-  const bytes = Buffer.from(after, 'latin1');
-  if (rewrittenInPlace.has(path)) {
-    await rewriteInPlace(path, bytes);
-    return true;
-  }
-  try {
-    await replaceByRename(path, bytes, current);
-  } catch (err) {
-    const code = errorCode(err);
-    const reason = Object.hasOwn(inPlaceReasons, code) ? inPlaceReasons[code] : undefined;
-    if (!reason) throw err;
-    rewrittenInPlace.add(path);
-    const why = reason(dirname(path));
-    logger?.warn({ file: path, code }, `${path} cannot be replaced by a rename (${code}: ${why}); rewriting it in place from now on`);
-    await rewriteInPlace(path, bytes);
-  }
-  return true;
+function serialize<T>(key: string, task: () => Promise<T>): Promise<T> {
+  const run = (updates.get(key) ?? Promise.resolve()).catch(() => undefined).then(task);
+  updates.set(key, run);
+  const forget = (): void => {
+    if (updates.get(key) === run) updates.delete(key);
+  };
+  run.then(forget, forget);
+  return run;
 }
 
 /**
- * Writes `lines` into the loopmesh block of the hosts file at `path` (a missing file counts as empty).
- * Resolves whether the file changed; throws a HostsFileError (LM_ERR_HOSTS_WRITE) naming the path.
+ * Replaces the file with `compose` of its content, keeping what other programs write meanwhile:
+ * a rewrite before the rename is spliced again, appends to the replaced file are carried over.
  */
-export async function writeHostsBlock(path: string, lines: string, options: { logger?: Logger } = {}): Promise<boolean> {
-  const key = resolve(path);
-  const previous = updates.get(key) ?? Promise.resolve(false);
-  const run = previous
-    .catch(() => false)
-    .then(() => update(key, lines, options.logger))
-    .catch((cause: unknown) => {
-      throw new HostsFileError(codes.hostsWrite, `cannot update the hosts file ${path}: ${errorMessage(cause)}`, { cause });
-    });
-  updates.set(key, run);
-  try {
-    return await run;
-  } finally {
-    if (updates.get(key) === run) updates.delete(key);
+async function update(context: UpdateContext, compose: (text: string) => string): Promise<boolean> {
+  const { target } = context;
+  if (rewrittenInPlace.has(target)) return rewriteInPlace(target, compose);
+  let changed = false;
+  /** The replaced file's rewrite, to be spliced into the next attempt in place of what was written. */
+  let carried: Required<Replaced> | undefined;
+  for (let attempt = 0; attempt < maxAttempts; attempt++) {
+    const read = await openCurrent(target);
+    try {
+      const current = read?.bytes ?? Buffer.alloc(0);
+      let base = current;
+      if (carried && startsWith(current, carried.written)) base = Buffer.concat([carried.rewritten, current.subarray(carried.written.length)]);
+      carried = undefined;
+      const after = toBytes(compose(toText(base)));
+      if (after.equals(current) && (read || after.length === 0)) return changed;
+      let outcome: Replaced | 'retry';
+      try {
+        outcome = await replaceByRename(read, after, context);
+      } catch (err) {
+        const code = errorCode(err);
+        const reason = Object.hasOwn(inPlaceReasons, code) ? inPlaceReasons[code] : undefined;
+        if (!reason || !read) throw err;
+        rewrittenInPlace.add(target);
+        context.logger?.warn({ file: target, code }, `${target} cannot be replaced by a rename (${code}: ${reason(dirname(target))}); rewriting it in place from now on`);
+        return (await rewriteInPlace(target, compose)) || changed;
+      }
+      if (outcome === 'retry') continue;
+      changed = true;
+      if (!outcome.rewritten) return true;
+      carried = { rewritten: outcome.rewritten, written: outcome.written };
+    } finally {
+      if (read && !pendingStragglers.has(read.handle)) await read.handle.close();
+    }
   }
+  throw new HostsFileError(
+    codes.hostsConcurrent,
+    `cannot update the hosts file ${context.path}: another program rewrote it during each of ${maxAttempts} attempts; ` +
+      'expected it to stay still for a moment (find the program that keeps rewriting it); the next change tries again',
+  );
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    // EPERM: it exists, under another user.
+    return errorCode(err) === 'EPERM';
+  }
+}
+
+export interface WriteHostsOptions {
+  /** This agent's identity on the block: its run dir's real path. A hot-restart successor has the same one. */
+  owner: string;
+  logger?: Logger;
+  /** Tells whether a process runs (tests replace it); process.kill(pid, 0) by default. */
+  isRunning?: (pid: number) => boolean;
+}
+
+/** Refuses a block that another agent (another owner, still running) wrote; says which it takes over. */
+function claimBlocks(text: string, owner: string, path: string, running: (pid: number) => boolean): Array<BlockOwner | undefined> {
+  const takeOver: Array<BlockOwner | undefined> = [];
+  for (const found of blockOwners(text)) {
+    if (found?.owner === owner) continue;
+    if (found && running(found.pid)) {
+      const other = textAsUtf8(found.owner);
+      throw new HostsFileError(
+        codes.hostsOwned,
+        `the loopmesh block in ${path} belongs to another loopmesh agent (owner ${other}, pid ${found.pid}, still running), so this one ` +
+          `(owner ${textAsUtf8(owner)}) leaves it alone; expected one agent per hosts file: stop the agent with pid ${found.pid}, ` +
+          `or give this one its own file (--hosts-file FILE, or off); if pid ${found.pid} is not a loopmesh agent, delete that block by hand`,
+      );
+    }
+    takeOver.push(found);
+  }
+  return takeOver;
+}
+
+/**
+ * Writes `lines` into the loopmesh block of the hosts file at `path` (a missing file counts as empty;
+ * a symbolic link is followed and stays a link). Resolves whether the file changed. Throws a
+ * HostsFileError naming the path: LM_ERR_HOSTS_OWNED when another running agent owns the block,
+ * LM_ERR_HOSTS_CONCURRENT when the file kept changing, LM_ERR_HOSTS_WRITE otherwise.
+ */
+export async function writeHostsBlock(path: string, lines: string, options: WriteHostsOptions): Promise<boolean> {
+  const owner = utf8AsText(options.owner);
+  const running = options.isRunning ?? isRunning;
+  const block = utf8AsText(lines);
+  let takenOver: Array<BlockOwner | undefined> = [];
+  const changed = await serializedUpdate(path, options.logger, (text) => {
+    takenOver = claimBlocks(text, owner, path, running);
+    return spliceHostsBlock(text, block, { owner, pid: process.pid });
+  });
+  if (changed) {
+    for (const previous of takenOver) {
+      const from = previous ? `of owner ${textAsUtf8(previous.owner)} (pid ${previous.pid}, no longer running)` : 'with no owner (written by an older loopmesh)';
+      options.logger?.info({ file: path, previousOwner: previous ? textAsUtf8(previous.owner) : undefined, previousPid: previous?.pid }, `took over the loopmesh block in ${path} ${from}`);
+    }
+  }
+  return changed;
+}
+
+/** Takes this owner's block out of the file at `path` (the others' stay). Resolves whether the file changed. */
+export async function removeOwnedHostsBlock(path: string, options: { owner: string; logger?: Logger }): Promise<boolean> {
+  const owner = utf8AsText(options.owner);
+  return serializedUpdate(path, options.logger, (text) => removeHostsBlock(text, { owner }));
+}
+
+async function serializedUpdate(path: string, logger: Logger | undefined, compose: (text: string) => string): Promise<boolean> {
+  const key = resolve(path);
+  return serialize(key, async () => update({ path, target: await finalTarget(key), logger, key }, compose)).catch((cause: unknown) => {
+    if (cause instanceof HostsFileError) throw cause;
+    throw new HostsFileError(codes.hostsWrite, `cannot update the hosts file ${path}: ${errorMessage(cause)}`, { cause });
+  });
 }

@@ -1,3 +1,4 @@
+import { codes, type Problem } from '../errors.js';
 import { intToIPv4, ipv4ToInt, isIPv4 } from '../validate.js';
 
 export interface AddressRange {
@@ -54,4 +55,93 @@ export function allocate(existing: AddressTable, names: readonly string[], range
     used.add(address);
   }
   return { table, exhausted };
+}
+
+
+/**
+ * What an address in the table is to this node: usable, valid for loopmesh but outside this node's
+ * --range (another node's setting: left alone, never fought over), or invalid anywhere.
+ */
+export function classifyAddress(range: AddressRange, address: unknown): { kind: 'ok' } | { kind: 'foreign' | 'invalid'; reason: string } {
+  if (typeof address !== 'string' || !isIPv4(address)) return { kind: 'invalid', reason: `expected an IPv4 address inside ${range.cidr}, got ${JSON.stringify(address)}` };
+  const n = ipv4ToInt(address);
+  if (n >>> 24 !== 127 || (n & 0xffffff) === 0 || (n & 0xffffff) === 0xffffff) {
+    return { kind: 'invalid', reason: `expected a loopback address inside ${range.cidr}, got "${address}" (it would be bound and published as it is)` };
+  }
+  if (reservedAddresses.includes(address)) return { kind: 'invalid', reason: `expected an address other software does not own (not ${reservedAddresses.join(', ')}), got "${address}"` };
+  if (!inRange(range, address)) return { kind: 'foreign', reason: `expected an address inside this node's --range ${range.cidr}, got "${address}"; every node needs the same --range` };
+  return { kind: 'ok' };
+}
+
+export interface ReconcileInput {
+  /** The cluster's table as read from KV. */
+  remote: Readonly<Record<string, unknown>>;
+  /** What this node holds (its cache and the table it serves). */
+  local: Readonly<Record<string, unknown>>;
+  /** Labels that need an address now. */
+  wanted: readonly string[];
+  range: AddressRange;
+}
+
+export interface ReconcileResult {
+  /** What this node serves: valid, unique, every wanted label that fits. */
+  table: Record<string, string>;
+  /** What KV should hold: `table` plus entries of other ranges, left as they are. */
+  document: Record<string, string>;
+  /** True when `document` differs from what KV holds: write it back with check-and-set. */
+  changed: boolean;
+  /** Entries not taken (invalid, duplicate) and services with no room: reported, never frozen on. */
+  problems: Problem[];
+  exhausted: string[];
+}
+
+/**
+ * Cluster table + this node's table -> one table with no address given twice. KV wins; an entry
+ * only this node remembers (KV lost or rolled back) is restored unless KV gave its address to
+ * another service meanwhile; invalid or duplicate entries are dropped (duplicates: the first label
+ * in name order keeps the address, the same choice on every node) and their services allocated anew.
+ */
+export function reconcileAddresses(input: ReconcileInput): ReconcileResult {
+  const { range } = input;
+  const problems: Problem[] = [];
+  const table: Record<string, string> = {};
+  const foreign: Record<string, string> = {};
+  const owner = new Map<string, string>();
+  let changed = false;
+  const take = (label: string, address: unknown, source: string): boolean => {
+    const verdict = classifyAddress(range, address);
+    if (verdict.kind === 'foreign' && source === 'Consul KV') {
+      problems.push({ service: label, code: codes.planAddressInvalid, message: `${source} address of "${label}": ${verdict.reason}; not served on this node` });
+      foreign[label] = address as string;
+      return true;
+    }
+    if (verdict.kind !== 'ok') {
+      problems.push({ service: label, code: codes.planAddressInvalid, message: `${source} address of "${label}": ${verdict.reason}; a new one is allocated` });
+      return false;
+    }
+    const other = owner.get(address as string);
+    if (other !== undefined) {
+      problems.push({ service: label, code: codes.planAddressConflict, message: `${source} gives "${label}" the address ${String(address)}, which "${other}" has; "${label}" gets a new one` });
+      return false;
+    }
+    owner.set(address as string, label);
+    table[label] = address as string;
+    return true;
+  };
+  for (const label of Object.keys(input.remote).sort()) {
+    if (!take(label, input.remote[label], 'Consul KV')) changed = true;
+  }
+  for (const label of Object.keys(input.local).sort()) {
+    if (table[label] !== undefined || foreign[label] !== undefined) continue;
+    // KV lost this entry, or holds a bad one: put back what this node served, so the service keeps
+    // its address.
+    if (take(label, input.local[label], 'the local address cache')) changed = true;
+  }
+  const needed = input.wanted.filter((label) => table[label] === undefined && foreign[label] === undefined);
+  const { table: allocated, exhausted } = allocate(table, needed, range);
+  if (needed.length > exhausted.length) changed = true;
+  for (const label of exhausted) {
+    problems.push({ service: label, code: codes.planAddressesExhausted, message: `service "${label}" gets no address: the range ${range.cidr} is full; widen --range` });
+  }
+  return { table: allocated, document: { ...foreign, ...allocated }, changed, problems, exhausted };
 }

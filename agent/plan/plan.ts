@@ -1,9 +1,12 @@
 import type { BackendSpec, EmptyPolicy, ServiceSpec } from '../balancer/config.js';
 import type { Catalog } from '../consul/catalog.js';
 import { codes } from '../errors.js';
-import type { AddressTable } from './addresses.js';
+import { inRange, type AddressRange, type AddressTable } from './addresses.js';
+import { isHostAddress } from '../validate.js';
 import { dnsLabel } from './names.js';
 import { choosePort } from './ports.js';
+
+const controlCharacter = /[\u0000-\u001f\u007f]/;
 
 /** A route is what the data plane serves for one service; its shape is balancer.json's. */
 export type Route = ServiceSpec;
@@ -17,6 +20,8 @@ export interface PlanProblem {
 export interface PlanOptions {
   suffix: string;
   empty: EmptyPolicy;
+  /** loopmesh's own addresses: a backend inside it would be one of its listeners (a loop). */
+  range?: AddressRange;
 }
 
 /**
@@ -64,6 +69,16 @@ export function plan(
   const { labels, problems } = planLabels([...catalog.keys()]);
   const previousByService = new Map(previous.map((r) => [r.service, r]));
   const routes: Route[] = [];
+  // The table is reconciled to be unique; this guard keeps a table that is not from ever making two
+  // listeners collide (which would fail the whole balancer.json, and with it every other service).
+  const addressOwner = new Map<string, string>();
+  for (const [service, label] of [...labels].sort(([, a], [, b]) => (a < b ? -1 : a > b ? 1 : 0))) {
+    const address = addresses[label];
+    if (address === undefined) continue;
+    const owner = addressOwner.get(address);
+    if (owner === undefined) addressOwner.set(address, service);
+    else problems.push({ service, code: codes.planAddressConflict, message: `service "${service}" has the address ${address}, which "${owner}" has too; not served until the address table is repaired` });
+  }
   for (const [service, label] of labels) {
     const instances = catalog.get(service) ?? [];
     const address = addresses[label];
@@ -71,12 +86,26 @@ export function plan(
       problems.push({ service, code: codes.planNoAddress, message: `service "${service}" has no address allocated yet (Consul KV not reachable or range exhausted)` });
       continue;
     }
+    if (addressOwner.get(address) !== service) continue;
     const port = choosePort(instances, previousByService.get(service)?.port);
     if (!port.ok) {
       problems.push({ service, code: codes.planNoPort, message: `service "${service}": ${port.reason}` });
       continue;
     }
-    const backends: BackendSpec[] = instances.map((i) => ({ id: i.id, address: i.address, port: i.port }));
+    const backends: BackendSpec[] = [];
+    for (const i of instances) {
+      // Checked where it entered (the catalog parser); checked again here because every value in a
+      // route reaches rendered files, some of them line-based (haproxy.cfg, hosts).
+      if (!isHostAddress(i.address) || controlCharacter.test(i.id)) {
+        problems.push({ service, code: codes.consulInvalidInstance, message: `service "${service}": instance ${JSON.stringify(i.id)} has the address ${JSON.stringify(i.address)}; expected an IP address or a host name; refused` });
+        continue;
+      }
+      if (options.range && inRange(options.range, i.address)) {
+        problems.push({ service, code: codes.planSelfBackend, message: `service "${service}": instance ${i.id} has the address ${i.address}:${i.port}, inside loopmesh's own range ${options.range.cidr}; refused (a connection would loop through loopmesh)` });
+        continue;
+      }
+      backends.push({ id: i.id, address: i.address, port: i.port });
+    }
     routes.push({
       service,
       name: label,
@@ -89,5 +118,12 @@ export function plan(
     });
   }
   routes.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  // Backends that are another route's own listener (a hostname or a range other than ours).
+  const listeners = new Set(routes.map((r) => `${r.address}:${r.port}`));
+  for (const route of routes) {
+    const own = route.backends.filter((b) => listeners.has(`${b.address}:${b.port}`));
+    for (const b of own) problems.push({ service: route.service, code: codes.planSelfBackend, message: `service "${route.service}": instance ${b.id} at ${b.address}:${b.port} is one of loopmesh's own listeners; refused (a connection would loop)` });
+    if (own.length > 0) route.backends = route.backends.filter((b) => !own.includes(b));
+  }
   return { routes, problems };
 }

@@ -78,7 +78,7 @@ describe('restarts with real processes: a graceful stop drains, and --render-onl
   test('--render-only agent + loopmesh balancer: restarting the agent under load fails no connection and cuts none', async (t) => {
     const runDir = join(dir, 'split');
     const admin = `127.0.0.1:${await freePort()}`;
-    const agentArgs = ['agent', '--render-only', '--consul', consul.url, '--run-dir', runDir, '--admin', admin, '--range', '127.81.0.0/16'];
+    const agentArgs = ['agent', '--render-only', '--consul', consul.url, '--run-dir', runDir, '--admin', admin, '--range', '127.81.0.0/16', '--kv-prefix', 'loopmesh-split'];
     const balancer = loopmesh(['balancer', '--run-dir', runDir, '--hosts-file', join(dir, 'hosts'), '--dns', 'off']).process;
     procs.push(balancer);
     let agent = loopmesh(agentArgs).process;

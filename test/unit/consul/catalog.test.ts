@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { parseCatalogServices, parseHealthService, parseHealthState, selectServices, servicesAffectedByChecks } from '../../../agent/consul/catalog.js';
+import { ConsulError, codes } from '../../../agent/errors.js';
 
 const entry = (id: string, node: string, checks: string[], extra: Record<string, unknown> = {}) => ({
   Node: { Node: node, Address: `10.0.0.${node.length}`, Datacenter: 'dc1' },
@@ -18,14 +19,69 @@ test('parseHealthService keeps healthy instances only and falls back to the node
   assert.deepEqual(strict.nodes, ['n1', 'n22', 'n333', 'n4'], 'nodes lists unhealthy instances too (for node-level checks)');
 });
 
-test('parseHealthService rejects bad entries one by one, naming them', () => {
-  const body = [entry('ok', 'n1', ['passing']), entry('badport', 'n1', ['passing'], { Port: 0 }), entry('strport', 'n1', ['passing'], { Port: '80' }), 'garbage', { Node: {}, Service: {} }];
+test('parseHealthService skips bad instances one by one, naming the service, instance, node, value and what was expected', () => {
+  const body = [
+    entry('ok', 'n1', ['passing']),
+    entry('badport', 'n1', ['passing'], { Port: 0 }),
+    entry('strport', 'n1', ['passing'], { Port: '80' }),
+    entry('evil', 'n1', ['passing'], { Address: '10.0.0.9\nserver evil 6.6.6.6:80' }),
+    entry('bad\nid', 'n1', ['passing']),
+    { ...entry('badnode', 'n1', ['passing']), Node: { Node: 'n1\rx', Address: '10.0.0.1' } },
+    entry('', 'n1', ['passing']),
+  ];
   const r = parseHealthService('web', body, { allowWarning: false });
-  assert.deepEqual(r.instances.map((i) => i.id), ['n1/ok']);
-  assert.equal(r.problems.length, 4);
-  assert.match(r.problems[0]?.message ?? '', /badport on n1.*port from 1 to 65535, got number 0/);
-  assert.match(r.problems[1]?.message ?? '', /got "80"/);
-  assert.match(parseHealthService('web', { not: 'an array' }, { allowWarning: false }).problems[0]?.message ?? '', /expected an array/);
+  assert.deepEqual(r.instances.map((i) => i.id), ['n1/ok'], 'the good instance still routes');
+  assert.equal(r.problems.length, 6);
+  for (const p of r.problems) {
+    assert.equal(p.code, codes.consulInvalidInstance);
+    assert.equal(p.service, 'web');
+    assert.doesNotMatch(p.message, /[\n\r]/, 'a message is one line, whatever Consul holds');
+  }
+  const messages = r.problems.map((p) => p.message);
+  assert.match(messages[0] ?? '', /^service "web": instance "badport" on node "n1" has the port number 0; expected an integer from 1 to 65535/);
+  assert.match(messages[1] ?? '', /the port "80"/);
+  assert.match(messages[2] ?? '', /instance "evil" on node "n1" has the address "10\.0\.0\.9\\nserver evil 6\.6\.6\.6:80"; expected an IP address .* or a host name \(RFC 1123/);
+  assert.match(messages[3] ?? '', /instance "bad\\nid" on node "n1" has the service ID "bad\\nid"; expected .*without control characters/);
+  assert.match(messages[4] ?? '', /on node "n1\\rx" has the node name "n1\\rx"/);
+  assert.match(messages[5] ?? '', /has the service ID ""; expected a non-empty ID/);
+  assert.deepEqual(r.nodes, ['n1'], 'a node name that is not sane is not followed either');
+});
+
+test('instance addresses: IP literals and RFC 1123 host names only', () => {
+  const longest = `${'a'.repeat(63)}.${'b'.repeat(63)}.${'c'.repeat(63)}.${'d'.repeat(61)}`;
+  const accepted = ['10.0.0.1', '192.0.2.255', '::1', '2001:db8::7', '::ffff:192.0.2.1', 'db', 'db-1.example.com', 'x1.2b', `${'a'.repeat(63)}.com`, longest];
+  const rejected = [
+    '10.0.0.9\nserver evil 6.6.6.6:80', '10.0.0.1 ', ' db', 'db\tx', 'db;rm', 'db_1', '-db', 'db-', 'a..b', '.db', 'db.', 'a'.repeat(64),
+    `${longest}d`, '256.1.1.1', '10.0.0.01', '1.2.3', 'fe80::1%eth0', '[::1]', '10.0.0.1:80', 'db\u2028x', 'ünï.example',
+  ];
+  assert.equal(longest.length, 253);
+  const routes = (Address: string) => parseHealthService('web', [entry('w', 'n1', ['passing'], { Address })], { allowWarning: false }).instances.length === 1;
+  assert.deepEqual(accepted.filter((a) => !routes(a)), [], 'every valid address is accepted');
+  assert.deepEqual(rejected.filter(routes), [], 'every invalid address is skipped');
+  const none = { ...entry('w', 'n1', ['passing']), Node: { Node: 'n1', Address: '' } };
+  assert.match(parseHealthService('web', [none], { allowWarning: false }).problems[0]?.message ?? '', /has the address ""/, 'no address at all (Service and Node both empty)');
+});
+
+test('a wrong-shaped health answer is refused whole (LM_ERR_CONSUL_INVALID_DATA), naming the service and what was wrong', () => {
+  const good = entry('ok', 'n1', ['passing']);
+  const cases: Array<[string, unknown, RegExp]> = [
+    ['an object', { Node: {}, Service: {} }, /health\/service\/web: expected an array of \{Node, Service, Checks\} entries, got an object/],
+    ['null', null, /got null/],
+    ['a string (a body that is not JSON)', '[{"Node": {"No', /got "\[\{\\"Node/],
+    ['a junk entry', [good, 'garbage'], /entry 1 of 2: expected an object with Node, Service and Checks, got "garbage"/],
+    ['an entry without Checks', [good, { Node: { Node: 'n1' }, Service: { ID: 'x' } }], /entry 1 of 2: Checks: expected an array, got nothing/],
+    ['Node not an object', [{ ...good, Node: 'n1' }], /entry 0 of 1: Node: expected an object, got "n1"/],
+    ['Service.ID a number', [{ ...good, Service: { ...good.Service, ID: 7 } }], /Service\.ID: expected a string, got number 7/],
+    ['Node.Node missing', [{ ...good, Node: { Address: '10.0.0.1' } }], /Node\.Node: expected a string, got nothing/],
+  ];
+  for (const [what, body, message] of cases) {
+    assert.throws(
+      () => parseHealthService('web', body, { allowWarning: false }),
+      (err: unknown) => err instanceof ConsulError && err.code === codes.consulInvalidData && message.test(err.message),
+      what,
+    );
+  }
+  assert.equal(parseHealthService('web', [], { allowWarning: false }).instances.length, 0, 'an empty array is a valid answer: no instances');
 });
 
 test('catalog services: parse and select (never consul itself; names and tag)', () => {

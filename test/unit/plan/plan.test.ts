@@ -100,3 +100,41 @@ test('plan builds routes from catalog and addresses; a service without address o
   assert.equal(later.routes[0]?.port, 5432, 'a service that lost all instances keeps its port');
   assert.deepEqual(later.routes[0]?.backends, []);
 });
+
+test('plan: a backend inside loopmesh\'s range or on one of its listeners is refused, the others kept', () => {
+  const range = parseRange('127.77.0.0/16');
+  const catalog = new Map([
+    ['web', [{ ...instance('a', 80), address: '127.77.0.1' }, { ...instance('b', 80), address: '10.0.0.2' }]],
+    ['api', [{ ...instance('c', 9000), address: 'web.example' }]],
+  ]);
+  const { routes, problems } = plan(catalog, { web: '127.77.0.1', api: '127.77.0.2' }, [], { suffix: 'local', empty: 'reject', range });
+  const web = routes.find((r) => r.service === 'web');
+  assert.deepEqual(web?.backends.map((b) => b.address), ['10.0.0.2']);
+  assert.equal(routes.find((r) => r.service === 'api')?.backends.length, 1);
+  assert.deepEqual(problems.map((p) => [p.service, p.code]), [['web', 'LM_ERR_PLAN_SELF_BACKEND']]);
+});
+
+test('plan: two services on one address never both reach balancer.json; the others are planned', () => {
+  const catalog = new Map([
+    ['a', [instance('a', 80)]],
+    ['b', [instance('b', 80)]],
+    ['c', [instance('c', 80)]],
+  ]);
+  const { routes, problems } = plan(catalog, { a: '127.77.0.1', b: '127.77.0.1', c: '127.77.0.3' }, [], { suffix: 'local', empty: 'reject' });
+  assert.deepEqual(routes.map((r) => r.service), ['a', 'c']);
+  assert.deepEqual(problems.map((p) => [p.service, p.code]), [['b', 'LM_ERR_PLAN_ADDRESS_CONFLICT']]);
+});
+
+test('plan: an instance address or id that is not fit for a rendered file never reaches a route', () => {
+  const catalog = new Map([
+    ['web', [
+      { ...instance('evil', 80), address: '10.0.0.9\nserver evil 6.6.6.6:80' },
+      { ...instance('bad\nid', 80), address: '10.0.0.3' },
+      { ...instance('good', 80), address: '10.0.0.2' },
+    ]],
+  ]);
+  const { routes, problems } = plan(catalog, { web: '127.77.0.1' }, [], { suffix: 'local', empty: 'reject' });
+  assert.deepEqual(routes[0]?.backends.map((b) => b.address), ['10.0.0.2']);
+  assert.equal(problems.filter((p) => p.code === 'LM_ERR_CONSUL_INVALID_INSTANCE').length, 2);
+  assert.match(problems[0]?.message ?? '', /\\n/, 'the newline is shown escaped');
+});
