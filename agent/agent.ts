@@ -5,6 +5,7 @@ import type { AgentConfig } from './config/config.js';
 import { AddressBook } from './consul/address-book.js';
 import type { Catalog, CatalogProblem } from './consul/catalog.js';
 import { CatalogWatcher } from './consul/catalog-watcher.js';
+import { backoffDelay, retryBaseMs, retryMaxMs } from './consul/blocking-query.js';
 import { ConsulClient, consulClientOptions } from './consul/client.js';
 import { DataPlane } from './data-plane/data-plane.js';
 import { codes, errorCode, errorMessage, type Problem, type RenderError } from './errors.js';
@@ -57,6 +58,10 @@ export class Agent {
   private renderErrors: RenderError[] = [];
   private reconciling: Promise<void> | undefined;
   private again = false;
+  /** A reconcile that failed for a reason no catalog change will fix (EMFILE, a full disk) runs again. */
+  private retryTimer: NodeJS.Timeout | undefined;
+  private retryAttempt = 0;
+  private stopped = false;
   private readonly reported = new Set<string>();
   lastRenderAt: number | undefined;
   /** The local Consul agent's node name, once it answered (reports fall back to the hostname). */
@@ -117,6 +122,8 @@ export class Agent {
 
   /** With `drain` (a signal), open connections may finish before the process goes; see DataPlane.close. */
   async stop(options: { drain?: boolean } = {}): Promise<void> {
+    this.stopped = true;
+    clearTimeout(this.retryTimer);
     await Promise.all([this.watcher.stop(), this.addresses.stop()]);
     await this.reconciling;
     await this.admin?.close();
@@ -203,16 +210,39 @@ export class Agent {
       return this.reconciling;
     }
     this.reconciling = (async () => {
+      let threw = false;
       do {
         this.again = false;
+        threw = false;
         try {
           await this.reconcileOnce();
         } catch (err) {
+          threw = true;
           this.logger.error({ code: errorCode(err), err }, 'reconcile failed; the last rendered files stay in service');
         }
       } while (this.again);
+      this.retryLater(threw || this.renderErrors.some((e) => e.code === codes.renderWrite) || this.planProblems.some((p) => p.code === codes.planNoAddress) || this.dataPlaneBehind());
     })().finally(() => (this.reconciling = undefined));
     return this.reconciling;
+  }
+
+  /** The in-process data plane does not serve the rendered files: a read or a hosts write failed (EMFILE), or a port is taken. */
+  private dataPlaneBehind(): boolean {
+    return this.servingProblems().length > 0 || (this.dataPlane?.hostsProblems().some((p) => p.code === codes.hostsWrite) ?? false);
+  }
+
+  /** Without this, files not written when file descriptors ran out stayed stale until the catalog changed. */
+  private retryLater(failed: boolean): void {
+    if (!failed) {
+      this.retryAttempt = 0;
+      return;
+    }
+    if (this.retryTimer !== undefined || this.stopped) return;
+    this.retryAttempt += 1;
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = undefined;
+      if (!this.stopped) void this.reconcile();
+    }, backoffDelay(this.retryAttempt, retryBaseMs, retryMaxMs, Math.random));
   }
 
   private async reconcileOnce(): Promise<void> {
@@ -225,14 +255,15 @@ export class Agent {
     this.report(planned.problems);
     const rendered = renderAll(this.templates, { routes: planned.routes, suffix: this.config.suffix });
     const written = await writeRendered(this.config.runDir, rendered.files);
+    const known = new Set(this.renderErrors.map((e) => e.message));
     this.renderErrors = [...rendered.errors, ...written.errors];
-    for (const err of this.renderErrors) this.logger.error({ code: err.code }, `${err.message}; the previous file stays in service`);
+    // Said once while it lasts: a lasting failure is retried, and each retry must not log it again.
+    for (const err of this.renderErrors) if (!known.has(err.message)) this.logger.error({ code: err.code }, `${err.message}; the previous file stays in service`);
     if (!rendered.failed.includes(balancerFile)) this.routesValue = planned.routes;
     this.lastRenderAt = Date.now();
-    if (written.changed.length > 0) {
-      this.logger.debug({ files: written.changed }, 'rendered');
-      await this.dataPlane?.reload();
-    }
+    if (written.changed.length > 0) this.logger.debug({ files: written.changed }, 'rendered');
+    // Also when nothing changed but the data plane is behind: its last read of these files may have failed.
+    if (written.changed.length > 0 || this.dataPlaneBehind()) await this.dataPlane?.reload();
   }
 
   /** Each problem is logged once while it lasts, not on every change. */

@@ -25,7 +25,10 @@ export function createLogger(options: LogOptions): Logger {
       transport: { target: 'pino-pretty', options: { destination: 2, colorize: true, ignore: 'pid,hostname' } },
     });
   }
-  return pino({ level: options.level, redact, base: { pid: process.pid } }, destination(2));
+  // Synchronous: nothing is left in a buffer at exit. A buffered flush at exit into a closed pipe
+  // (a log reader that died, a terminal's Ctrl-C that killed `tee`) retries EPIPE forever in
+  // sonic-boom's flushSync, and the process never exits; a synchronous write's EPIPE just stops logging.
+  return pino({ level: options.level, redact, base: { pid: process.pid } }, destination({ dest: 2, sync: true }));
 }
 
 /** For tests and library use: logs nothing. */

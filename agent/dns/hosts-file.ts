@@ -277,7 +277,7 @@ async function changedSince(path: string, read: OpenFile | undefined): Promise<'
   return startsWith(now, read.bytes) ? 'appended' : 'replaced';
 }
 
-/** Pauses between looks at a replaced file: appends are caught up with until it has stayed still this long. */
+/** Pauses between looks at the replaced file right after the rename (15 ms in all), for appends to carry over. */
 const settleChecksMs = [0, 1, 2, 4, 8];
 /** A writer that opened the old file before the rename may write into it later still: one last look then. */
 const stragglerDelayMs = 200;
@@ -298,8 +298,8 @@ interface UpdateContext {
 }
 
 /**
- * Copies bytes appended to the replaced file (through `old`, still open) since `seen` into the new
- * file (`fresh`, opened O_APPEND so that its own appenders are not overwritten), until it stays still.
+ * Copies bytes appended to the replaced file (through `old`, still open) since it was read into the
+ * new file (`fresh`, opened O_APPEND so that its own appenders are not overwritten).
  */
 async function carryAppends(old: OpenFile, fresh: FileHandle, written: Buffer, context: UpdateContext): Promise<Replaced> {
   let seen = old.bytes;
