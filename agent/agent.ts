@@ -1,4 +1,3 @@
-import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { AdminServer } from './admin/server.js';
 import type { AgentConfig } from './config/config.js';
@@ -8,6 +7,7 @@ import { CatalogWatcher } from './consul/catalog-watcher.js';
 import { backoffDelay, retryBaseMs, retryMaxMs } from './consul/blocking-query.js';
 import { ConsulClient, consulClientOptions } from './consul/client.js';
 import { DataPlane } from './data-plane/data-plane.js';
+import { prepareRunDir } from './fs/run-dir.js';
 import { codes, errorCode, errorMessage, type Problem, type RenderError } from './errors.js';
 import type { Logger } from './log.js';
 import { plan, planLabels, type PlanProblem, type Route } from './plan/plan.js';
@@ -106,7 +106,8 @@ export class Agent {
   }
 
   async start(): Promise<void> {
-    await mkdir(this.config.runDir, { recursive: true });
+    // Refuses (ConfigError, exit 2) a run dir another user could write: it decides what is bound and published.
+    await prepareRunDir(this.config.runDir);
     const dirs = [builtinTemplatesDir(), ...(this.config.templates ? [this.config.templates] : [])];
     const loaded = await loadTemplates(dirs);
     this.templates = loaded.templates;
@@ -143,6 +144,7 @@ export class Agent {
       ...this.templateErrors,
       ...this.renderErrors,
       ...this.servingProblems(),
+      ...(this.dataPlane?.hostsProblems() ?? []),
     ];
     const seen = new Set<string>();
     return all

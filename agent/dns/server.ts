@@ -16,19 +16,43 @@ export interface DnsServerOptions {
   suffix: string;
   /** Seconds; short, so a moved service is picked up soon. */
   ttl?: number;
-  /** A TCP connection with no traffic for this long is closed. */
+  /** A TCP connection with no traffic between queries for this long is closed (RFC 7766 allows keeping it for more queries). */
   idleTimeoutMs?: number;
+  /** A whole TCP query must arrive within this long of its first byte (of accept, for the first), however slowly it trickles. */
+  queryDeadlineMs?: number;
+  /** TCP connections at once, from all clients together. */
   maxConnections?: number;
+  /** TCP connections at once from one client address; a connection over it is closed at once. */
+  maxConnectionsPerClient?: number;
   /** Sockets from a predecessor process (hot restart), used instead of binding anew. */
   inherited?: InheritedSockets;
 }
 
-export type DnsStats = Record<Outcome, number> & { queries: number };
+export type DnsStats = Record<Outcome, number> & {
+  queries: number;
+  /** TCP connections open now. */
+  tcpOpen: number;
+  /** TCP connections closed because a query did not arrive whole within the deadline. */
+  tcpDeadline: number;
+  /** TCP connections closed at once: over the per-client cap, or every slot taken. */
+  tcpLimit: number;
+};
+
+export const defaultIdleTimeoutMs = 10_000;
+export const defaultQueryDeadlineMs = 5_000;
+export const defaultMaxConnections = 256;
+export const defaultMaxConnectionsPerClient = 16;
 
 /** Responses a TCP client has not read yet; past this it is not reading, and is cut off. */
 const maxUnreadBytes = 1 << 20;
+/** After a hang-up, input is still read (and ignored) this long: closing with unread input resets the connection and loses replies already written. */
+const lingerMs = 1000;
 /** Attempts to find a port free for both UDP and TCP when the port is 0. */
 const portAttempts = 10;
+/** A client refused over a TCP limit is logged at most once in this long; the stats count every refusal. */
+const limitLogIntervalMs = 60_000;
+/** Clients remembered for that; past it, ones logged over a minute ago are forgotten. */
+const limitLogMaxClients = 4096;
 
 function hostPort(host: string, port: number): string {
   return isIPv6(host) ? `[${host}]:${port}` : `${host}:${port}`;
@@ -70,7 +94,11 @@ export class DnsServer {
   private udp: UdpSocket | undefined;
   private tcp: Server | undefined;
   private readonly connections = new Set<Socket>();
-  private readonly counts: DnsStats = { queries: 0, answered: 0, nxdomain: 0, refused: 0, formerr: 0, notimp: 0, dropped: 0 };
+  /** Open TCP connections per client address, for the per-client cap. */
+  private readonly perClient = new Map<string, number>();
+  /** When each refused client was last logged, and how many refusals since then went unlogged. */
+  private readonly limitLogged = new Map<string, { at: number; unlogged: number }>();
+  private readonly counts: Omit<DnsStats, 'tcpOpen'> = { queries: 0, answered: 0, nxdomain: 0, refused: 0, formerr: 0, notimp: 0, dropped: 0, tcpDeadline: 0, tcpLimit: 0 };
   private readonly ttl: number;
   private readonly log: Logger;
 
@@ -136,7 +164,10 @@ export class DnsServer {
   }
 
   private serve(udp: UdpSocket, tcp: Server): void {
-    tcp.maxConnections = this.options.maxConnections ?? 256;
+    const maxConnections = this.options.maxConnections ?? defaultMaxConnections;
+    tcp.maxConnections = maxConnections;
+    // Node closes a connection over maxConnections before 'connection'; it only tells us here.
+    tcp.on('drop', (data) => this.refuseOverLimit(clientKey(data?.remoteAddress), `all ${maxConnections} DNS TCP connections are in use`));
     udp.on('message', (message, peer) => this.onDatagram(message, peer));
     udp.on('error', (err) => this.log.warn({ code: errorCode(err) }, `DNS UDP socket error: ${err.message}`));
     tcp.on('error', (err) => this.log.warn({ code: errorCode(err) }, `DNS TCP listener error: ${err.message}`));
@@ -158,7 +189,7 @@ export class DnsServer {
   }
 
   stats(): DnsStats {
-    return { ...this.counts };
+    return { ...this.counts, tcpOpen: this.connections.size };
   }
 
   async close(): Promise<void> {
@@ -193,38 +224,105 @@ export class DnsServer {
     });
   }
 
+  /** Counts a connection closed over a TCP limit; logs each client at most once a minute. */
+  private refuseOverLimit(client: string, why: string): void {
+    this.counts.tcpLimit++;
+    const now = Date.now();
+    const last = this.limitLogged.get(client);
+    if (last && now - last.at < limitLogIntervalMs) {
+      last.unlogged++;
+      return;
+    }
+    if (!last && this.limitLogged.size >= limitLogMaxClients) {
+      for (const [key, entry] of this.limitLogged) if (now - entry.at >= limitLogIntervalMs) this.limitLogged.delete(key);
+      if (this.limitLogged.size >= limitLogMaxClients) return;
+    }
+    const since = last ? `; ${last.unlogged} more from it since it was last logged` : '';
+    this.log.warn({ code: codes.dnsTcpLimit, client, transport: 'tcp' }, `DNS TCP connection from ${client} closed at once: ${why}${since} (logged once a minute per client)`);
+    this.limitLogged.set(client, { at: now, unlogged: 0 });
+  }
+
   private onConnection(socket: Socket): void {
+    const client = clientKey(socket.remoteAddress);
     const peer = hostPort(socket.remoteAddress ?? '?', socket.remotePort ?? 0);
-    const frames = new FrameReader();
-    let open = true;
-    const hangUp = (why: string): void => {
-      if (!open) return;
-      open = false;
-      this.log.debug({ peer, transport: 'tcp' }, `DNS TCP connection closed: ${why}`);
-      socket.destroySoon();
-    };
+    const perClientCap = this.options.maxConnectionsPerClient ?? defaultMaxConnectionsPerClient;
+    const open = this.perClient.get(client) ?? 0;
+    if (open >= perClientCap) {
+      socket.on('error', () => undefined);
+      socket.destroy();
+      this.refuseOverLimit(client, `it already has ${open} open (at most ${perClientCap} per client)`);
+      return;
+    }
+    this.perClient.set(client, open + 1);
     this.connections.add(socket);
+
+    const frames = new FrameReader();
+    const deadlineMs = this.options.queryDeadlineMs ?? defaultQueryDeadlineMs;
+    let deadline: NodeJS.Timeout | undefined;
+    let linger: NodeJS.Timeout | undefined;
+    let live = true;
+    const hangUp = (why: string, graceful: boolean): void => {
+      if (!live) return;
+      live = false;
+      clearTimeout(deadline);
+      this.log.debug({ peer, transport: 'tcp' }, `DNS TCP connection closed: ${why}`);
+      if (!graceful) return void socket.destroy();
+      socket.end();
+      linger = setTimeout(() => socket.destroy(), lingerMs);
+    };
+    // Runs from a message's first byte and is not reset by later bytes, so trickling cannot hold a slot.
+    const startDeadline = (): void => {
+      deadline = setTimeout(() => {
+        if (!live) return;
+        live = false;
+        this.counts.tcpDeadline++;
+        this.log.debug({ code: codes.dnsTcpDeadline, peer, transport: 'tcp' }, `DNS TCP connection closed: no whole query within ${deadlineMs} ms`);
+        socket.destroy();
+      }, deadlineMs);
+    };
+    startDeadline();
+
     socket.setNoDelay(true);
-    socket.setTimeout(this.options.idleTimeoutMs ?? 10_000, () => {
-      hangUp('idle');
+    socket.setTimeout(this.options.idleTimeoutMs ?? defaultIdleTimeoutMs, () => {
+      hangUp('idle', false);
       socket.destroy();
     });
-    socket.on('close', () => this.connections.delete(socket));
+    socket.on('close', () => {
+      live = false;
+      clearTimeout(deadline);
+      clearTimeout(linger);
+      this.connections.delete(socket);
+      const left = (this.perClient.get(client) ?? 1) - 1;
+      if (left > 0) this.perClient.set(client, left);
+      else this.perClient.delete(client);
+    });
     socket.on('error', (err) => this.log.debug({ code: errorCode(err), peer }, `DNS TCP connection error: ${err.message}`));
     socket.on('data', (chunk: Buffer) => {
-      if (!open) return;
+      if (!live) return;
       try {
-        for (const message of frames.push(chunk)) {
+        const messages = frames.push(chunk);
+        if (messages.length > 0) {
+          clearTimeout(deadline);
+          deadline = undefined;
+        }
+        for (const message of messages) {
           const response = this.handle(message, 'tcp', peer);
           // Empty or headerless frames and responses end the connection: the stream is not DNS.
-          if (!response) return hangUp(`a ${message.length}-byte frame that is not a query`);
+          if (!response) return hangUp(`a ${message.length}-byte frame that is not a query`, true);
           socket.write(frame(response));
-          if (socket.writableLength > maxUnreadBytes) return hangUp('the client does not read its responses');
+          if (socket.writableLength > maxUnreadBytes) return hangUp('the client does not read its responses', false);
         }
+        if (frames.midMessage && deadline === undefined) startDeadline();
       } catch (err) {
         this.log.warn({ code: errorCode(err), peer }, `DNS TCP connection failed: ${errorMessage(err)}`);
         socket.destroy();
       }
     });
   }
+}
+
+/** The address a per-client limit counts by; an IPv4 client seen on a dual-stack socket counts as itself. */
+function clientKey(address: string | undefined): string {
+  if (!address) return '?';
+  return address.startsWith('::ffff:') && address.includes('.') ? address.slice('::ffff:'.length) : address;
 }

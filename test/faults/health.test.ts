@@ -35,6 +35,20 @@ function listen(server: Server, host: string, port: number): Promise<void> {
   });
 }
 
+/** The route is served all the same, and /health says 503 with a reason of `code` naming `file`; stops the agent. */
+async function servedYet503(node: Awaited<ReturnType<typeof startAgent>>, code: string, file: string): Promise<void> {
+  try {
+    await eventually(() => listening(node.agent, 'web'), 10_000, 'web listening all the same');
+    const h = await eventually(async () => {
+      const r = await health(node.agent);
+      return r.code === 503 ? r : undefined;
+    }, 10_000, '503');
+    assert.ok(h.reasons.some((r) => r.code === code && r.message.includes(file)), JSON.stringify(h.reasons));
+  } finally {
+    await node.stop();
+  }
+}
+
 describe('faults: health that does not lie', { timeout: 180_000 }, () => {
   let consul: TestConsul;
   let backend: IdServer;
@@ -102,16 +116,7 @@ describe('faults: health that does not lie', { timeout: 180_000 }, () => {
     await writeFile(join(templates, 'extra.conf.hbs'), '{{#each routes}}{{nosuchfield}}{{/each}}\n');
     const node = await startAgent(consul.url, { templates });
     dirs.push(node.dir);
-    try {
-      await eventually(() => listening(node.agent, 'web'), 10_000, 'web listening all the same');
-      const h = await eventually(async () => {
-        const r = await health(node.agent);
-        return r.code === 503 ? r : undefined;
-      }, 10_000, '503');
-      assert.ok(h.reasons.some((r) => r.code === 'LM_ERR_RENDER_TEMPLATE' && r.message.includes('extra.conf.hbs')), JSON.stringify(h.reasons));
-    } finally {
-      await node.stop();
-    }
+    await servedYet503(node, 'LM_ERR_RENDER_TEMPLATE', 'extra.conf.hbs');
   });
 
   test('a rendered file that cannot be written: 503 with LM_ERR_RENDER_WRITE', async () => {
@@ -120,17 +125,7 @@ describe('faults: health that does not lie', { timeout: 180_000 }, () => {
     // haproxy.cfg is a folder: the write fails, balancer.json still lands.
     await mkdir(join(base, 'run', 'haproxy.cfg'), { recursive: true });
     await writeFile(join(base, 'hosts'), '');
-    const node = await startAgent(consul.url, {}, base);
-    try {
-      await eventually(() => listening(node.agent, 'web'), 10_000, 'web listening');
-      const h = await eventually(async () => {
-        const r = await health(node.agent);
-        return r.code === 503 ? r : undefined;
-      }, 10_000, '503');
-      assert.ok(h.reasons.some((r) => r.code === 'LM_ERR_RENDER_WRITE' && r.message.includes('haproxy.cfg')), JSON.stringify(h.reasons));
-    } finally {
-      await node.stop();
-    }
+    await servedYet503(await startAgent(consul.url, {}, base), 'LM_ERR_RENDER_WRITE', 'haproxy.cfg');
   });
 
   test('the address range exhausted: 503 naming the service left out, the others served', async () => {

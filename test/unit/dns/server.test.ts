@@ -6,8 +6,11 @@ import { connect, type Socket } from 'node:net';
 import { promisify } from 'node:util';
 import type { ServiceSpec } from '../../../agent/balancer/config.js';
 import { DnsServer, type DnsServerOptions } from '../../../agent/dns/server.js';
+import { FrameReader, frame } from '../../../agent/dns/tcp-frames.js';
 import { DnsError } from '../../../agent/errors.js';
 import { silentLogger } from '../../../agent/log.js';
+import { captureLogger } from '../../support/log.js';
+import { eventually } from '../../support/net.js';
 import { buildQuery, parseResponse, prng, randomBytes, withHeader } from './wire.js';
 
 const run = promisify(execFile);
@@ -70,9 +73,9 @@ class TcpClient {
     this.closed = new Promise((resolve) => socket.on('close', () => resolve()));
   }
 
-  static open(t: TestContext, port: number): Promise<TcpClient> {
+  static open(t: TestContext, port: number, localAddress?: string): Promise<TcpClient> {
     return new Promise((resolve, reject) => {
-      const socket = connect({ host: '127.0.0.1', port }, () => resolve(new TcpClient(socket)));
+      const socket = connect({ host: '127.0.0.1', port, ...(localAddress ? { localAddress } : {}) }, () => resolve(new TcpClient(socket)));
       socket.once('error', reject);
       t.after(() => socket.destroy());
     });
@@ -222,10 +225,142 @@ test('TCP: a malformed query gets FORMERR and the connection goes on; a garbage 
   assert.equal((await dig(port, 'web.local', 'A', '+short', '+tcp')).out.trim(), '127.77.0.2');
 });
 
+test('TCP: replies written before a hang-up reach the client, though it keeps sending after the bad frame', async (t) => {
+  const { port } = await startServer(t);
+  const clients = await Promise.all(Array.from({ length: 40 }, () => TcpClient.open(t, port)));
+  await Promise.all(
+    clients.map(async (client, n) => {
+      const good = [1, 2, 3].map((i) => TcpClient.frame(buildQuery('web.local', { id: n * 10 + i })));
+      client.socket.write(Buffer.concat([...good, Buffer.from([0, 5, 1, 2, 3, 4, 5])]));
+      // Still sending when the server hangs up: closing with this unread would reset the connection.
+      for (let i = 0; i < 50 && !client.socket.destroyed; i++) {
+        client.socket.write(Buffer.alloc(1000, 0x41));
+        await new Promise((resolve) => setImmediate(resolve));
+      }
+      assert.equal(await closesWithin(client, 3000), true, 'the garbage frame ends the connection');
+    }),
+  );
+  clients.forEach((client, n) => assert.deepEqual(client.replies.map((r) => parseResponse(r).header.id), [1, 2, 3].map((i) => n * 10 + i), `connection ${n}: the three replies before the garbage frame arrived`));
+});
+
 test('TCP: an idle connection is closed', async (t) => {
   const { port } = await startServer(t, { idleTimeoutMs: 200 });
   const client = await TcpClient.open(t, port);
   assert.equal(await closesWithin(client, 2000), true);
+});
+
+test('TCP: a client that trickles a byte every 300 ms is cut at the query deadline, though each byte resets the idle timeout', async (t) => {
+  const { logger, lines } = captureLogger('debug');
+  const { server, port } = await startServer(t, { queryDeadlineMs: 1200, idleTimeoutMs: 500, logger });
+  const client = await TcpClient.open(t, port);
+  const opened = Date.now();
+  const framed = TcpClient.frame(buildQuery('web.local', { id: 21 }));
+  let sent = 0;
+  for (const byte of framed) {
+    if (client.socket.destroyed || client.socket.writableEnded) break;
+    client.socket.write(Buffer.from([byte]));
+    sent++;
+    if (await closesWithin(client, 300)) break;
+  }
+  await client.closed;
+  const lasted = Date.now() - opened;
+  assert.ok(sent >= 4 && sent < framed.length, `${sent} of ${framed.length} bytes went out before the cut`);
+  assert.ok(lasted >= 1100 && lasted < 2500, `closed after ${lasted} ms; the deadline is 1200 ms`);
+  assert.equal(client.replies.length, 0);
+  assert.equal(server.stats().tcpDeadline, 1);
+  await eventually(() => server.stats().tcpOpen === 0, 1000, 'the server to forget the connection');
+  const logged = lines.filter((l) => l.code === 'LM_ERR_DNS_TCP_DEADLINE');
+  assert.equal(logged.length, 1, 'logged once, with its code');
+  assert.match(logged[0]!.msg, /no whole query within 1200 ms/);
+  await assertStillAnswers(port);
+});
+
+test('TCP: the deadline runs per query: a pause between queries is the idle timeout, and the first query counts from accept', async (t) => {
+  const { server, port } = await startServer(t, { queryDeadlineMs: 600, idleTimeoutMs: 3000 });
+  const client = await TcpClient.open(t, port);
+  client.socket.write(TcpClient.frame(buildQuery('web.local', { id: 31 })));
+  await client.replyCount(1);
+  assert.equal(await closesWithin(client, 1000), false, 'open past the deadline between queries');
+  const framed = TcpClient.frame(buildQuery('web.local', { id: 32 }));
+  client.socket.write(framed.subarray(0, 5));
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  client.socket.write(framed.subarray(5));
+  assert.equal(parseResponse((await client.replyCount(2))[1]!).header.id, 32, 'a query split over 300 ms, inside the deadline, is answered');
+  const started = Date.now();
+  client.socket.write(framed.subarray(0, 1));
+  await client.closed;
+  const lasted = Date.now() - started;
+  assert.ok(lasted >= 500 && lasted < 1500, `a started query that stalls is cut at the deadline, not the idle timeout: ${lasted} ms`);
+
+  const silent = await TcpClient.open(t, port);
+  assert.equal(await closesWithin(silent, 1500), true, 'a connection that never sends is cut at the deadline too');
+  assert.equal(server.stats().tcpDeadline, 2);
+});
+
+test('TCP: over the per-client cap a connection is closed at once, logged once; other clients and freed slots are served', async (t) => {
+  const { logger, lines } = captureLogger('debug');
+  const { server, port } = await startServer(t, { maxConnectionsPerClient: 3, logger });
+  const held = await Promise.all([1, 2, 3].map(() => TcpClient.open(t, port)));
+  const over = await Promise.all([1, 2].map(() => TcpClient.open(t, port)));
+  for (const client of over) {
+    client.socket.write(TcpClient.frame(buildQuery('web.local', { id: 40 })));
+    assert.equal(await closesWithin(client, 1000), true, 'the 4th and 5th connection from 127.0.0.1 are closed at once');
+    assert.equal(client.replies.length, 0);
+  }
+  for (const [i, client] of held.entries()) {
+    client.socket.write(TcpClient.frame(buildQuery('web.local', { id: 41 + i })));
+    assert.equal(parseResponse((await client.replyCount(1))[0]!).header.id, 41 + i, 'the three under the cap are served');
+  }
+  const other = await TcpClient.open(t, port, '127.0.0.2');
+  other.socket.write(TcpClient.frame(buildQuery('web.local', { id: 50 })));
+  assert.equal(parseResponse((await other.replyCount(1))[0]!).header.id, 50, 'another client address has its own cap');
+  assert.deepEqual([server.stats().tcpLimit, server.stats().tcpOpen], [2, 4]);
+  const logged = lines.filter((l) => l.code === 'LM_ERR_DNS_TCP_LIMIT');
+  assert.equal(logged.length, 1, 'two refusals, one log line for the client');
+  assert.match(logged[0]!.msg, /127\.0\.0\.1 closed at once: it already has 3 open \(at most 3 per client\)/);
+
+  held[0]!.socket.destroy();
+  await held[0]!.closed;
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  const again = await TcpClient.open(t, port);
+  again.socket.write(TcpClient.frame(buildQuery('web.local', { id: 51 })));
+  assert.equal(parseResponse((await again.replyCount(1))[0]!).header.id, 51, 'a closed connection frees its slot');
+  assert.equal(server.stats().tcpLimit, 2);
+});
+
+test('TCP: with every slot taken a new connection is closed at once and counted; UDP is unaffected', async (t) => {
+  const { logger, lines } = captureLogger('debug');
+  const { server, port } = await startServer(t, { maxConnections: 4, logger });
+  await Promise.all(['127.0.0.2', '127.0.0.3', '127.0.0.4', '127.0.0.5'].map((address) => TcpClient.open(t, port, address)));
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  const fifth = await TcpClient.open(t, port, '127.0.0.6');
+  assert.equal(await closesWithin(fifth, 1000), true);
+  assert.deepEqual([server.stats().tcpLimit, server.stats().tcpOpen], [1, 4]);
+  assert.match(lines.find((l) => l.code === 'LM_ERR_DNS_TCP_LIMIT')?.msg ?? '', /127\.0\.0\.6 closed at once: all 4 DNS TCP connections are in use/);
+  await assertStillAnswers(port);
+});
+
+test('FrameReader: the same messages whatever the chunking, and it knows when it is mid-message', () => {
+  const next = prng(11);
+  const messages = Array.from({ length: 40 }, (_, i) => randomBytes(next, i === 3 ? 0 : i === 7 ? 65535 : Math.floor(next() * 300)));
+  const stream = Buffer.concat(messages.map(frame));
+  const boundaries = new Set<number>();
+  messages.reduce((at, m) => (boundaries.add(at + 2 + m.length), at + 2 + m.length), 0);
+  for (const maxChunk of [1, 2, 3, 17, 4096, stream.length]) {
+    const reader = new FrameReader();
+    const read: Buffer[] = [];
+    for (let at = 0; at < stream.length; ) {
+      const size = Math.min(stream.length - at, 1 + Math.floor(next() * maxChunk));
+      read.push(...reader.push(stream.subarray(at, at + size)));
+      at += size;
+      assert.equal(reader.midMessage, !boundaries.has(at), `mid-message at byte ${at} of ${stream.length}`);
+    }
+    assert.equal(reader.midMessage, false);
+    assert.deepEqual(read.map((m) => m.toString('hex')), messages.map((m) => m.toString('hex')), `chunks of up to ${maxChunk} bytes`);
+  }
+  const reader = new FrameReader();
+  assert.deepEqual(reader.push(Buffer.from([0])), []);
+  assert.equal(reader.midMessage, true, 'one byte of a length is mid-message');
 });
 
 test('stats count every message by outcome', async (t) => {
@@ -236,7 +371,7 @@ test('stats count every message by outcome', async (t) => {
   await exchangeUdp(port, withHeader([0xc0]));
   await exchangeUdp(port, buildQuery('web.local', { opcode: 2 }));
   await exchangeUdp(port, Buffer.from([1]), 200);
-  assert.deepEqual(server.stats(), { queries: 6, answered: 1, nxdomain: 1, refused: 1, formerr: 1, notimp: 1, dropped: 1 });
+  assert.deepEqual(server.stats(), { queries: 6, answered: 1, nxdomain: 1, refused: 1, formerr: 1, notimp: 1, dropped: 1, tcpOpen: 0, tcpDeadline: 0, tcpLimit: 0 });
 });
 
 test('a port in use: start() throws LM_ERR_DNS_LISTEN naming host:port; port 0 gives one port for UDP and TCP', async (t) => {
