@@ -281,6 +281,8 @@ up() {
     lm_loopmesh_env "$LAB_STATE/$node/run" /etc/hosts 127.0.0.1:53 127.0.0.1:9190 >"$LAB_STATE/$node/loopmesh.env"
     # What loopmesh writes: its run dir and the node's hosts file (in place, as on a VM).
     chown -R "$LM_UID:$LM_GID" "$LAB_STATE/$node/run" "/etc/netns/$node/hosts"
+    # loopmesh refuses a run dir (or a file in it) that group or others may write, whatever root's umask was.
+    chmod -R go-w "$LAB_STATE/$node/run"
     start_component "$node" consul
   done
   say "waiting for Consul: a leader and $((LAB_NODES + 1)) members"

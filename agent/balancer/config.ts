@@ -1,5 +1,6 @@
 import { BalancerError, codes } from '../errors.js';
-import { expectArray, expectInteger, expectOneOf, expectRecord, expectString, isIPv4 } from '../validate.js';
+import { reservedAddresses } from '../plan/addresses.js';
+import { describe, expectArray, expectInteger, expectOneOf, expectRecord, expectString, ipv4ToInt, isHostAddress, isIPv4 } from '../validate.js';
 
 /**
  * balancer.json: the one contract between the control plane (watch, plan, render) and the data plane
@@ -38,12 +39,40 @@ export interface BalancerConfig {
   services: ServiceSpec[];
 }
 
+/** Newlines, tabs and other control characters: never in a value that reaches a log line or a rendered file. */
+const controlCharacter = /[\u0000-\u001f\u007f]/;
+const dnsLabelPattern = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/i;
+
+function isDnsName(value: string): boolean {
+  return value.length <= 253 && value.split('.').every((label) => dnsLabelPattern.test(label));
+}
+
+/**
+ * Where a service may listen: a loopback address (Linux routes all of 127/8 to lo), not the network
+ * or broadcast address, and none other software owns. Anything else (0.0.0.0, an address of the
+ * host's network) would expose the service beyond this node or take an address that is not ours.
+ */
+function listenAddressProblem(address: string): string | undefined {
+  if (!isIPv4(address)) return 'expected an IPv4 address';
+  const n = ipv4ToInt(address);
+  if (n >>> 24 !== 127) return 'expected a loopback address inside 127.0.0.0/8 (anything else would be reachable from other hosts or not this node\'s)';
+  if ((n & 0xffffff) === 0 || (n & 0xffffff) === 0xffffff) return 'expected a host address of 127.0.0.0/8, not its network or broadcast address';
+  if (reservedAddresses.includes(address)) return `expected an address other software does not own (not ${reservedAddresses.join(', ')})`;
+  return undefined;
+}
+
+function expectText(value: unknown, where: string): string {
+  const text = expectString(value, where);
+  if (text.length === 0 || controlCharacter.test(text)) throw new TypeError(`${where}: expected a non-empty string without control characters, got ${describe(text)}`);
+  return text;
+}
+
 function parseBackend(value: unknown, where: string): BackendSpec {
   const raw = expectRecord(value, where);
   const address = expectString(raw.address, `${where}.address`);
-  if (address.length === 0) throw new TypeError(`${where}.address: expected a host or IP address, got ""`);
+  if (!isHostAddress(address)) throw new TypeError(`${where}.address: expected an IP address or an RFC 1123 host name, got ${describe(address)}`);
   return {
-    id: expectString(raw.id, `${where}.id`),
+    id: expectText(raw.id, `${where}.id`),
     address,
     port: expectInteger(raw.port, `${where}.port`, 1, 65535),
   };
@@ -51,18 +80,38 @@ function parseBackend(value: unknown, where: string): BackendSpec {
 
 function parseService(value: unknown, where: string): ServiceSpec {
   const raw = expectRecord(value, where);
+  const service = expectText(raw.service, `${where}.service`);
+  try {
+    return parseServiceFields(raw, service, where);
+  } catch (err) {
+    throw new TypeError(`${(err as Error).message} (service ${JSON.stringify(service)})`, { cause: err });
+  }
+}
+
+function parseServiceFields(raw: Record<string, unknown>, service: string, where: string): ServiceSpec {
   const address = expectString(raw.address, `${where}.address`);
-  if (!isIPv4(address)) throw new TypeError(`${where}.address: expected an IPv4 address, got "${address}"`);
+  const wrongAddress = listenAddressProblem(address);
+  if (wrongAddress) throw new TypeError(`${where}.address: ${wrongAddress}, got ${describe(address)}`);
+  const name = expectString(raw.name, `${where}.name`);
+  if (!dnsLabelPattern.test(name)) throw new TypeError(`${where}.name: expected a DNS label (letters, digits and inner "-", at most 63), got ${describe(name)}`);
+  const fqdn = expectString(raw.fqdn, `${where}.fqdn`).toLowerCase();
+  if (!isDnsName(fqdn)) throw new TypeError(`${where}.fqdn: expected a DNS name such as web.local (labels of letters, digits and inner "-", no trailing dot), got ${describe(fqdn)}`);
   return {
-    service: expectString(raw.service, `${where}.service`),
-    name: expectString(raw.name, `${where}.name`),
-    fqdn: expectString(raw.fqdn, `${where}.fqdn`).toLowerCase(),
+    service,
+    name,
+    fqdn,
     address,
     port: expectInteger(raw.port, `${where}.port`, 1, 65535),
     policy: expectOneOf(raw.policy ?? 'round-robin', `${where}.policy`, balancePolicies),
     empty: expectOneOf(raw.empty ?? 'reject', `${where}.empty`, emptyPolicies),
     backends: expectArray(raw.backends, `${where}.backends`).map((b, i) => parseBackend(b, `${where}.backends[${i}]`)),
   };
+}
+
+/** "::ffff:127.66.1.1" dials 127.66.1.1: compare backends to listeners by the address they reach. */
+function dialed(address: string): string {
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
+  return mapped?.[1] ?? address;
 }
 
 /** Parses and checks a rendered balancer.json; throws a BalancerError naming the bad value. */
@@ -83,6 +132,13 @@ export function parseBalancerConfig(text: string, source = 'balancer.json'): Bal
       const other = seen.get(key);
       if (other) throw new TypeError(`${source}: services "${other}" and "${s.service}" both listen on ${key}; expected one service per address and port`);
       seen.set(key, s.service);
+    }
+    // A backend that is one of these listeners would make each connection dial itself until fds run out.
+    for (const s of services) {
+      for (const b of s.backends) {
+        const owner = seen.get(`${dialed(b.address)}:${b.port}`);
+        if (owner) throw new BalancerError(codes.balancerSelfBackend, `${source}: service "${s.service}" has the backend ${b.id} at ${b.address}:${b.port}, which is the listener of service "${owner}"; expected no backend that is one of loopmesh's own listeners (a connection would loop)`);
+      }
     }
     return { version: 1, services };
   } catch (cause) {

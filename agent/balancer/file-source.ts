@@ -1,13 +1,26 @@
-import { mkdir, readFile } from 'node:fs/promises';
-import { basename, dirname, resolve } from 'node:path';
+import { stat } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
 import { watch, type FSWatcher } from 'chokidar';
 import { debounce, type Debounced } from '../debounce.js';
 import { errorCode, errorMessage } from '../errors.js';
+import { prepareRunDir, readRunDirFile } from '../fs/run-dir.js';
 import type { Logger } from '../log.js';
 import { parseBalancerConfig, type BalancerConfig } from './config.js';
 
 /** chokidar drops a 'change' that comes within 50 ms of the previous one on the same path. */
 const missedChangeWindowMs = 100;
+/** chokidar goes silent when its folder is deleted or renamed away: how often the folder's identity is compared. */
+const defaultDirCheckMs = 1000;
+
+/** Which folder a path names now (a symlink followed), or undefined when none. The birth time tells a recreated folder that got the freed inode back. */
+async function folderIdentity(path: string): Promise<string | undefined> {
+  try {
+    const info = await stat(path);
+    return info.isDirectory() ? `${info.dev}:${info.ino}:${info.birthtimeMs}` : undefined;
+  } catch {
+    return undefined;
+  }
+}
 
 export interface BalancerFileSourceOptions {
   /** The rendered balancer.json. */
@@ -15,16 +28,28 @@ export interface BalancerFileSourceOptions {
   logger: Logger;
   /** Gets each new valid config; while it runs, the next load waits. */
   onConfig: (config: BalancerConfig) => void | Promise<void>;
+  /** How often to check whether the run dir was deleted, recreated or replaced (ms). */
+  dirCheckMs?: number;
 }
 
 /**
  * Follows the rendered balancer.json: loads it, checks it, and hands over each new valid version.
- * An invalid file is reported and ignored, so the last good config stays in service.
+ * An invalid file is reported and ignored, so the last good config stays in service. A run dir that
+ * is deleted and recreated, or replaced by a rename, is followed again.
  */
 export class BalancerFileSource {
   private readonly path: string;
+  private readonly dir: string;
   private readonly logger: Logger;
   private watcher: FSWatcher | undefined;
+  /** The folder the watcher follows (folderIdentity), undefined while there is none. */
+  private watchedDir: string | undefined;
+  private dirTimer: NodeJS.Timeout | undefined;
+  private dirCheck: Promise<void> | undefined;
+  /** The run dir is gone (said once). */
+  private dirGone = false;
+  /** The last read failure logged, so a lasting one is said once. */
+  private readFailure: string | undefined;
   private readonly onFileEvent: Debounced;
   private recheck: NodeJS.Timeout | undefined;
   private loading: Promise<void> = Promise.resolve();
@@ -34,6 +59,7 @@ export class BalancerFileSource {
 
   constructor(private readonly options: BalancerFileSourceOptions) {
     this.path = resolve(options.path);
+    this.dir = dirname(this.path);
     this.logger = options.logger.child({ file: this.path });
     this.onFileEvent = debounce(() => {
       void this.reload();
@@ -45,31 +71,77 @@ export class BalancerFileSource {
     return this.applied?.config;
   }
 
-  /** Loads the file if it exists, then follows it; resolves once the watcher is ready. */
+  /** Creates and checks the run dir (prepareRunDir), loads the file if it exists, then follows it; resolves once the watcher is ready. */
   async start(): Promise<void> {
     // A folder that does not exist yet cannot be watched: a data plane started before the first
     // render (its own process, say) would never see the file appear.
-    await mkdir(dirname(this.path), { recursive: true });
+    await prepareRunDir(this.dir);
     await this.reload();
+    await this.watchDir();
+    // A write between the first load and the watcher being ready would otherwise go unseen.
+    await this.reload();
+    this.dirTimer = setInterval(() => void this.checkDir(), this.options.dirCheckMs ?? defaultDirCheckMs);
+    this.dirTimer.unref();
+  }
+
+  private async watchDir(): Promise<void> {
+    const identity = await folderIdentity(this.dir);
+    if (identity === undefined || this.closed) return;
     // The renderer replaces the file by rename, so watch its folder rather than the file's inode.
-    const watcher = watch(dirname(this.path), {
+    const watcher = watch(this.dir, {
       depth: 0,
       ignoreInitial: true,
       atomic: false,
       awaitWriteFinish: false,
-      ignored: (path) => path !== dirname(this.path) && path !== this.path,
+      // A symlink is refused when read (readRunDirFile); its creation must still be an event.
+      followSymlinks: false,
+      ignored: (path) => path !== this.dir && path !== this.path,
     });
     this.watcher = watcher;
+    this.watchedDir = identity;
     const isOurs = (path: string): boolean => resolve(path) === this.path;
     watcher.on('add', (path) => isOurs(path) && this.onFileEvent());
     watcher.on('change', (path) => isOurs(path) && this.onFileEvent());
     watcher.on('unlink', (path) => {
       if (isOurs(path)) this.logger.warn('balancer config file removed; the last good config stays in service');
     });
-    watcher.on('error', (err) => this.logger.error({ code: errorCode(err), err: errorMessage(err) }, 'watching the balancer config failed'));
+    watcher.on('unlinkDir', (path) => {
+      if (resolve(path) !== this.dir) return;
+      // Deleted, so this watcher is dead whatever the folder there now looks like.
+      this.watchedDir = 'deleted';
+      void this.checkDir();
+    });
+    watcher.on('error', (err) => {
+      this.logger.error({ code: errorCode(err), err: errorMessage(err) }, 'watching the balancer config failed');
+      void this.checkDir();
+    });
     await new Promise<void>((ready) => watcher.once('ready', ready));
-    // A write between the first load and the watcher being ready would otherwise go unseen.
-    await this.reload();
+  }
+
+  /** Follows the run dir again when it was deleted and recreated, or another folder was renamed in its place. */
+  private checkDir(): Promise<void> {
+    this.dirCheck ??= (async () => {
+      const identity = await folderIdentity(this.dir);
+      if (this.closed) return;
+      if (this.watcher && identity === this.watchedDir) {
+        // A refused read (a dir or file others may write) is retried: a chmod or chown fixes it without a new render.
+        if (this.readFailure !== undefined) await this.reload();
+        return;
+      }
+      await this.watcher?.close();
+      this.watcher = undefined;
+      this.watchedDir = undefined;
+      if (identity === undefined) {
+        if (!this.dirGone) this.logger.warn({ dir: this.dir }, 'run dir removed; the last good config stays in service until it is back');
+        this.dirGone = true;
+        return;
+      }
+      this.dirGone = false;
+      this.logger.info({ dir: this.dir }, 'run dir recreated or replaced; following the new one');
+      await this.watchDir();
+      await this.reload();
+    })().finally(() => (this.dirCheck = undefined));
+    return this.dirCheck;
   }
 
   /** Reads the file now; loads queue up, so a caller that just wrote the file sees its write applied. */
@@ -83,6 +155,8 @@ export class BalancerFileSource {
     this.closed = true;
     this.onFileEvent.cancel();
     clearTimeout(this.recheck);
+    clearInterval(this.dirTimer);
+    await this.dirCheck;
     await this.watcher?.close();
     await this.loading;
   }
@@ -97,15 +171,18 @@ export class BalancerFileSource {
     if (this.closed) return;
     let text: Buffer;
     try {
-      text = await readFile(this.path);
+      // The run dir is untrusted: another user's file, a symlink or a FIFO there is refused.
+      text = await readRunDirFile(this.path);
     } catch (err) {
       if (errorCode(err) === 'ENOENT') {
         this.logger.debug('balancer config file does not exist yet');
-      } else {
-        this.logger.error({ code: errorCode(err), err: errorMessage(err) }, 'cannot read the balancer config');
+      } else if (errorMessage(err) !== this.readFailure) {
+        this.readFailure = errorMessage(err);
+        this.logger.error({ code: errorCode(err), err: errorMessage(err) }, 'cannot read the balancer config; the last good config stays in service');
       }
       return;
     }
+    this.readFailure = undefined;
     if (this.applied?.text.equals(text) || this.rejectedText?.equals(text)) return;
 
     let config: BalancerConfig;

@@ -1,6 +1,7 @@
 import { DataPlane } from '../data-plane/data-plane.js';
 import { receiveHandover, reportHandover, type InheritedSockets } from '../data-plane/handover.js';
 import { errorCode, errorMessage } from '../errors.js';
+import { prepareRunDir } from '../fs/run-dir.js';
 import type { Logger, LogOptions } from '../log.js';
 import { loadConfig, parseFlags } from './args.js';
 import { usage } from './usage.js';
@@ -17,6 +18,8 @@ export async function runBalancer(argv: string[], makeLogger: (level: LogOptions
   }
   const config = loadConfig(flags, process.env);
   const log = makeLogger(config.logLevel);
+  // Whoever can write the run dir decides what this process binds: refuse (exit 2) unless it is ours alone.
+  await prepareRunDir(config.runDir);
   // Started by a running balancer's hot restart (SIGUSR2)? Then take over its sockets and config.
   let inherited: InheritedSockets | undefined;
   try {

@@ -21,16 +21,17 @@ export async function writeFileAtomic(path: string, content: string, options: { 
   const temp = join(dirname(path), `.${basename(path)}.${randomBytes(6).toString('hex')}.tmp`);
   const handle = await open(temp, 'wx', mode);
   try {
-    await handle.writeFile(content, 'utf8');
-    await handle.chmod(mode);
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-  try {
+    try {
+      await handle.writeFile(content, 'utf8');
+      await handle.chmod(mode);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
     if (owner && process.getuid?.() === 0) await chown(temp, owner.uid, owner.gid);
     await rename(temp, path);
   } catch (err) {
+    // Whatever failed (ENOSPC on a full disk, say), no temp file is left behind for good.
     await unlink(temp).catch(() => undefined);
     throw err;
   }
