@@ -230,7 +230,8 @@ export class Agent {
 
   /** The in-process data plane does not serve the rendered files: a read or a hosts write failed (EMFILE), or a port is taken. */
   private dataPlaneBehind(): boolean {
-    return this.servingProblems().length > 0 || (this.dataPlane?.hostsProblems().some((p) => p.code === codes.hostsWrite) ?? false);
+    // Dropped hosts lines are the rendered content's fault: writing again changes nothing.
+    return this.servingProblems().length > 0 || (this.dataPlane?.hostsProblems().some((p) => p.code !== codes.hostsInvalidLine) ?? false);
   }
 
   /** Without this, files not written when file descriptors ran out stayed stale until the catalog changed. */
@@ -256,6 +257,8 @@ export class Agent {
     this.planProblems = planned.problems;
     this.report(planned.problems);
     const rendered = renderAll(this.templates, { routes: planned.routes, suffix: this.config.suffix });
+    // A run dir removed under us is made again (and checked again: a replaced one may be unsafe).
+    await prepareRunDir(this.config.runDir);
     const written = await writeRendered(this.config.runDir, rendered.files);
     const known = new Set(this.renderErrors.map((e) => e.message));
     this.renderErrors = [...rendered.errors, ...written.errors];

@@ -1,6 +1,7 @@
 import type { Logger } from '../log.js';
 import { ConsulError, codes, errorCode, errorMessage, type Problem } from '../errors.js';
-import { readFileIfExists, writeFileAtomic } from '../fs/atomic-write.js';
+import { writeFileAtomic } from '../fs/atomic-write.js';
+import { readRunDirFileIfExists } from '../fs/run-dir.js';
 import { reconcileAddresses, type AddressRange, type AddressTable } from '../plan/addresses.js';
 import { describe, isRecord } from '../validate.js';
 import { BlockingQuery } from './blocking-query.js';
@@ -91,7 +92,7 @@ export class AddressBook {
     const { cacheFile, logger, range } = this.options;
     let text: string | undefined;
     try {
-      text = await readFileIfExists(cacheFile);
+      text = await readRunDirFileIfExists(cacheFile);
     } catch (err) {
       logger.warn({ code: errorCode(err), file: cacheFile }, `cannot read the address cache: ${errorMessage(err)}`);
     }

@@ -8,7 +8,7 @@ import { DnsServer } from '../dns/server.js';
 import { checkHostsLines, writeHostsBlock } from '../dns/hosts-file.js';
 import { DataPlaneError, codes, errorCode, errorMessage, type Problem } from '../errors.js';
 import { handOver, type HandOverOptions, type InheritedSockets, type ListeningSocket } from './handover.js';
-import { readFileIfExists } from '../fs/atomic-write.js';
+import { readRunDirFileIfExists } from '../fs/run-dir.js';
 import type { Logger } from '../log.js';
 import { balancerFile, hostsFile as renderedHostsFile } from '../render/render.js';
 
@@ -131,7 +131,15 @@ export class DataPlane {
     if (!target) return;
     // After a handover the successor owns the block (its pid on the marker).
     if (this.handover && (await this.handover)) return;
-    const rendered = await readFileIfExists(join(this.options.runDir, renderedHostsFile));
+    let rendered: string | undefined;
+    try {
+      rendered = await readRunDirFileIfExists(join(this.options.runDir, renderedHostsFile));
+    } catch (err) {
+      // A planted or world-writable file: the block keeps what it has.
+      this.hostsWriteProblem = { code: errorCode(err), message: errorMessage(err) };
+      this.options.logger.error({ code: errorCode(err), file: target }, `${errorMessage(err)}; the hosts block keeps its lines`);
+      return;
+    }
     if (rendered === undefined) return;
     // The run dir is untrusted: only loopback addresses under the suffix may reach the hosts file.
     const checked = checkHostsLines(rendered, { suffix: this.options.suffix });
