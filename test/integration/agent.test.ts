@@ -73,9 +73,13 @@ describe('loopmesh agent with a real Consul', { timeout: 120_000 }, () => {
 
   test('the hosts file gets the block, the rest stays byte for byte, and a real lookup resolves it', async (t) => {
     const web = route(node.agent, 'web')!;
-    const text = await readFile(node.config.hostsFile!, 'utf8');
+    const block = new RegExp(`# BEGIN loopmesh[^\\n]*\\n${web.address.replace(/\./g, '\\.')} web\\.local\\n# END loopmesh`);
+    // The hosts block follows the route it is derived from (a busy machine may take a moment).
+    const text = await eventually(async () => {
+      const now = await readFile(node.config.hostsFile!, 'utf8');
+      return block.test(now) ? now : undefined;
+    }, 5000, 'the hosts block');
     assert.ok(text.startsWith(hostsPrelude), 'everything before the block is untouched');
-    assert.match(text, new RegExp(`# BEGIN loopmesh[^\\n]*\\n${web.address.replace(/\./g, '\\.')} web\\.local\\n# END loopmesh`));
     if (!(await canUnshare())) return t.skip('cannot make a mount namespace here (needs root): getent check skipped');
     const lookup = await withHostsFile(node.config.hostsFile!, 'getent hosts web.local');
     assert.equal(lookup.stdout.split(/\s+/)[0], web.address);
