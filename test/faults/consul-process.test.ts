@@ -67,6 +67,7 @@ describe("faults: Consul's process", { timeout: 110_000 }, () => {
       await eventually(async () => (await health(node.agent)).code === 200, 10_000, 'health 200 before the freeze');
       const web = served(node.agent).get('web')!;
       const load = steadyLoad(web.address, port, 50);
+      t.after(() => load.stop());
       consul.signal('SIGSTOP');
       const frozenAt = Date.now();
       let degradedAfter: number;
@@ -115,6 +116,7 @@ describe("faults: Consul's process", { timeout: 110_000 }, () => {
       const before = { web: served(node.agent).get('web')!.address, api: served(node.agent).get('api')!.address };
       await eventually(async () => (await kvTable(consul))?.api === before.api, 10_000, 'addresses in KV');
       const loads = [steadyLoad(before.web, port, 50), steadyLoad(before.api, port, 50)];
+      t.after(() => Promise.all(loads.map((l) => l.stop())));
       await consul.kill();
       const killedAt = Date.now();
       await eventually(async () => {
@@ -132,6 +134,7 @@ describe("faults: Consul's process", { timeout: 110_000 }, () => {
       // What the node serves from the restart until it settles: an empty catalog is the truth until re-registration.
       const gaps = { samples: 0, notServed: 0, moved: 0 };
       let watching = true;
+      t.after(() => (watching = false));
       const watch = (async () => {
         while (watching) {
           const s = served(node.agent);
@@ -144,7 +147,8 @@ describe("faults: Consul's process", { timeout: 110_000 }, () => {
       // A dev agent comes back with an empty catalog and KV, as a rebuilt cluster would.
       await consul.restart();
       const restartedAt = Date.now();
-      assert.equal(await kvTable(consul), undefined, 'the restarted Consul has no address table');
+      const catalog = (await consul.api('GET', '/v1/catalog/services')) as Record<string, unknown>;
+      assert.deepEqual(Object.keys(catalog), ['consul'], 'the restarted Consul knows no service');
       await register('web');
       await register('api');
       await eventually(async () => {
@@ -186,6 +190,7 @@ describe("faults: Consul's process", { timeout: 110_000 }, () => {
       await eventually(bothBackends, 20_000, 'every service listening with both instances');
       const first = served(node.agent).get(services[0]!)!;
       const load = steadyLoad(first.address, port, 100);
+      t.after(() => load.stop());
 
       const flips = 600;
       const stormMs = 10_000;
@@ -221,8 +226,9 @@ describe("faults: Consul's process", { timeout: 110_000 }, () => {
       assert.ok(renders > 0, 'the storm was seen');
       // A render per flip would be 600; changes are read at most every 50 ms, so about 200 at most.
       assert.ok(renders <= flips / 2, `renders (${renders}) well under flips (${flips}): bursts are coalesced`);
-      // A busy loop would hold a whole core; the flips and the load sent from this process count too.
-      assert.ok(cpuMs < 0.75 * wallMs, `CPU ${cpuMs} ms over ${wallMs} ms: no busy loop`);
+      // A busy loop pins the main thread (the agent's and this test's): 100% of a core or more. Seen: 52-71% on a
+      // shared 2-CPU machine, of which the flips and the load sent from this process are about 20%.
+      assert.ok(cpuMs < 0.9 * wallMs, `CPU ${cpuMs} ms over ${wallMs} ms: no busy loop`);
       assert.deepEqual(result.failed, [], 'no connection failed during the storm');
       // Real connections follow the final states: a failed instance gets none.
       for (const [i, name] of services.entries()) {
