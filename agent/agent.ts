@@ -79,6 +79,7 @@ export class Agent {
       key: `${config.kvPrefix}/addresses`,
       range: config.range,
       cacheFile: join(config.runDir, 'addresses.json'),
+      waitMs: config.consulWaitMs,
       onRemoteChange: () => void this.reconcile(),
     });
     this.watcher = new CatalogWatcher({

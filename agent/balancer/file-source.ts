@@ -197,8 +197,9 @@ export class BalancerFileSource {
     try {
       await this.options.onConfig(config);
     } catch (err) {
-      // Not recorded as applied, so the next load offers the same content again.
-      this.logger.error({ code: errorCode(err), err: errorMessage(err) }, 'applying the balancer config failed');
+      // Not recorded as applied, and retried by the folder check each second (a port freed, fds back).
+      if (errorMessage(err) !== this.readFailure) this.logger.error({ code: errorCode(err), err: errorMessage(err) }, 'applying the balancer config failed');
+      this.readFailure = errorMessage(err);
       return;
     }
     this.applied = { text, config };

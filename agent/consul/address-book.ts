@@ -57,6 +57,8 @@ export interface AddressBookOptions {
   range: AddressRange;
   /** Local copy, so a restart while Consul is down keeps every address. */
   cacheFile: string;
+  /** How long one blocking read of the key waits (--consul-wait). */
+  waitMs?: number;
   /** Called when KV changed under us (an edit, a restore, a lost key): the agent plans again. */
   onRemoteChange?: () => void;
 }
@@ -79,7 +81,7 @@ export class AddressBook {
       name: `kv/${options.key}`,
       logger: options.logger,
       minIntervalMs: 250,
-      fetch: (index, signal) => options.client.kvGet(options.key, { index, signal }),
+      fetch: (index, signal) => options.client.kvGet(options.key, { index, signal, ...(options.waitMs !== undefined ? { waitMs: options.waitMs } : {}) }),
       onChange: (result) => {
         this.remote = remoteFrom(result, options.key);
         options.onRemoteChange?.();

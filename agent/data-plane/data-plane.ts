@@ -4,6 +4,7 @@ import { Balancer } from '../balancer/balancer.js';
 import type { BalancerConfig } from '../balancer/config.js';
 import { BalancerFileSource } from '../balancer/file-source.js';
 import type { Endpoint } from '../config/config.js';
+import { backoffDelay, retryBaseMs, retryMaxMs } from '../consul/blocking-query.js';
 import { DnsServer } from '../dns/server.js';
 import { checkHostsLines, writeHostsBlock } from '../dns/hosts-file.js';
 import { DataPlaneError, codes, errorCode, errorMessage, type Problem } from '../errors.js';
@@ -42,6 +43,9 @@ export class DataPlane {
   /** Lines of the rendered hosts file that were dropped, and the last failed hosts-file write. */
   private hostsLineProblems: Problem[] = [];
   private hostsWriteProblem: Problem | undefined;
+  private hostsRetry: NodeJS.Timeout | undefined;
+  private hostsRetryAttempt = 0;
+  private closed = false;
   /** Dropped lines already logged: each distinct line once while it stays, not on every reload. */
   private readonly loggedHostsLines = new Set<string>();
 
@@ -135,9 +139,8 @@ export class DataPlane {
     try {
       rendered = await readRunDirFileIfExists(join(this.options.runDir, renderedHostsFile));
     } catch (err) {
-      // A planted or world-writable file: the block keeps what it has.
-      this.hostsWriteProblem = { code: errorCode(err), message: errorMessage(err) };
-      this.options.logger.error({ code: errorCode(err), file: target }, `${errorMessage(err)}; the hosts block keeps its lines`);
+      // A planted or world-writable file, or no file descriptor left: the block keeps what it has.
+      this.hostsFailed({ code: codes.hostsWrite, message: `cannot update the hosts file ${target} from the run dir (${errorCode(err)}): ${errorMessage(err)}; the block keeps its lines` }, target);
       return;
     }
     if (rendered === undefined) return;
@@ -155,11 +158,23 @@ export class DataPlane {
     try {
       if (await writeHostsBlock(target, checked.text, { owner, logger: this.options.logger })) this.options.logger.info({ file: target }, 'hosts block updated');
       this.hostsWriteProblem = undefined;
+      this.hostsRetryAttempt = 0;
     } catch (err) {
-      const problem: Problem = { code: errorCode(err), message: errorMessage(err) };
-      if (problem.message !== this.hostsWriteProblem?.message) this.options.logger.error({ code: problem.code, file: target }, problem.message);
-      this.hostsWriteProblem = problem;
+      this.hostsFailed({ code: errorCode(err), message: errorMessage(err) }, target);
     }
+  }
+
+  /** Logged once while it lasts, and tried again with backoff: in split mode nothing else would. */
+  private hostsFailed(problem: Problem, target: string): void {
+    if (problem.message !== this.hostsWriteProblem?.message) this.options.logger.error({ code: problem.code, file: target }, problem.message);
+    this.hostsWriteProblem = problem;
+    if (this.hostsRetry !== undefined || this.closed) return;
+    this.hostsRetryAttempt += 1;
+    this.hostsRetry = setTimeout(() => {
+      this.hostsRetry = undefined;
+      if (!this.closed) void this.syncHosts();
+    }, backoffDelay(this.hostsRetryAttempt, retryBaseMs, retryMaxMs, Math.random));
+    this.hostsRetry.unref();
   }
 
   /**
@@ -169,6 +184,8 @@ export class DataPlane {
    * stays right for the next process.
    */
   async close(options: { drain?: boolean } = {}): Promise<void> {
+    this.closed = true;
+    clearTimeout(this.hostsRetry);
     await this.source.close();
     await this.dns?.close();
     if (options.drain) await this.balancer.drain();
