@@ -4,12 +4,12 @@ import type { AgentConfig } from './config/config.js';
 import { AddressBook } from './consul/address-book.js';
 import type { Catalog, CatalogProblem } from './consul/catalog.js';
 import { CatalogWatcher } from './consul/catalog-watcher.js';
-import { backoffDelay, retryBaseMs, retryMaxMs } from './consul/blocking-query.js';
 import { ConsulClient, consulClientOptions } from './consul/client.js';
 import { DataPlane } from './data-plane/data-plane.js';
 import { prepareRunDir } from './fs/run-dir.js';
 import { codes, errorCode, errorMessage, type Problem, type RenderError } from './errors.js';
 import type { Logger } from './log.js';
+import { Retry } from './retry.js';
 import { plan, planLabels, type PlanProblem, type Route } from './plan/plan.js';
 import { balancerFile, renderAll, writeRendered } from './render/render.js';
 import { builtinTemplatesDir, loadTemplates, type Template } from './render/templates.js';
@@ -59,9 +59,7 @@ export class Agent {
   private reconciling: Promise<void> | undefined;
   private again = false;
   /** A reconcile that failed for a reason no catalog change will fix (EMFILE, a full disk) runs again. */
-  private retryTimer: NodeJS.Timeout | undefined;
-  private retryAttempt = 0;
-  private stopped = false;
+  private readonly retry = new Retry(() => void this.reconcile());
   private readonly reported = new Set<string>();
   lastRenderAt: number | undefined;
   /** The local Consul agent's node name, once it answered (reports fall back to the hostname). */
@@ -124,8 +122,7 @@ export class Agent {
 
   /** With `drain` (a signal), open connections may finish before the process goes; see DataPlane.close. */
   async stop(options: { drain?: boolean } = {}): Promise<void> {
-    this.stopped = true;
-    clearTimeout(this.retryTimer);
+    this.retry.stop();
     await Promise.all([this.watcher.stop(), this.addresses.stop()]);
     await this.reconciling;
     await this.admin?.close();
@@ -237,16 +234,8 @@ export class Agent {
 
   /** Without this, files not written when file descriptors ran out stayed stale until the catalog changed. */
   private retryLater(failed: boolean): void {
-    if (!failed) {
-      this.retryAttempt = 0;
-      return;
-    }
-    if (this.retryTimer !== undefined || this.stopped) return;
-    this.retryAttempt += 1;
-    this.retryTimer = setTimeout(() => {
-      this.retryTimer = undefined;
-      if (!this.stopped) void this.reconcile();
-    }, backoffDelay(this.retryAttempt, retryBaseMs, retryMaxMs, Math.random));
+    if (failed) this.retry.failed();
+    else this.retry.succeeded();
   }
 
   private async reconcileOnce(): Promise<void> {

@@ -4,6 +4,7 @@ import type { InheritedSockets, ListeningSocket } from '../data-plane/handover.j
 import { BalancerError, codes, errorCode, errorMessage } from '../errors.js';
 import type { BalancerConfig, ServiceSpec } from './config.js';
 import { addressKey } from './listener.js';
+import { Retry } from '../retry.js';
 import { ServiceProxy } from './service-proxy.js';
 import type { ApplyResult, ServiceStatus } from './status.js';
 
@@ -36,18 +37,22 @@ export class Balancer {
   private listenerKeys = new Set<string>();
   /** The last config applied, tried again while some service cannot listen (a port taken). */
   private lastConfig: BalancerConfig | undefined;
-  private retryTimer: NodeJS.Timeout | undefined;
-  private retryAttempt = 0;
+  private readonly listenRetry: Retry;
 
   constructor(options: BalancerOptions) {
     this.logger = options.logger.child({ component: 'balancer' });
     this.connectTimeoutMs = options.connectTimeoutMs ?? 2000;
     this.drainTimeoutMs = options.drainTimeoutMs ?? 30000;
     this.inherited = options.inherited;
-    this.listenRetryMs = options.listenRetryMs ?? 2000;
+    // A port taken now may be free later: retried with backoff, not only on the next config change.
+    this.listenRetry = new Retry(
+      () => {
+        const config = this.lastConfig;
+        if (config && !this.closed) void this.apply(config).catch(() => undefined);
+      },
+      { baseMs: options.listenRetryMs ?? 2000, maxMs: 30_000 },
+    );
   }
-
-  private readonly listenRetryMs: number;
 
   /** Whether address:port is one of this balancer's listeners (a backend there would loop). */
   isOwnListener(address: string, port: number): boolean {
@@ -95,7 +100,7 @@ export class Balancer {
    */
   async drain(): Promise<void> {
     this.closed = true;
-    clearTimeout(this.retryTimer);
+    this.listenRetry.stop();
     await this.applying;
     const proxies = [...this.services.values(), ...this.retired];
     await Promise.all(proxies.map((proxy) => proxy.drain()));
@@ -103,7 +108,7 @@ export class Balancer {
 
   async close(): Promise<void> {
     this.closed = true;
-    clearTimeout(this.retryTimer);
+    this.listenRetry.stop();
     await this.applying;
     const proxies = [...this.services.values(), ...this.retired];
     this.services.clear();
@@ -177,25 +182,9 @@ export class Balancer {
     }
     this.listenerKeys = new Set([...this.services.values()].flatMap((p) => (p.listeningKey ? [p.listeningKey] : [])));
     this.lastConfig = config;
-    this.scheduleListenRetry(result.failed.some((f) => f.code === codes.balancerListen));
+    if (result.failed.some((f) => f.code === codes.balancerListen)) this.listenRetry.failed();
+    else this.listenRetry.succeeded();
     return result;
-  }
-
-  /** A port taken now may be free later: retry with backoff, not only on the next config change. */
-  private scheduleListenRetry(failed: boolean): void {
-    clearTimeout(this.retryTimer);
-    this.retryTimer = undefined;
-    if (!failed || this.closed) {
-      this.retryAttempt = 0;
-      return;
-    }
-    this.retryAttempt += 1;
-    const delay = Math.min(30_000, this.listenRetryMs * 2 ** Math.min(this.retryAttempt - 1, 10));
-    this.retryTimer = setTimeout(() => {
-      const config = this.lastConfig;
-      if (config && !this.closed) void this.apply(config).catch(() => undefined);
-    }, delay);
-    this.retryTimer.unref();
   }
 
   /** Another service that moves away from the address this one wants must let go of it first. */

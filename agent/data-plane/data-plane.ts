@@ -4,13 +4,13 @@ import { Balancer } from '../balancer/balancer.js';
 import type { BalancerConfig } from '../balancer/config.js';
 import { BalancerFileSource } from '../balancer/file-source.js';
 import type { Endpoint } from '../config/config.js';
-import { backoffDelay, retryBaseMs, retryMaxMs } from '../consul/blocking-query.js';
 import { DnsServer } from '../dns/server.js';
 import { checkHostsLines, writeHostsBlock } from '../dns/hosts-file.js';
 import { DataPlaneError, codes, errorCode, errorMessage, type Problem } from '../errors.js';
 import { handOver, type HandOverOptions, type InheritedSockets, type ListeningSocket } from './handover.js';
 import { readRunDirFileIfExists } from '../fs/run-dir.js';
 import type { Logger } from '../log.js';
+import { Retry } from '../retry.js';
 import { balancerFile, hostsFile as renderedHostsFile } from '../render/render.js';
 
 export interface DataPlaneOptions {
@@ -43,9 +43,8 @@ export class DataPlane {
   /** Lines of the rendered hosts file that were dropped, and the last failed hosts-file write. */
   private hostsLineProblems: Problem[] = [];
   private hostsWriteProblem: Problem | undefined;
-  private hostsRetry: NodeJS.Timeout | undefined;
-  private hostsRetryAttempt = 0;
-  private closed = false;
+  /** A failed hosts update is tried again: in split mode nothing else would. */
+  private readonly hostsRetry = new Retry(() => void this.syncHosts());
   /** Dropped lines already logged: each distinct line once while it stays, not on every reload. */
   private readonly loggedHostsLines = new Set<string>();
 
@@ -158,23 +157,17 @@ export class DataPlane {
     try {
       if (await writeHostsBlock(target, checked.text, { owner, logger: this.options.logger })) this.options.logger.info({ file: target }, 'hosts block updated');
       this.hostsWriteProblem = undefined;
-      this.hostsRetryAttempt = 0;
+      this.hostsRetry.succeeded();
     } catch (err) {
       this.hostsFailed({ code: errorCode(err), message: errorMessage(err) }, target);
     }
   }
 
-  /** Logged once while it lasts, and tried again with backoff: in split mode nothing else would. */
+  /** Logged once while it lasts, and tried again with backoff. */
   private hostsFailed(problem: Problem, target: string): void {
     if (problem.message !== this.hostsWriteProblem?.message) this.options.logger.error({ code: problem.code, file: target }, problem.message);
     this.hostsWriteProblem = problem;
-    if (this.hostsRetry !== undefined || this.closed) return;
-    this.hostsRetryAttempt += 1;
-    this.hostsRetry = setTimeout(() => {
-      this.hostsRetry = undefined;
-      if (!this.closed) void this.syncHosts();
-    }, backoffDelay(this.hostsRetryAttempt, retryBaseMs, retryMaxMs, Math.random));
-    this.hostsRetry.unref();
+    this.hostsRetry.failed();
   }
 
   /**
@@ -184,8 +177,7 @@ export class DataPlane {
    * stays right for the next process.
    */
   async close(options: { drain?: boolean } = {}): Promise<void> {
-    this.closed = true;
-    clearTimeout(this.hostsRetry);
+    this.hostsRetry.stop();
     await this.source.close();
     await this.dns?.close();
     if (options.drain) await this.balancer.drain();

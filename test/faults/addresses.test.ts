@@ -7,28 +7,14 @@ import { TestConsul } from '../support/consul.js';
 import { captureLogger } from '../support/log.js';
 import { eventually, freePort, startIdServer, whoAnswers, type IdServer } from '../support/net.js';
 import { removeDir, startAgent } from '../support/agent.js';
+import { health, kvTable, served } from '../support/served.js';
 
 /** Faults of the address table (issue 7, findings 1 and 2): a real Consul, a real agent, real sockets. */
 
 const key = '/v1/kv/loopmesh/addresses';
 
-function served(agent: Agent): Map<string, { address: string; port: number; listening: boolean }> {
-  return new Map(agent.dataPlane!.balancer.snapshot().map((s) => [s.service, s]));
-}
-
 function addressesOf(agent: Agent): Record<string, string> {
   return Object.fromEntries([...served(agent)].map(([name, s]) => [name, s.address]));
-}
-
-async function kvTable(consul: TestConsul): Promise<Record<string, string> | undefined> {
-  const res = await fetch(`${consul.url}${key}?raw`);
-  if (res.status === 404) return undefined;
-  return ((await res.json()) as { addresses: Record<string, string> }).addresses;
-}
-
-async function health(agent: Agent): Promise<{ code: number; body: { status: string; reasons: { code: string; service?: string; message: string }[] } }> {
-  const res = await fetch(`http://127.0.0.1:${agent.config.admin!.port}/health`);
-  return { code: res.status, body: (await res.json()) as { status: string; reasons: { code: string; service?: string; message: string }[] } };
 }
 
 /** Every service of `names` listening on its own address, none shared. */

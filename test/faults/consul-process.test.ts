@@ -6,34 +6,9 @@ import { TestConsul } from '../support/consul.js';
 import { captureLogger } from '../support/log.js';
 import { eventually, freePort, startIdServer, steadyLoad, whoAnswers, type IdServer } from '../support/net.js';
 import { removeDir, startAgent } from '../support/agent.js';
+import { health, kvTable, listening, served } from '../support/served.js';
 
 /** Faults of Consul's own process (issue 7, the fault suite): frozen, killed, flapping. A real Consul and a real agent. */
-
-interface Health {
-  code: number;
-  status: string;
-  reasons: { code: string; service?: string; message: string }[];
-}
-
-async function health(agent: Agent): Promise<Health> {
-  const res = await fetch(`http://127.0.0.1:${agent.config.admin!.port}/health`);
-  const body = (await res.json()) as Omit<Health, 'code'>;
-  return { code: res.status, ...body };
-}
-
-function served(agent: Agent): Map<string, { address: string; port: number; listening: boolean; backends: { id: string }[] }> {
-  return new Map(agent.dataPlane!.balancer.snapshot().map((s) => [s.service, s]));
-}
-
-function listening(agent: Agent, service: string): boolean {
-  return served(agent).get(service)?.listening === true;
-}
-
-async function kvTable(consul: TestConsul): Promise<Record<string, string> | undefined> {
-  const res = await fetch(`${consul.url}/v1/kv/loopmesh/addresses?raw`);
-  if (res.status === 404) return undefined;
-  return ((await res.json()) as { addresses: Record<string, string> }).addresses;
-}
 
 const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
 

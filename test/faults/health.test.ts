@@ -9,24 +9,9 @@ import type { Agent } from '../../agent/agent.js';
 import { TestConsul } from '../support/consul.js';
 import { eventually, freePort, startIdServer, whoAnswers, type IdServer } from '../support/net.js';
 import { removeDir, startAgent } from '../support/agent.js';
+import { health, listening } from '../support/served.js';
 
 /** /health tells the truth (issue 7, finding 7): 200 "ok" only when every route is served and the last render succeeded. */
-
-interface Health {
-  code: number;
-  status: string;
-  reasons: { code: string; service?: string; message: string }[];
-}
-
-async function health(agent: Agent): Promise<Health> {
-  const res = await fetch(`http://127.0.0.1:${agent.config.admin!.port}/health`);
-  const body = (await res.json()) as Omit<Health, 'code'>;
-  return { code: res.status, ...body };
-}
-
-function listening(agent: Agent, service: string): boolean {
-  return agent.dataPlane!.balancer.snapshot().find((s) => s.service === service)?.listening === true;
-}
 
 function listen(server: Server, host: string, port: number): Promise<void> {
   return new Promise((resolve, reject) => {
