@@ -2,7 +2,7 @@ import type { Logger } from '../log.js';
 import { ConsulError, codes, errorCode, errorMessage, type Problem } from '../errors.js';
 import { writeFileAtomic } from '../fs/atomic-write.js';
 import { readRunDirFileIfExists } from '../fs/run-dir.js';
-import { reconcileAddresses, type AddressRange, type AddressTable } from '../plan/addresses.js';
+import { addressOf, reconcileAddresses, type AddressRange, type AddressTable } from '../plan/addresses.js';
 import { describe, isRecord } from '../validate.js';
 import { BlockingQuery } from './blocking-query.js';
 import type { ConsulClient, QueryResult } from './client.js';
@@ -133,7 +133,7 @@ export class AddressBook {
    * again on the next change.
    */
   async ensure(labels: readonly string[]): Promise<{ table: AddressTable; missing: string[] }> {
-    const missingNow = (): string[] => labels.filter((l) => this.current[l] === undefined);
+    const missingNow = (): string[] => labels.filter((l) => addressOf(this.current, l) === undefined);
     const { client, key, range, logger } = this.options;
     try {
       for (let attempt = 1; attempt <= 8; attempt += 1) {
@@ -152,7 +152,7 @@ export class AddressBook {
         }
         const doc: AddressDocument = { version: 1, addresses: sortedRecord(result.document) };
         if (await client.kvCas(key, JSON.stringify(doc, null, 1), remote.modifyIndex)) {
-          const added = Object.entries(result.table).filter(([label, address]) => this.current[label] !== address);
+          const added = Object.entries(result.table).filter(([label, address]) => addressOf(this.current, label) !== address);
           this.current = result.table;
           // The write's own index is not returned: read it, so the next check-and-set is based on it.
           this.remote = undefined;

@@ -33,6 +33,15 @@ export function inRange(range: AddressRange, address: string): boolean {
 export type AddressTable = Readonly<Record<string, string>>;
 
 /**
+ * The table's entry for a label, own properties only: a service called "constructor" or "toString"
+ * must not find Object.prototype's function there (it got no address, and its route an address that
+ * is a function, which broke balancer.json for every service).
+ */
+export function addressOf<T>(table: Readonly<Record<string, T>>, label: string): T | undefined {
+  return Object.hasOwn(table, label) ? table[label] : undefined;
+}
+
+/**
  * Gives each name without an address the lowest free one in the range, in name order, so that two
  * nodes racing to allocate compute the same answer. Returns the new table and the names that did
  * not fit.
@@ -44,7 +53,7 @@ export function allocate(existing: AddressTable, names: readonly string[], range
   const exhausted: string[] = [];
   let cursor = range.first;
   for (const name of [...names].sort()) {
-    if (table[name] !== undefined) continue;
+    if (addressOf(table, name) !== undefined) continue;
     while (cursor <= range.last && used.has(intToIPv4(cursor))) cursor += 1;
     if (cursor > range.last) {
       exhausted.push(name);
@@ -129,15 +138,15 @@ export function reconcileAddresses(input: ReconcileInput): ReconcileResult {
     return true;
   };
   for (const label of Object.keys(input.remote).sort()) {
-    if (!take(label, input.remote[label], 'Consul KV')) changed = true;
+    if (!take(label, addressOf(input.remote, label), 'Consul KV')) changed = true;
   }
   for (const label of Object.keys(input.local).sort()) {
-    if (table[label] !== undefined || foreign[label] !== undefined) continue;
+    if (addressOf(table, label) !== undefined || addressOf(foreign, label) !== undefined) continue;
     // KV lost this entry, or holds a bad one: put back what this node served, so the service keeps
     // its address.
-    if (take(label, input.local[label], 'the local address cache')) changed = true;
+    if (take(label, addressOf(input.local, label), 'the local address cache')) changed = true;
   }
-  const needed = input.wanted.filter((label) => table[label] === undefined && foreign[label] === undefined);
+  const needed = input.wanted.filter((label) => addressOf(table, label) === undefined && addressOf(foreign, label) === undefined);
   const { table: allocated, exhausted } = allocate(table, needed, range);
   if (needed.length > exhausted.length) changed = true;
   for (const label of exhausted) {

@@ -1,7 +1,7 @@
 import type { BackendSpec, EmptyPolicy, ServiceSpec } from '../balancer/config.js';
 import type { Catalog } from '../consul/catalog.js';
 import { codes } from '../errors.js';
-import { inRange, type AddressRange, type AddressTable } from './addresses.js';
+import { addressOf, inRange, type AddressRange, type AddressTable } from './addresses.js';
 import { isHostAddress } from '../validate.js';
 import { dnsLabel } from './names.js';
 import { choosePort } from './ports.js';
@@ -73,7 +73,7 @@ export function plan(
   // listeners collide (which would fail the whole balancer.json, and with it every other service).
   const addressOwner = new Map<string, string>();
   for (const [service, label] of [...labels].sort(([, a], [, b]) => (a < b ? -1 : a > b ? 1 : 0))) {
-    const address = addresses[label];
+    const address = addressOf(addresses, label);
     if (address === undefined) continue;
     const owner = addressOwner.get(address);
     if (owner === undefined) addressOwner.set(address, service);
@@ -81,7 +81,7 @@ export function plan(
   }
   for (const [service, label] of labels) {
     const instances = catalog.get(service) ?? [];
-    const address = addresses[label];
+    const address = addressOf(addresses, label);
     if (address === undefined) {
       problems.push({ service, code: codes.planNoAddress, message: `service "${service}" has no address allocated yet (Consul KV not reachable or range exhausted)` });
       continue;

@@ -111,6 +111,15 @@ describe('faults: the address table', { timeout: 180_000 }, () => {
     assert.deepEqual(addressesOf(node.agent), before);
   });
 
+  test('a service named "constructor" (a member of every JS object) gets an address, and no other service is held up', async () => {
+    await register('constructor');
+    await register('tostring');
+    await eventually(() => allListeningApart(node.agent, ['web', 'api', 'constructor', 'tostring']), 10_000, 'constructor and tostring listening apart');
+    assert.equal(await whoAnswers(served(node.agent).get('constructor')!.address, port), 'backend');
+    await register('after-constructor');
+    await eventually(() => allListeningApart(node.agent, ['constructor', 'after-constructor']), 10_000, 'a later service still arrives');
+  });
+
   test('a tampered local cache is checked at start: bad entries are dropped, never bound', async () => {
     await node.stop();
     const cache = join(node.agent.config.runDir, 'addresses.json');

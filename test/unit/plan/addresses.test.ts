@@ -123,3 +123,17 @@ test('reconcileAddresses: two nodes with different caches converge on one table 
   const again = reconcileAddresses({ remote: b.document, local: b.table, wanted: ['web', 'db', 'api'], range });
   assert.equal(again.changed, false);
 });
+
+test('reconcileAddresses and plan: services named like Object.prototype members get addresses and routes of their own', async () => {
+  const { plan } = await import('../../../agent/plan/plan.js');
+  const r = reconcileAddresses({ remote: { web: '127.77.0.1' }, local: {}, wanted: ['constructor', 'tostring', 'hasownproperty', 'web'], range });
+  assert.deepEqual(Object.keys(r.table).sort(), ['constructor', 'hasownproperty', 'tostring', 'web']);
+  assert.equal(new Set(Object.values(r.table)).size, 4);
+  const instance = { id: 'n/a', node: 'n', address: '10.0.0.1', port: 80, datacenter: '', tags: [], meta: {}, status: 'passing' as const };
+  const planned = plan(new Map([['constructor', [instance]], ['web', [instance]]]), r.table, [], { suffix: 'local', empty: 'reject' });
+  assert.equal(planned.routes.find((x) => x.service === 'constructor')?.address, r.table.constructor);
+  // Without an address the route is left out, never given Object.prototype's function as one.
+  const none = plan(new Map([['constructor', [instance]]]), {}, [], { suffix: 'local', empty: 'reject' });
+  assert.deepEqual(none.routes, []);
+  assert.equal(none.problems[0]?.code, 'LM_ERR_PLAN_NO_ADDRESS');
+});
