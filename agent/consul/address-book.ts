@@ -178,7 +178,9 @@ export class AddressBook {
   }
 
   private async read(): Promise<RemoteTable> {
-    const table = remoteFrom(await this.options.client.kvGet(this.options.key), this.options.key);
+    // From the leader: a follower behind it would show a table without our last write, and the
+    // check-and-set based on it would fail (or the repair would repeat) until it caught up.
+    const table = remoteFrom(await this.options.client.kvGet(this.options.key, { stale: false }), this.options.key);
     this.remote = table;
     return table;
   }

@@ -21,6 +21,8 @@ export interface ReadOptions {
   index?: bigint;
   waitMs?: number;
   signal?: AbortSignal;
+  /** false: read from the leader, for a value a check-and-set is based on (default: any server). */
+  stale?: boolean;
 }
 
 /** Where each request's ACL token comes from, so a rotated token reaches the next request. */
@@ -147,7 +149,7 @@ export class ConsulClient {
 
   private read(name: string, fn: Call, params: Record<string, unknown>, opts: ReadOptions): Promise<QueryResult> {
     // Stale reads spread the load over all servers and keep answering while there is no leader.
-    const blocking: Record<string, unknown> = { stale: true };
+    const blocking: Record<string, unknown> = opts.stale === false ? {} : { stale: true };
     if (opts.index !== undefined) {
       const waitMs = opts.waitMs ?? 60_000;
       blocking.index = opts.index.toString();
