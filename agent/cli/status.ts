@@ -1,6 +1,7 @@
-import type { StatusReport } from '../admin/report.js';
+import type { RouteReport, StatusReport } from '../admin/report.js';
+import type { HealthReport } from '../agent.js';
 import { errorMessage } from '../errors.js';
-import { parseHostPort } from '../validate.js';
+import { expectArray, expectRecord, isRecord, parseHostPort } from '../validate.js';
 import { parseFlags, UsageError } from './args.js';
 import { usage } from './usage.js';
 
@@ -9,13 +10,34 @@ export function formatTable(rows: string[][]): string {
   return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join('  ')).join('\n');
 }
 
+/** Control characters from anywhere (a service name, a message) never reach the terminal raw. */
+function printable(value: unknown): string {
+  return String(value).replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+}
+
+/**
+ * The admin's answer is input like any other: checked for the fields the table needs, so an agent of
+ * another version (one without `health`, say) gives a clear line rather than a TypeError.
+ */
+export function parseStatusReport(json: unknown): StatusReport {
+  const raw = expectRecord(json, '/v1/routes');
+  const consul = expectRecord(raw.consul, '/v1/routes consul');
+  const routes = expectArray(raw.routes, '/v1/routes routes').map((r, i) => expectRecord(r, `/v1/routes routes[${i}]`) as unknown as RouteReport);
+  const problems = Array.isArray(raw.problems) ? raw.problems.filter(isRecord).map((p) => ({ code: printable(p.code), message: printable(p.message) })) : [];
+  const health: HealthReport | undefined = isRecord(raw.health) && typeof raw.health.status === 'string'
+    ? { status: raw.health.status as HealthReport['status'], reasons: Array.isArray(raw.health.reasons) ? raw.health.reasons.filter(isRecord).map((r) => ({ code: printable(r.code), message: printable(r.message) })) : [] }
+    : undefined;
+  return { ...(raw as unknown as StatusReport), consul: consul as unknown as StatusReport['consul'], routes, problems, health: health ?? { status: 'unknown' as HealthReport['status'], reasons: [] } };
+}
+
 export function statusTable(report: StatusReport): string {
   const rows = [['SERVICE', 'NAME', 'ADDRESS:PORT', 'BACKENDS', 'LISTENING']];
-  for (const r of report.routes) rows.push([r.service, r.fqdn, `${r.address}:${r.port}`, String(r.healthyBackends), r.listening === null ? '(balancer process)' : r.listening ? 'yes' : 'NO']);
-  const consul = report.consul.connected ? 'connected' : `UNREACHABLE (serving last-known-good routes; ${report.consul.lastError?.message ?? 'no answer yet'})`;
+  for (const r of report.routes) rows.push([printable(r.service), printable(r.fqdn), printable(`${r.address}:${r.port}`), printable(r.healthyBackends), r.listening === null ? '(balancer process)' : r.listening ? 'yes' : 'NO']);
+  const consul = report.consul.connected ? 'connected' : `UNREACHABLE (serving last-known-good routes; ${printable(report.consul.lastError?.message ?? 'no answer yet')})`;
   const problems = report.problems.map((p) => `problem ${p.code}: ${p.message}`);
-  const health = report.health.status === 'ok' ? 'health ok' : `health ${report.health.status.toUpperCase()}: ${report.health.reasons.map((r) => r.code).join(', ')}`;
-  return [`node ${report.node}, consul ${consul}`, health, '', formatTable(rows), ...(problems.length ? ['', ...problems] : [])].join('\n');
+  const verdict = printable(report.health.status);
+  const health = verdict === 'ok' ? 'health ok' : verdict === 'unknown' ? 'health unknown (this agent does not report it)' : `health ${verdict.toUpperCase()}: ${report.health.reasons.map((r) => r.code).join(', ')}`;
+  return [`node ${printable(report.node)}, consul ${consul}`, health, '', formatTable(rows), ...(problems.length ? ['', ...problems] : [])].join('\n');
 }
 
 export async function printStatus(argv: string[]): Promise<number> {
@@ -36,7 +58,7 @@ export async function printStatus(argv: string[]): Promise<number> {
   try {
     const res = await fetch(url, { signal: AbortSignal.timeout(5000) });
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
-    report = (await res.json()) as StatusReport;
+    report = parseStatusReport(await res.json());
   } catch (err) {
     process.stderr.write(`loopmesh: cannot read ${url} (${errorMessage(err)}); is the agent running with --admin ${admin}?\n`);
     return 1;

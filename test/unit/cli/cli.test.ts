@@ -54,3 +54,21 @@ test('status against no agent: a clear message and exit 1', async () => {
   assert.equal(r.exitCode, 1);
   assert.match(r.stderr, /cannot read http:\/\/127\.0\.0\.1:1\/v1\/routes .* is the agent running with --admin 127\.0\.0\.1:1\?/);
 });
+
+test('status: the admin answer is checked; an agent without health, and control characters, print safely', async () => {
+  const { parseStatusReport, statusTable } = await import('../../../agent/cli/status.js');
+  const older = {
+    node: 'n1',
+    consul: { connected: true, errors: {} },
+    dataPlane: 'in-process',
+    routes: [{ service: 'web', name: 'web', fqdn: 'web.local', address: '127.77.0.1', port: 80, listening: true, healthyBackends: 2, backends: [] }],
+    problems: [{ code: 'LM_ERR_PLAN_INVALID_NAME', message: 'service "\u001b]0;pwned\u0007" cannot be a DNS label' }],
+  };
+  const text = statusTable(parseStatusReport(older));
+  assert.match(text, /health unknown/);
+  assert.match(text, /web\.local\s+127\.77\.0\.1:80/);
+  assert.doesNotMatch(text, /\u001b|\u0007/, 'no raw escape reaches the terminal');
+  assert.match(text, /\\u001b\]0;pwned\\u0007/);
+  assert.throws(() => parseStatusReport([]), /\/v1\/routes: expected an object, got an array/);
+  assert.throws(() => parseStatusReport({ consul: {}, routes: 'x' }), /routes: expected an array/);
+});
