@@ -15,6 +15,8 @@ export function prometheusText(report: StatusReport): string {
     report.routes.map((r) => [`{service="${label(r.service)}"}`, pick(r)]);
   metric('loopmesh_consul_connected', 'gauge', '1 when the last call to Consul succeeded; 0 while serving last-known-good routes', [['', report.consul.connected ? 1 : 0]]);
   metric('loopmesh_consul_errors_total', 'counter', 'Failed calls to Consul by error code', Object.entries(report.consul.errors).map(([code, n]) => [`{code="${label(code)}"}`, n]));
+  metric('loopmesh_healthy', 'gauge', '1 when /health answers ok: Consul answers, the last render succeeded, every route is served', [['', report.health.status === 'ok' ? 1 : 0]]);
+  metric('loopmesh_health_reasons', 'gauge', 'Why /health is not ok, by code', Object.entries(report.health.reasons.reduce<Record<string, number>>((acc, p) => ({ ...acc, [p.code]: (acc[p.code] ?? 0) + 1 }), {})).map(([code, n]) => [`{code="${label(code)}"}`, n]));
   metric('loopmesh_routes', 'gauge', 'Routes in the loaded balancer config', [['', report.routes.length]]);
   metric('loopmesh_problems', 'gauge', 'Services skipped or templates failing, by code', Object.entries(report.problems.reduce<Record<string, number>>((acc, p) => ({ ...acc, [p.code]: (acc[p.code] ?? 0) + 1 }), {})).map(([code, n]) => [`{code="${label(code)}"}`, n]));
   metric('loopmesh_route_listening', 'gauge', '1 when the route listener is open', perRoute((r) => (r.listening ? 1 : 0)));

@@ -74,6 +74,9 @@ describe('faults: health that does not lie', { timeout: 180_000 }, () => {
       assert.equal(reason.code, 'LM_ERR_BALANCER_LISTEN');
       assert.match(reason.message, /127\.78\.9\.9/);
       assert.match(reason.message, /EADDRINUSE/);
+      const metrics = async (): Promise<string> => (await fetch(`http://127.0.0.1:${node.config.admin!.port}/metrics`)).text();
+      assert.match(await metrics(), /^loopmesh_healthy 0$/m);
+      assert.match(await metrics(), /^loopmesh_health_reasons\{code="LM_ERR_BALANCER_LISTEN"\} 1$/m);
       // One broken service never stops the others: web serves, and a new service still arrives.
       assert.equal(await whoAnswers(node.agent.dataPlane!.balancer.snapshot().find((s) => s.service === 'web')!.address, port), 'backend');
       await register('late');
@@ -85,6 +88,7 @@ describe('faults: health that does not lie', { timeout: 180_000 }, () => {
       await new Promise<void>((resolve) => squatter.close(() => resolve()));
       await eventually(() => listening(node.agent, 'taken'), 15_000, '"taken" listening once the port is free');
       await eventually(async () => (await health(node.agent)).code === 200, 5000, 'health 200');
+      assert.match(await metrics(), /^loopmesh_healthy 1$/m);
       assert.equal(await whoAnswers('127.78.9.9', port), 'backend');
     } finally {
       squatter.close();
