@@ -1,4 +1,6 @@
+import { hostname } from 'node:os';
 import { join } from 'node:path';
+import { failingCodes, routeReport, servingProblems, type HealthReport, type StatusReport } from './admin/report.js';
 import { AdminServer } from './admin/server.js';
 import type { AgentConfig } from './config/config.js';
 import { AddressBook } from './consul/address-book.js';
@@ -11,35 +13,12 @@ import { codes, errorCode, errorMessage, type Problem, type RenderError } from '
 import type { Logger } from './log.js';
 import { Retry } from './retry.js';
 import { plan, planLabels, type PlanProblem, type Route } from './plan/plan.js';
-import { balancerFile, renderAll, writeRendered } from './render/render.js';
+import { balancerFile } from './contract/files.js';
+import { renderAll, writeRendered } from './render/render.js';
 import { builtinTemplatesDir, loadTemplates, type Template } from './render/templates.js';
 
 export type { Problem } from './errors.js';
-
-/** What /health answers and `loopmesh status` shows: ok only when everything that should be served is. */
-export interface HealthReport {
-  status: 'ok' | 'degraded' | 'failing';
-  /** Why not ok; empty when ok. */
-  reasons: Problem[];
-}
-
-/**
- * Problems that mean this node does not serve what it should (503), as against a bad registration
- * in Consul that is skipped and reported (an invalid name, an invalid instance): those are not this
- * node's fault, and every other service is still served.
- */
-const failingCodes: ReadonlySet<string> = new Set([
-  codes.planAddressesExhausted,
-  codes.planNoAddress,
-  codes.planAddressConflict,
-  codes.planAddressInvalid,
-  codes.renderTemplate,
-  codes.renderWrite,
-  codes.balancerListen,
-  codes.consulStale,
-  codes.hostsWrite,
-  codes.hostsOwned,
-]);
+export type { HealthReport } from './admin/report.js';
 
 /** watch -> plan -> render -> (files) -> data plane, with the admin API on the side. */
 export class Agent {
@@ -100,8 +79,9 @@ export class Agent {
       hostsFile: config.hostsFile,
       connectTimeoutMs: config.connectTimeoutMs,
       drainTimeoutMs: config.drainTimeoutMs,
+      idleTimeoutMs: config.idleTimeoutMs,
     });
-    this.admin = config.admin ? new AdminServer({ endpoint: config.admin, agent: this, logger: logger.child({ stage: 'admin' }) }) : undefined;
+    this.admin = config.admin ? new AdminServer({ endpoint: config.admin, report: () => this.statusReport(), logger: logger.child({ stage: 'admin' }) }) : undefined;
   }
 
   async start(): Promise<void> {
@@ -170,14 +150,22 @@ export class Agent {
   private servingProblems(): Problem[] {
     const plane = this.dataPlane;
     if (!plane || this.lastRenderAt === undefined) return [];
-    const served = new Map(plane.balancer.snapshot().map((s) => [s.service, s]));
-    const out: Problem[] = [];
-    for (const route of this.routesValue) {
-      const s = served.get(route.service);
-      if (s?.listening && s.address === route.address && s.port === route.port) continue;
-      out.push({ service: route.service, code: codes.balancerListen, message: `service "${route.service}" is not listening on ${route.address}:${route.port}${s?.lastError ? `: ${s.lastError}` : ''}` });
-    }
-    return out;
+    return servingProblems(this.routesValue, plane.balancer.snapshot());
+  }
+
+  /** What the admin serves: the live balancer's view when it runs here, the planned routes otherwise. */
+  statusReport(): StatusReport {
+    const plane = this.dataPlane;
+    return routeReport({
+      node: this.nodeName ?? hostname(),
+      consul: this.watcher.status(),
+      lastRenderAt: this.lastRenderAt,
+      specs: plane ? plane.config()?.services ?? [] : this.routes(),
+      served: plane?.balancer.snapshot(),
+      problems: this.problems(),
+      health: this.health(),
+      dns: plane?.dns?.stats(),
+    });
   }
 
   adminUrl(): string | undefined {

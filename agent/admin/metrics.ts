@@ -13,10 +13,19 @@ export function prometheusText(report: StatusReport): string {
   };
   const perRoute = (pick: (r: StatusReport['routes'][number]) => number): [string, number][] =>
     report.routes.map((r) => [`{service="${label(r.service)}"}`, pick(r)]);
-  metric('loopmesh_consul_connected', 'gauge', '1 when the last call to Consul succeeded; 0 while serving last-known-good routes', [['', report.consul.connected ? 1 : 0]]);
-  metric('loopmesh_consul_errors_total', 'counter', 'Failed calls to Consul by error code', Object.entries(report.consul.errors).map(([code, n]) => [`{code="${label(code)}"}`, n]));
+  // A `loopmesh balancer` process has no Consul connection to report.
+  if (report.consul) {
+    const consul = report.consul;
+    metric('loopmesh_consul_connected', 'gauge', '1 when the last call to Consul succeeded; 0 while serving last-known-good routes', [['', consul.connected ? 1 : 0]]);
+    metric('loopmesh_consul_errors_total', 'counter', 'Failed calls to Consul by error code', Object.entries(consul.errors).map(([code, n]) => [`{code="${label(code)}"}`, n]));
+  }
   metric('loopmesh_healthy', 'gauge', '1 when /health answers ok: Consul answers, the last render succeeded, every route is served', [['', report.health.status === 'ok' ? 1 : 0]]);
   metric('loopmesh_health_reasons', 'gauge', 'Why /health is not ok, by code', Object.entries(report.health.reasons.reduce<Record<string, number>>((acc, p) => ({ ...acc, [p.code]: (acc[p.code] ?? 0) + 1 }), {})).map(([code, n]) => [`{code="${label(code)}"}`, n]));
+  if (report.dns) {
+    const { tcpOpen, ...outcomes } = report.dns;
+    metric('loopmesh_dns_queries_total', 'counter', 'DNS queries of the responder in this process, by outcome', Object.entries(outcomes).map(([outcome, n]) => [`{outcome="${label(outcome)}"}`, n]));
+    metric('loopmesh_dns_tcp_connections', 'gauge', 'Open DNS-over-TCP connections', [['', tcpOpen]]);
+  }
   metric('loopmesh_routes', 'gauge', 'Routes in the loaded balancer config', [['', report.routes.length]]);
   metric('loopmesh_problems', 'gauge', 'Services skipped or templates failing, by code', Object.entries(report.problems.reduce<Record<string, number>>((acc, p) => ({ ...acc, [p.code]: (acc[p.code] ?? 0) + 1 }), {})).map(([code, n]) => [`{code="${label(code)}"}`, n]));
   metric('loopmesh_route_listening', 'gauge', '1 when the route listener is open', perRoute((r) => (r.listening ? 1 : 0)));

@@ -1,7 +1,33 @@
-import { hostname } from 'node:os';
-import type { Agent, HealthReport, Problem } from '../agent.js';
 import type { ConsulStatus } from '../consul/catalog-watcher.js';
+import type { ServiceSpec } from '../contract/balancer-config.js';
 import type { BackendStatus, ServiceStatus } from '../balancer/status.js';
+import type { DnsStats } from '../dns/server.js';
+import { codes, type Problem } from '../errors.js';
+
+/** What /health answers and `loopmesh status` shows: ok only when everything that should be served is. */
+export interface HealthReport {
+  status: 'ok' | 'degraded' | 'failing';
+  /** Why not ok; empty when ok. */
+  reasons: Problem[];
+}
+
+/**
+ * Problems that mean this node does not serve what it should (503), as against a bad registration
+ * in Consul that is skipped and reported (an invalid name, an invalid instance): those are not this
+ * node's fault, and every other service is still served.
+ */
+export const failingCodes: ReadonlySet<string> = new Set([
+  codes.planAddressesExhausted,
+  codes.planNoAddress,
+  codes.planAddressConflict,
+  codes.planAddressInvalid,
+  codes.renderTemplate,
+  codes.renderWrite,
+  codes.balancerListen,
+  codes.consulStale,
+  codes.hostsWrite,
+  codes.hostsOwned,
+]);
 
 export type BackendReport = Pick<BackendStatus, 'id' | 'address' | 'port' | 'activeConnections' | 'totalConnections'>;
 
@@ -17,7 +43,8 @@ export interface RouteReport
 export interface StatusReport {
   /** The local Consul agent's node name, or the hostname until Consul has answered. */
   node: string;
-  consul: ConsulStatus;
+  /** null from a `loopmesh balancer` process: it reads the rendered files and never talks to Consul. */
+  consul: ConsulStatus | null;
   lastRenderAt: number | undefined;
   /** Where the balancer runs: in this process, or a separate `loopmesh balancer` (--render-only). */
   dataPlane: 'in-process' | 'separate';
@@ -25,15 +52,29 @@ export interface StatusReport {
   problems: Problem[];
   /** The same verdict as /health. */
   health: HealthReport;
+  /** The in-process DNS responder's counters; absent when DNS is off or another process serves. */
+  dns?: DnsStats;
+}
+
+/** What the process hosting the admin knows; admin/ reads nothing else. */
+export interface ReportInputs {
+  node: string;
+  consul: ConsulStatus | null;
+  lastRenderAt: number | undefined;
+  /** The routes to report: the loaded balancer.json's services, or the planned routes with --render-only. */
+  specs: readonly ServiceSpec[];
+  /** The in-process balancer's live counters; undefined when a separate process serves. */
+  served: readonly ServiceStatus[] | undefined;
+  problems: Problem[];
+  health: HealthReport;
+  dns: DnsStats | undefined;
 }
 
 /** What is served (the balancer's view), not only what was planned. */
-export function routeReport(agent: Agent): StatusReport {
-  const plane = agent.dataPlane;
-  const served = new Map((plane?.balancer.snapshot() ?? []).map((s) => [s.service, s]));
-  const specs = plane ? plane.config()?.services ?? [] : agent.routes();
-  const routes = specs.map((spec): RouteReport => {
-    const s = served.get(spec.service);
+export function routeReport(inputs: ReportInputs): StatusReport {
+  const served = inputs.served ? new Map(inputs.served.map((s) => [s.service, s])) : undefined;
+  const routes = inputs.specs.map((spec): RouteReport => {
+    const s = served?.get(spec.service);
     const backends = (s?.backends ?? spec.backends).map((b) => ({
       id: b.id,
       address: b.address,
@@ -47,7 +88,7 @@ export function routeReport(agent: Agent): StatusReport {
       fqdn: spec.fqdn,
       address: spec.address,
       port: spec.port,
-      listening: plane ? s?.listening ?? false : null,
+      listening: served ? s?.listening ?? false : null,
       healthyBackends: backends.length,
       activeConnections: s?.activeConnections ?? 0,
       totalConnections: s?.totalConnections ?? 0,
@@ -56,5 +97,17 @@ export function routeReport(agent: Agent): StatusReport {
       backends,
     };
   });
-  return { node: agent.nodeName ?? hostname(), consul: agent.watcher.status(), lastRenderAt: agent.lastRenderAt, dataPlane: plane ? 'in-process' : 'separate', routes, problems: agent.problems(), health: agent.health() };
+  return { node: inputs.node, consul: inputs.consul, lastRenderAt: inputs.lastRenderAt, dataPlane: served ? 'in-process' : 'separate', routes, problems: inputs.problems, health: inputs.health, ...(inputs.dns ? { dns: inputs.dns } : {}) };
+}
+
+/** Services of the loaded config the balancer does not serve (a port taken, an address refused). */
+export function servingProblems(specs: readonly ServiceSpec[], served: readonly ServiceStatus[]): Problem[] {
+  const byService = new Map(served.map((s) => [s.service, s]));
+  const out: Problem[] = [];
+  for (const spec of specs) {
+    const s = byService.get(spec.service);
+    if (s?.listening && s.address === spec.address && s.port === spec.port) continue;
+    out.push({ service: spec.service, code: codes.balancerListen, message: `service "${spec.service}" is not listening on ${spec.address}:${spec.port}${s?.lastError ? `: ${s.lastError}` : ''}` });
+  }
+  return out;
 }

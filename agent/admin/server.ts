@@ -1,18 +1,24 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import type { Agent } from '../agent.js';
 import type { Endpoint } from '../config/config.js';
 import { AdminError, codes } from '../errors.js';
 import type { Logger } from '../log.js';
 import { isLoopbackHost } from '../config/config.js';
 import { misdirected } from './host.js';
-import { routeReport } from './report.js';
+import type { StatusReport } from './report.js';
 import { prometheusText } from './metrics.js';
 
 export interface AdminServerOptions {
   endpoint: Endpoint;
-  agent: Agent;
+  /** Called on every request by whichever process hosts the admin (the agent, or `loopmesh balancer`). */
+  report: () => StatusReport;
   logger: Logger;
+}
+
+/** The agent's Consul connection; a `loopmesh balancer` process has none. */
+function consulLine(consul: StatusReport['consul']): string {
+  if (!consul) return 'balancer process (serves the rendered files, no Consul)';
+  return `consul ${consul.connected ? 'connected' : 'UNREACHABLE (serving last-known-good)'}`;
 }
 
 /** Loopback HTTP: /health, /v1/routes (what `loopmesh status` shows), /metrics, and / for people. */
@@ -52,7 +58,6 @@ export class AdminServer {
 
   private handle(req: IncomingMessage, res: ServerResponse): void {
     const path = new URL(req.url ?? '/', 'http://admin').pathname;
-    const agent = this.options.agent;
     const send = (status: number, type: string, body: string): void => {
       res.writeHead(status, { 'content-type': type, 'cache-control': 'no-store' });
       res.end(body);
@@ -65,7 +70,7 @@ export class AdminServer {
       return send(421, 'text/plain; charset=utf-8', `misdirected request: ${refused}\n`);
     }
     if (req.method !== 'GET' && req.method !== 'HEAD') return send(405, 'text/plain', 'expected GET\n');
-    const report = routeReport(agent);
+    const report = this.options.report();
     switch (path) {
       case '/health':
         // 200 only when every route is served and the last render succeeded; 503 says why not.
@@ -76,7 +81,7 @@ export class AdminServer {
         return send(200, 'text/plain; version=0.0.4', prometheusText(report));
       case '/': {
         const lines = report.routes.map((r) => `${r.fqdn}  ${r.address}:${r.port}  ${r.healthyBackends} backend(s)  ${r.listening ? 'listening' : 'NOT listening'}`);
-        return send(200, 'text/plain; charset=utf-8', `loopmesh on ${report.node}: consul ${report.consul.connected ? 'connected' : 'UNREACHABLE (serving last-known-good)'}\n\n${lines.join('\n')}\n${report.problems.map((p) => `\nproblem ${p.code}: ${p.message}`).join('')}\n`);
+        return send(200, 'text/plain; charset=utf-8', `loopmesh on ${report.node}: ${consulLine(report.consul)}\n\n${lines.join('\n')}\n${report.problems.map((p) => `\nproblem ${p.code}: ${p.message}`).join('')}\n`);
       }
       default:
         return send(404, 'text/plain', `no such path ${path}; expected /health, /v1/routes, /metrics or /\n`);

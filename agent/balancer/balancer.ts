@@ -1,8 +1,8 @@
 import type { Server } from 'node:net';
 import type { Logger } from '../log.js';
-import type { InheritedSockets, ListeningSocket } from '../data-plane/handover.js';
+import type { InheritedSockets, ListeningSocket } from '../hot-restart/handover.js';
 import { BalancerError, codes, errorCode, errorMessage } from '../errors.js';
-import type { BalancerConfig, ServiceSpec } from './config.js';
+import type { BalancerConfig, ServiceSpec } from '../contract/balancer-config.js';
 import { addressKey } from './listener.js';
 import { Retry } from '../retry.js';
 import { ServiceProxy } from './service-proxy.js';
@@ -14,6 +14,8 @@ export interface BalancerOptions {
   logger: Logger;
   /** How long one backend gets to accept a connection before the next is tried. */
   connectTimeoutMs?: number;
+  /** No bytes either way for this long closes a connection's both sides (default 1 hour). */
+  idleTimeoutMs?: number;
   /** How long connections of a removed or moved listener may keep flowing. */
   drainTimeoutMs?: number;
   /** Listening sockets from a predecessor process (hot restart), used before binding anew. */
@@ -30,6 +32,7 @@ export class Balancer {
   private readonly logger: Logger;
   private readonly connectTimeoutMs: number;
   private readonly drainTimeoutMs: number;
+  private readonly idleTimeoutMs: number | undefined;
   private readonly inherited: InheritedSockets | undefined;
   private applying: Promise<unknown> = Promise.resolve();
   private closed = false;
@@ -43,6 +46,7 @@ export class Balancer {
     this.logger = options.logger.child({ component: 'balancer' });
     this.connectTimeoutMs = options.connectTimeoutMs ?? 2000;
     this.drainTimeoutMs = options.drainTimeoutMs ?? 30000;
+    this.idleTimeoutMs = options.idleTimeoutMs;
     this.inherited = options.inherited;
     // A port taken now may be free later: retried with backoff, not only on the next config change.
     this.listenRetry = new Retry(
@@ -146,6 +150,7 @@ export class Balancer {
           logger: this.logger,
           connectTimeoutMs: this.connectTimeoutMs,
           drainTimeoutMs: this.drainTimeoutMs,
+          idleTimeoutMs: this.idleTimeoutMs,
           inherited: this.inherited,
           isOwnListener: (address, port) => this.isOwnListener(address, port),
         });

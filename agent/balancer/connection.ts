@@ -16,6 +16,8 @@ export interface ConnectionContext {
   pool: BackendPool;
   counters: ServiceCounters;
   connectTimeoutMs: number;
+  /** A forwarding pair with no bytes either way for this long is closed on both sides. */
+  idleTimeoutMs: number;
   /** Already bound to the service. */
   logger: Logger;
   /** Whether address:port is one of this balancer's own listeners (a backend there loops). */
@@ -63,6 +65,7 @@ export class ProxiedConnection {
     client.pause();
     client.on('error', (err) => {
       context.logger.debug({ code: errorCode(err), err: errorMessage(err) }, 'client connection error');
+      if (this.upstream) this.reset(this.upstream);
       this.destroy();
     });
     client.once('close', () => {
@@ -76,6 +79,7 @@ export class ProxiedConnection {
 
   destroy(): void {
     if (this.dialing) this.abortDial();
+    this.client.setTimeout(0);
     this.upstream?.destroy();
     this.client.destroy();
   }
@@ -109,7 +113,7 @@ export class ProxiedConnection {
     const timer = setTimeout(() => onFailure(timeoutError(backend, this.context.connectTimeoutMs)), this.context.connectTimeoutMs);
     const onFailure = (err: Error): void => {
       this.abortDial();
-      backend.failedConnects++;
+      backend.connectFailed();
       const next = this.context.pool.pick(this.tried);
       this.context.logger.debug(
         { backend: backend.spec.id, code: errorCode(err), err: errorMessage(err), retry: next?.spec.id },
@@ -139,11 +143,17 @@ export class ProxiedConnection {
 
   /** A backend that is one of our own listeners: counted as a failed connect, the next one tried. */
   private refuseSelf(backend: Backend): void {
-    backend.failedConnects++;
+    backend.connectFailed();
     if (selfWarned.has(backend)) return this.dialNext(this.context.pool.pick(this.tried));
     selfWarned.add(backend);
     this.context.logger.warn({ code: codes.balancerSelfBackend, backend: backend.spec.id }, `backend ${backend.label} is one of loopmesh's own listeners; refused (a connection would loop)`);
     this.dialNext(this.context.pool.pick(this.tried));
+  }
+
+  /** Destroys with an RST rather than a FIN, where the socket is still open. */
+  private reset(socket: Socket): void {
+    if (socket.destroyed || socket.connecting) return;
+    socket.resetAndDestroy();
   }
 
   private abortDial(): void {
@@ -162,12 +172,20 @@ export class ProxiedConnection {
     const { client, context } = this;
     this.upstream = upstream;
     this.upstreamClosed = false;
+    backend.connectSucceeded();
     backend.activeConnections++;
     backend.totalConnections++;
     context.onForwarded();
     upstream.setNoDelay(true);
     upstream.on('error', (err) => {
       context.logger.debug({ backend: backend.spec.id, code: errorCode(err), err: errorMessage(err) }, 'backend connection error');
+      // A cut backend stream must reach the client as a reset: a clean close would read as a complete answer.
+      this.reset(client);
+      this.destroy();
+    });
+    // Socket timeouts count reads and writes, and every byte through the pair is both on the client socket.
+    client.setTimeout(context.idleTimeoutMs, () => {
+      context.logger.debug({ backend: backend.spec.id, idleTimeoutMs: context.idleTimeoutMs }, 'idle timeout; closing both sides');
       this.destroy();
     });
     upstream.once('close', () => {

@@ -5,7 +5,7 @@ import { debounce, type Debounced } from '../debounce.js';
 import { errorCode, errorMessage } from '../errors.js';
 import { prepareRunDir, readRunDirFile } from '../fs/run-dir.js';
 import type { Logger } from '../log.js';
-import { parseBalancerConfig, type BalancerConfig } from './config.js';
+import { parseBalancerConfig, type BalancerConfig } from '../contract/balancer-config.js';
 
 /** chokidar drops a 'change' that comes within 50 ms of the previous one on the same path. */
 const missedChangeWindowMs = 100;

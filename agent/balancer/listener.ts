@@ -1,6 +1,6 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Logger } from '../log.js';
-import type { InheritedSockets } from '../data-plane/handover.js';
+import type { InheritedSockets } from '../hot-restart/handover.js';
 import { errorCode, errorMessage } from '../errors.js';
 
 export function addressKey(address: string, port: number): string {

@@ -1,9 +1,9 @@
 import type { Server } from 'node:net';
 import type { Logger } from '../log.js';
-import type { InheritedSockets } from '../data-plane/handover.js';
+import type { InheritedSockets } from '../hot-restart/handover.js';
 import { codes, errorMessage } from '../errors.js';
 import { BackendPool } from './backend-pool.js';
-import type { ServiceSpec } from './config.js';
+import type { ServiceSpec } from '../contract/balancer-config.js';
 import { ProxiedConnection, type ConnectionContext, type ServiceCounters } from './connection.js';
 import { addressKey, ServiceListener } from './listener.js';
 import type { ServiceStatus } from './status.js';
@@ -14,8 +14,12 @@ export interface ServiceProxyOptions {
   isOwnListener: (address: string, port: number) => boolean;
   inherited?: InheritedSockets;
   connectTimeoutMs: number;
+  /** No bytes either way for this long closes a connection's both sides; default 1 hour. */
+  idleTimeoutMs?: number;
   drainTimeoutMs: number;
 }
+
+export const defaultIdleTimeoutMs = 3_600_000;
 
 function sameSpec(a: ServiceSpec, b: ServiceSpec): boolean {
   return JSON.stringify(a) === JSON.stringify(b);
@@ -153,6 +157,7 @@ export class ServiceProxy {
       pool: this.pool,
       counters: this.counters,
       connectTimeoutMs: this.options.connectTimeoutMs,
+      idleTimeoutMs: this.options.idleTimeoutMs ?? defaultIdleTimeoutMs,
       logger: this.logger,
       isOwnListener: this.options.isOwnListener,
       onNoBackend: (reason) => {

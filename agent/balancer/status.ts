@@ -1,10 +1,14 @@
-import type { BackendSpec, EmptyPolicy } from './config.js';
+import type { BackendSpec, EmptyPolicy } from '../contract/balancer-config.js';
 
 export interface BackendStatus extends BackendSpec {
   activeConnections: number;
   totalConnections: number;
   /** Connect attempts to this backend that failed (refused, timed out, unreachable). */
   failedConnects: number;
+  /** Connect failures since the last successful connect; at 3 the backend is ejected. */
+  consecutiveFailures: number;
+  /** While ejected (passive health): when the backend is tried again, ISO 8601. */
+  ejectedUntil?: string;
 }
 
 export interface ServiceStatus {

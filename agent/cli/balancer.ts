@@ -1,17 +1,21 @@
+import { hostname } from 'node:os';
+import { failingCodes, routeReport, servingProblems, type StatusReport } from '../admin/report.js';
+import { AdminServer } from '../admin/server.js';
 import { DataPlane } from '../data-plane/data-plane.js';
-import { receiveHandover, reportHandover, type InheritedSockets } from '../data-plane/handover.js';
+import { receiveHandover, reportHandover, type InheritedSockets } from '../hot-restart/handover.js';
 import { errorCode, errorMessage } from '../errors.js';
 import { prepareRunDir } from '../fs/run-dir.js';
 import type { Logger, LogOptions } from '../log.js';
 import { loadConfig, parseFlags } from './args.js';
 import { usage } from './usage.js';
+import { sleep } from '../sleep.js';
 
 /** How long a successor gets to take over the sockets and serve. */
 const handoverTimeoutMs = 15_000;
 
 /** The data plane alone, from the rendered files: what keeps serving when the control plane is gone. */
 export async function runBalancer(argv: string[], makeLogger: (level: LogOptions['level']) => Logger): Promise<number> {
-  const flags = parseFlags(argv, { config: { type: 'string' } }, ['run-dir', 'dns', 'hosts-file', 'suffix', 'log-level', 'drain-timeout', 'connect-timeout']);
+  const flags = parseFlags(argv, { config: { type: 'string' } }, ['run-dir', 'dns', 'hosts-file', 'suffix', 'log-level', 'drain-timeout', 'connect-timeout', 'idle-timeout', 'admin', 'admin-public']);
   if (flags.help) {
     process.stdout.write(usage.balancer);
     return 0;
@@ -30,6 +34,8 @@ export async function runBalancer(argv: string[], makeLogger: (level: LogOptions
     return 1;
   }
   const plane = new DataPlane({ ...config, logger: log, inherited });
+  // Only an explicit --admin: the agent's default port (and a shared config file's admin) belongs to the agent.
+  const admin = typeof flags.admin === 'string' && config.admin ? new AdminServer({ endpoint: config.admin, report: () => balancerReport(plane), logger: log.child({ stage: 'admin' }) }) : undefined;
   // Hot restart (an upgrade, say): a new process of the same command line takes over every socket,
   // then this one stops accepting and drains. If the new one fails, this one keeps serving. Asked
   // for while this process still starts, it runs once the start is done (SIGUSR2 would otherwise
@@ -56,22 +62,62 @@ export async function runBalancer(argv: string[], makeLogger: (level: LogOptions
     if (state === 'stopping') process.exit(1);
     state = 'stopping';
     log.info({ drainTimeoutMs: config.drainTimeoutMs }, 'stopping: listeners closed, open connections drain');
-    void plane.close({ drain: true }).then(() => process.exit(0));
+    void Promise.all([admin?.close(), plane.close({ drain: true })]).then(() => process.exit(0));
   };
   process.on('SIGUSR2', hotRestart);
   try {
     await plane.start();
+    // After a hot restart the predecessor holds the admin port until it has handed over: taken below.
+    if (!inherited) await admin?.start();
   } catch (err) {
     log.fatal({ code: errorCode(err) }, errorMessage(err));
     await reportHandover({ started: false, message: errorMessage(err) });
+    await admin?.close().catch(() => undefined);
     await plane.close().catch(() => undefined);
     return 1;
   }
-  log.info({ runDir: config.runDir, hotRestart: inherited !== undefined }, inherited ? 'loopmesh data plane started on the sockets of the previous process' : 'loopmesh data plane started');
+  log.info({ runDir: config.runDir, admin: admin?.url(), hotRestart: inherited !== undefined }, inherited ? 'loopmesh data plane started on the sockets of the previous process' : 'loopmesh data plane started');
   await reportHandover({ started: true });
+  if (inherited && admin) void startAdminAfterPredecessor(admin, log);
   state = 'serving';
   process.on('SIGINT', stop);
   process.on('SIGTERM', stop);
   if (hotRestartAsked) hotRestart();
   return new Promise<number>(() => undefined);
+}
+
+/** The balancer process's view: ok when every service of the loaded balancer.json listens and the hosts block is fine. */
+export function balancerReport(plane: DataPlane): StatusReport {
+  const specs = plane.config()?.services ?? [];
+  const served = plane.balancer.snapshot();
+  const problems = [...servingProblems(specs, served), ...plane.hostsProblems()];
+  const reasons = problems.filter((p) => failingCodes.has(p.code));
+  return routeReport({
+    node: hostname(),
+    consul: null,
+    lastRenderAt: undefined,
+    specs,
+    served,
+    problems,
+    health: { status: reasons.length === 0 ? 'ok' : 'failing', reasons },
+    dns: plane.dns?.stats(),
+  });
+}
+
+/** The predecessor closes its admin once it has our report; until then the port is taken. */
+async function startAdminAfterPredecessor(admin: AdminServer, log: Logger): Promise<void> {
+  const deadline = Date.now() + handoverTimeoutMs;
+  for (;;) {
+    try {
+      await admin.start();
+      log.info({ admin: admin.url() }, 'admin HTTP taken over from the previous process');
+      return;
+    } catch (err) {
+      if (Date.now() > deadline) {
+        log.error({ code: errorCode(err) }, `${errorMessage(err)}; this process serves without admin HTTP`);
+        return;
+      }
+      await sleep(100);
+    }
+  }
 }

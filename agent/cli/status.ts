@@ -1,5 +1,4 @@
-import type { RouteReport, StatusReport } from '../admin/report.js';
-import type { HealthReport } from '../agent.js';
+import type { HealthReport, RouteReport, StatusReport } from '../admin/report.js';
 import { errorMessage } from '../errors.js';
 import { expectArray, expectRecord, isRecord, parseHostPort } from '../validate.js';
 import { parseFlags, UsageError } from './args.js';
@@ -21,7 +20,8 @@ function printable(value: unknown): string {
  */
 export function parseStatusReport(json: unknown): StatusReport {
   const raw = expectRecord(json, '/v1/routes');
-  const consul = expectRecord(raw.consul, '/v1/routes consul');
+  // null from a `loopmesh balancer` process, which never talks to Consul.
+  const consul = raw.consul === null ? null : expectRecord(raw.consul, '/v1/routes consul');
   const routes = expectArray(raw.routes, '/v1/routes routes').map((r, i) => expectRecord(r, `/v1/routes routes[${i}]`) as unknown as RouteReport);
   const problems = Array.isArray(raw.problems) ? raw.problems.filter(isRecord).map((p) => ({ code: printable(p.code), message: printable(p.message) })) : [];
   const health: HealthReport | undefined = isRecord(raw.health) && typeof raw.health.status === 'string'
@@ -33,7 +33,7 @@ export function parseStatusReport(json: unknown): StatusReport {
 export function statusTable(report: StatusReport): string {
   const rows = [['SERVICE', 'NAME', 'ADDRESS:PORT', 'BACKENDS', 'LISTENING']];
   for (const r of report.routes) rows.push([printable(r.service), printable(r.fqdn), printable(`${r.address}:${r.port}`), printable(r.healthyBackends), r.listening === null ? '(balancer process)' : r.listening ? 'yes' : 'NO']);
-  const consul = report.consul.connected ? 'connected' : `UNREACHABLE (serving last-known-good routes; ${printable(report.consul.lastError?.message ?? 'no answer yet')})`;
+  const consul = !report.consul ? 'none (balancer process, serving the rendered files)' : report.consul.connected ? 'connected' : `UNREACHABLE (serving last-known-good routes; ${printable(report.consul.lastError?.message ?? 'no answer yet')})`;
   const problems = report.problems.map((p) => `problem ${p.code}: ${p.message}`);
   const verdict = printable(report.health.status);
   const health = verdict === 'ok' ? 'health ok' : verdict === 'unknown' ? 'health unknown (this agent does not report it)' : `health ${verdict.toUpperCase()}: ${report.health.reasons.map((r) => r.code).join(', ')}`;

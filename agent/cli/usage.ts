@@ -52,6 +52,7 @@ ${flagLines()}
 `,
   balancer: `Usage: loopmesh balancer [--run-dir DIR] [--dns ADDR:PORT|off] [--hosts-file FILE|off] [--suffix DOMAIN]
                          [--drain-timeout S] [--connect-timeout S] [--log-level LEVEL] [--config FILE]
+                         [--admin ADDR:PORT [--admin-public]]
 
 Runs the data plane alone from the rendered files in --run-dir (balancer.json, hosts), reloading
 when they change: a control plane crash or restart never drops traffic. Pair it with
@@ -60,5 +61,9 @@ connections finish for up to --drain-timeout seconds. SIGUSR2 is a hot restart (
 a new process with the same command line takes over every listening socket and the current routes,
 then this one stops accepting and drains, so no connection is refused; if the new process fails to
 start, this one keeps serving.
+
+--admin ADDR:PORT serves /health, /v1/routes and /metrics from this process with the live counters
+(off unless given here; loopback only unless --admin-public). /health is 200 when every service of
+the loaded balancer.json listens and the hosts block is fine, else 503 with the reasons.
 `,
 };

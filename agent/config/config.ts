@@ -2,7 +2,7 @@ import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { isIP } from 'node:net';
 import { readFileSync } from 'node:fs';
 import type { LevelWithSilent } from 'pino';
-import { emptyPolicies, type EmptyPolicy } from '../balancer/config.js';
+import { emptyPolicies, type EmptyPolicy } from '../contract/balancer-config.js';
 import { ConfigError, codes } from '../errors.js';
 import { logLevels } from '../log.js';
 import { parseRange, type AddressRange } from '../plan/addresses.js';
@@ -57,6 +57,8 @@ export interface AgentConfig {
   kvPrefix: string;
   drainTimeoutMs: number;
   connectTimeoutMs: number;
+  /** A balanced connection with no bytes either way for this long is closed on both sides. */
+  idleTimeoutMs: number;
   /** How long each blocking query to Consul may wait for a change. */
   consulWaitMs: number;
 }
@@ -99,6 +101,7 @@ export const settings: readonly Setting[] = [
   { key: 'kvPrefix', flag: 'kv-prefix', env: ['LOOPMESH_KV_PREFIX'], value: 'PREFIX', default: 'loopmesh', help: 'Consul KV prefix for the address table' },
   { key: 'drainTimeout', flag: 'drain-timeout', env: ['LOOPMESH_DRAIN_TIMEOUT'], value: 'SECONDS', default: '30', help: "how long a removed service's connections may drain" },
   { key: 'connectTimeout', flag: 'connect-timeout', env: ['LOOPMESH_CONNECT_TIMEOUT'], value: 'SECONDS', default: '2', help: 'connect timeout to a backend before trying another' },
+  { key: 'idleTimeout', flag: 'idle-timeout', env: ['LOOPMESH_IDLE_TIMEOUT'], value: 'SECONDS', default: '3600', help: 'close a balanced connection with no bytes either way for this long (both sides)' },
   { key: 'consulWait', flag: 'consul-wait', env: ['LOOPMESH_CONSUL_WAIT'], value: 'SECONDS', default: '60', help: "how long each blocking query to Consul waits for a change (1 to 600; Consul caps it at 10 minutes); a frozen Consul is noticed after about this plus max(1/8 of it, 5 s)" },
 ];
 
@@ -344,6 +347,7 @@ export function resolveConfig(...layers: RawConfig[]): AgentConfig {
     kvPrefix,
     drainTimeoutMs: seconds(get('drainTimeout'), 'drain-timeout'),
     connectTimeoutMs: Math.max(1, seconds(get('connectTimeout'), 'connect-timeout')),
+    idleTimeoutMs: Math.max(1, seconds(get('idleTimeout'), 'idle-timeout')),
     consulWaitMs: consulWait(get('consulWait')),
   };
 }

@@ -1,17 +1,17 @@
 import { realpath } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { Balancer } from '../balancer/balancer.js';
-import type { BalancerConfig } from '../balancer/config.js';
+import type { BalancerConfig } from '../contract/balancer-config.js';
 import { BalancerFileSource } from '../balancer/file-source.js';
 import type { Endpoint } from '../config/config.js';
 import { DnsServer } from '../dns/server.js';
 import { checkHostsLines, writeHostsBlock } from '../dns/hosts-file.js';
 import { DataPlaneError, codes, errorCode, errorMessage, type Problem } from '../errors.js';
-import { handOver, type HandOverOptions, type InheritedSockets, type ListeningSocket } from './handover.js';
+import { handOver, type HandOverOptions, type InheritedSockets, type ListeningSocket } from '../hot-restart/handover.js';
 import { readRunDirFileIfExists } from '../fs/run-dir.js';
 import type { Logger } from '../log.js';
 import { Retry } from '../retry.js';
-import { balancerFile, hostsFile as renderedHostsFile } from '../render/render.js';
+import { balancerFile, hostsFile as renderedHostsFile } from '../contract/files.js';
 
 export interface DataPlaneOptions {
   runDir: string;
@@ -20,6 +20,8 @@ export interface DataPlaneOptions {
   dns: Endpoint | undefined;
   hostsFile: string | undefined;
   connectTimeoutMs: number;
+  /** Default 1 hour (the balancer's). */
+  idleTimeoutMs?: number;
   drainTimeoutMs: number;
   /** From a predecessor process (hot restart): its sockets, and its config, served before the file. */
   inherited?: InheritedSockets;
@@ -51,7 +53,7 @@ export class DataPlane {
   constructor(private readonly options: DataPlaneOptions) {
     const { logger } = options;
     const { inherited } = options;
-    this.balancer = new Balancer({ logger: logger.child({ stage: 'balancer' }), connectTimeoutMs: options.connectTimeoutMs, drainTimeoutMs: options.drainTimeoutMs, inherited });
+    this.balancer = new Balancer({ logger: logger.child({ stage: 'balancer' }), connectTimeoutMs: options.connectTimeoutMs, idleTimeoutMs: options.idleTimeoutMs, drainTimeoutMs: options.drainTimeoutMs, inherited });
     this.dns = options.dns
       ? new DnsServer({ host: options.dns.host, port: options.dns.port, suffix: options.suffix, logger: logger.child({ stage: 'dns' }), inherited })
       : undefined;

@@ -1,9 +1,9 @@
 import { createSocket, type RemoteInfo, type Socket as UdpSocket } from 'node:dgram';
 import { createServer, isIPv6, type Server, type Socket } from 'node:net';
-import type { ServiceSpec } from '../balancer/config.js';
+import type { ServiceSpec } from '../contract/balancer-config.js';
 import { DnsError, codes, errorCode, errorMessage } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { InheritedSockets, ListeningSocket } from '../data-plane/handover.js';
+import type { InheritedSockets, ListeningSocket } from '../hot-restart/handover.js';
 import { answerQuery, type Outcome, type Transport } from './responder.js';
 import { FrameReader, frame } from './tcp-frames.js';
 import { normalizeName, zoneFromServices, type Zone } from './zone.js';

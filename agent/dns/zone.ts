@@ -1,4 +1,4 @@
-import type { ServiceSpec } from '../balancer/config.js';
+import type { ServiceSpec } from '../contract/balancer-config.js';
 import { isIPv4 } from '../validate.js';
 import { isEncodableName } from './domain-name.js';
 

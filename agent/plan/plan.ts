@@ -1,4 +1,4 @@
-import type { BackendSpec, EmptyPolicy, ServiceSpec } from '../balancer/config.js';
+import type { BackendSpec, EmptyPolicy, ServiceSpec } from '../contract/balancer-config.js';
 import type { Catalog } from '../consul/catalog.js';
 import { codes } from '../errors.js';
 import { addressOf, inRange, type AddressRange, type AddressTable } from './addresses.js';

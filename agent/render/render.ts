@@ -1,11 +1,9 @@
 import { join } from 'node:path';
-import { parseBalancerConfig } from '../balancer/config.js';
+import { parseBalancerConfig } from '../contract/balancer-config.js';
+import { balancerFile } from '../contract/files.js';
 import { RenderError, codes, errorMessage } from '../errors.js';
 import { writeFileAtomic } from '../fs/atomic-write.js';
 import type { RenderContext, Template } from './templates.js';
-
-export const balancerFile = 'balancer.json';
-export const hostsFile = 'hosts';
 
 export interface RenderedFile {
   output: string;

@@ -4,7 +4,7 @@ import { createSocket, type Socket as UdpSocket } from 'node:dgram';
 import { connect, type Socket } from 'node:net';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import type { ServiceSpec } from '../../agent/balancer/config.js';
+import type { ServiceSpec } from '../../agent/contract/balancer-config.js';
 import { DnsServer, type DnsServerOptions } from '../../agent/dns/server.js';
 import { captureLogger } from '../support/log.js';
 import { eventually } from '../support/net.js';

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa, type ResultPromise } from 'execa';
-import { parseBalancerConfig, type ServiceSpec } from '../../agent/balancer/config.js';
+import { parseBalancerConfig, type ServiceSpec } from '../../agent/contract/balancer-config.js';
 import { TestConsul } from '../support/consul.js';
 import { eventually, freePort, startIdServer, whoAnswers, type IdServer } from '../support/net.js';
 import { hostsPrelude, removeDir, startAgent } from '../support/agent.js';

@@ -4,7 +4,7 @@ import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rename, rm, stat, syml
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa, type ResultPromise } from 'execa';
-import { parseBalancerConfig, type ServiceSpec } from '../../agent/balancer/config.js';
+import { parseBalancerConfig, type ServiceSpec } from '../../agent/contract/balancer-config.js';
 import { codes } from '../../agent/errors.js';
 import { TestConsul } from '../support/consul.js';
 import { eventually, freePort, startIdServer, whoAnswers, type IdServer } from '../support/net.js';

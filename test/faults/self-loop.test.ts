@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Balancer } from '../../agent/balancer/balancer.js';
-import type { ServiceSpec } from '../../agent/balancer/config.js';
+import type { ServiceSpec } from '../../agent/contract/balancer-config.js';
 import { TestConsul } from '../support/consul.js';
 import { captureLogger } from '../support/log.js';
 import { eventually, freePort, startIdServer, whoAnswers, type IdServer } from '../support/net.js';

@@ -1,4 +1,3 @@
-import { routeReport } from '../../agent/admin/report.js';
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
@@ -88,7 +87,7 @@ describe('loopmesh agent with a real Consul', { timeout: 120_000 }, () => {
   });
 
   test("the status report names the node as the local Consul agent does (not the hostname, which network namespaces share)", async () => {
-    await eventually(() => routeReport(node.agent).node === `loopmesh-test-${consul.httpPort}`, 5000, `node name loopmesh-test-${consul.httpPort} in the report`);
+    await eventually(() => node.agent.statusReport().node === `loopmesh-test-${consul.httpPort}`, 5000, `node name loopmesh-test-${consul.httpPort} in the report`);
   });
 
   test('connections reach both instances', async () => {

@@ -8,7 +8,7 @@ import { TestConsul } from '../support/consul.js';
 import { eventually, freePort, openConnection, startIdServer, steadyLoad, whoAnswers, type IdServer } from '../support/net.js';
 import { hostsPrelude, removeDir } from '../support/agent.js';
 import type { StatusReport } from '../../agent/admin/report.js';
-import { parseBalancerConfig, type ServiceSpec } from '../../agent/balancer/config.js';
+import { parseBalancerConfig, type ServiceSpec } from '../../agent/contract/balancer-config.js';
 import { readFile } from 'node:fs/promises';
 
 const main = join(import.meta.dirname, '..', '..', 'agent', 'cli', 'main.ts');

@@ -90,7 +90,7 @@ test('AdminServer over real sockets: 421 with a plain-text reason for a foreign 
   const config = resolveConfig({ runDir: join(dir, 'run'), hostsFile: 'off', dns: 'off', admin: 'off' });
   const agent = new Agent(config, silentLogger());
   const { logger, lines } = captureLogger('debug');
-  const admin = new AdminServer({ endpoint: { host: '127.0.0.1', port: 0 }, agent, logger });
+  const admin = new AdminServer({ endpoint: { host: '127.0.0.1', port: 0 }, report: () => agent.statusReport(), logger });
   await admin.start();
   t.after(() => admin.close());
   const port = Number(new URL(admin.url()).port);

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { execa } from 'execa';
-import type { BalancerConfig } from '../../../agent/balancer/config.js';
+import type { BalancerConfig } from '../../../agent/contract/balancer-config.js';
 import { BalancerFileSource } from '../../../agent/balancer/file-source.js';
 import { codes } from '../../../agent/errors.js';
 import { silentLogger } from '../../../agent/log.js';

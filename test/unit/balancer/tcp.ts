@@ -2,7 +2,7 @@ import { once } from 'node:events';
 import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import type { TestContext } from 'node:test';
 import { Worker } from 'node:worker_threads';
-import type { BackendSpec, BalancerConfig, ServiceSpec } from '../../../agent/balancer/config.js';
+import type { BackendSpec, BalancerConfig, ServiceSpec } from '../../../agent/contract/balancer-config.js';
 
 /**
  * A backend that greets with "<id>\n", echoes what it gets, and on the client's end answers

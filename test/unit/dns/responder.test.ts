@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import type { ServiceSpec } from '../../../agent/balancer/config.js';
+import type { ServiceSpec } from '../../../agent/contract/balancer-config.js';
 import { answerQuery, respond, type Outcome } from '../../../agent/dns/responder.js';
 import { findName, zoneFromServices } from '../../../agent/dns/zone.js';
 import { buildQuery, nameBytes, parseResponse, withHeader, type ParsedRecord, type QueryOptions } from './wire.js';

@@ -4,7 +4,7 @@ import { execFile } from 'node:child_process';
 import { createSocket } from 'node:dgram';
 import { connect, type Socket } from 'node:net';
 import { promisify } from 'node:util';
-import type { ServiceSpec } from '../../../agent/balancer/config.js';
+import type { ServiceSpec } from '../../../agent/contract/balancer-config.js';
 import { DnsServer, type DnsServerOptions } from '../../../agent/dns/server.js';
 import { FrameReader, frame } from '../../../agent/dns/tcp-frames.js';
 import { DnsError } from '../../../agent/errors.js';

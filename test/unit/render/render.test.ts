@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, readFile, rm, stat, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { parseBalancerConfig } from '../../../agent/balancer/config.js';
+import { parseBalancerConfig } from '../../../agent/contract/balancer-config.js';
 import { writeFileAtomic } from '../../../agent/fs/atomic-write.js';
 import { renderAll, writeRendered } from '../../../agent/render/render.js';
 import { builtinTemplatesDir, compileTemplate, loadTemplates } from '../../../agent/render/templates.js';

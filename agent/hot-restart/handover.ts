@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process';
 import type { RemoteInfo, Socket as UdpSocket } from 'node:dgram';
 import type { Server, Socket } from 'node:net';
-import { parseBalancerConfig, type BalancerConfig } from '../balancer/config.js';
+import { parseBalancerConfig, type BalancerConfig } from '../contract/balancer-config.js';
 import { DataPlaneError, codes, errorMessage } from '../errors.js';
 import { describe, isRecord } from '../validate.js';
 

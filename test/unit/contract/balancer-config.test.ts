@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { parseBalancerConfig, type ServiceSpec } from '../../../agent/balancer/config.js';
+import { parseBalancerConfig, type ServiceSpec } from '../../../agent/contract/balancer-config.js';
 import { BalancerError, codes } from '../../../agent/errors.js';
 
 function service(overrides: Record<string, unknown> = {}, backends: Array<Record<string, unknown>> = [{ id: 'node1/web-1', address: '10.0.0.1', port: 8080 }]): Record<string, unknown> {
