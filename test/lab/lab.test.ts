@@ -82,7 +82,7 @@ async function burst(n: number): Promise<{ failed: number; answered: Set<string>
   return { failed, answered };
 }
 
-interface LoadResult { newOk: number; newFailed: number; open: Array<{ ok: number; failed: number; sockets: number }>; addresses: string[]; failures: Record<string, number> }
+interface LoadResult { newOk: number; newFailed: number; slow: number; open: Array<{ ok: number; failed: number; sockets: number }>; addresses: string[]; failures: Record<string, number> }
 function load(n: string, name: string, port: number, ms: number): Promise<LoadResult> {
   return must(inNode(n, ['node', 'test/lab/load.mjs', name, String(port), String(ms), '20', '4'], ms + 30_000), 'load').then((out) => JSON.parse(out) as LoadResult);
 }
@@ -249,7 +249,7 @@ describe('the multi-node lab (scripts/lab.sh, network namespaces, real Consul)',
     await eventually(async () => (await inNode('node1', ['curl', '-sf', 'http://127.0.0.1:9190/health'], 3000)).exitCode === 0, 20_000, 'the new loopmesh agent on node1 healthy');
     t.diagnostic(`control plane restarted; healthy again after ${Date.now() - restarted} ms`);
     const agentLoad = await agentRun;
-    t.diagnostic(`control-plane restart: new connections ok=${agentLoad.newOk} failed=${agentLoad.newFailed}; open connections ${JSON.stringify(agentLoad.open)}`);
+    t.diagnostic(`control-plane restart: new connections ok=${agentLoad.newOk} failed=${agentLoad.newFailed} (over 3 s: ${agentLoad.slow}); open connections ${JSON.stringify(agentLoad.open)}`);
     assert.equal(agentLoad.newFailed, 0, `no new connection fails: ${JSON.stringify(agentLoad.failures)}`);
     for (const o of agentLoad.open) assert.deepEqual([o.failed, o.sockets], [0, 1], 'each open connection carried every request on one socket');
     assert.deepEqual(agentLoad.addresses, [address]);
@@ -261,7 +261,7 @@ describe('the multi-node lab (scripts/lab.sh, network namespaces, real Consul)',
     await sleep(1500);
     await must(lab(['restart', 'node1', 'balancer'], 60_000), 'restart node1 balancer');
     const balancerLoad = await balancerRun;
-    t.diagnostic(`data-plane hot restart: new connections ok=${balancerLoad.newOk} failed=${balancerLoad.newFailed} ${JSON.stringify(balancerLoad.failures)}; open connections ${JSON.stringify(balancerLoad.open)}`);
+    t.diagnostic(`data-plane hot restart: new connections ok=${balancerLoad.newOk} failed=${balancerLoad.newFailed} (over 3 s: ${balancerLoad.slow}) ${JSON.stringify(balancerLoad.failures)}; open connections ${JSON.stringify(balancerLoad.open)}`);
     assert.notEqual(readFileSync(join(state, `${prefix}-node1`, 'balancer.pid'), 'utf8'), balancerPid, 'another process serves now');
     assert.equal(balancerLoad.newFailed, 0, `no new connection fails during the hot restart: ${JSON.stringify(balancerLoad.failures)}`);
     for (const o of balancerLoad.open) assert.deepEqual([o.failed, o.sockets], [0, 1], 'each open connection finished its requests on its socket (drained by the old process)');

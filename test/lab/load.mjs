@@ -16,14 +16,15 @@ const addresses = new Set();
 const failures = {};
 let newOk = 0;
 let newFailed = 0;
+let slow = 0;
 const fail = (kind, err) => {
   const key = `${kind}: ${err.code ?? err.message}`;
   failures[key] = (failures[key] ?? 0) + 1;
 };
 
-function get(agent, host) {
+function get(agent, host, timeout) {
   return new Promise((resolve, reject) => {
-    const req = http.get({ host, port, path: '/', agent, timeout: 3000, headers: { host: name } }, (res) => {
+    const req = http.get({ host, port, path: '/', agent, timeout, headers: { host: name } }, (res) => {
       let body = '';
       res.on('data', (c) => (body += c));
       res.on('end', () => (res.statusCode === 200 ? resolve(body) : reject(new Error(`HTTP ${res.statusCode}`))));
@@ -49,7 +50,7 @@ const end = Date.now() + durationMs;
 const keptLoops = kept.map(async ({ agent, state }) => {
   while (Date.now() < end) {
     try {
-      await get(agent, first.address);
+      await get(agent, first.address, 3000);
       state.ok++;
     } catch (err) {
       state.failed++;
@@ -65,7 +66,11 @@ while (Date.now() < end) {
     try {
       const { address } = await lookup(name, { family: 4 });
       addresses.add(address);
-      await get(false, address);
+      const started = Date.now();
+      // A new connection fails only when it is refused, reset or gets nothing for 10 s; one that is
+      // merely slow (a CPU-starved CI machine during a hot restart) is counted apart, not as failed.
+      await get(false, address, 10_000);
+      if (Date.now() - started > 3000) slow++;
       newOk++;
     } catch (err) {
       newFailed++;
@@ -82,6 +87,7 @@ process.stdout.write(
   `${JSON.stringify({
     newOk,
     newFailed,
+    slow,
     open: kept.map(({ state }) => ({ ok: state.ok, failed: state.failed, sockets: state.sockets.size })),
     addresses: [...addresses],
     failures,
