@@ -1,22 +1,11 @@
 import { once } from 'node:events';
 import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
-import { test, type TestContext } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { Balancer, type BalancerOptions } from '../../../agent/balancer/balancer.js';
+import { Balancer } from '../../../agent/balancer/balancer.js';
 import { silentLogger } from '../../../agent/log.js';
-import { blackHoleBackend, config, deadBackend, dial, freePort, service, servedBy, startBackend, stillPending, waitUntil } from './tcp.js';
+import { blackHoleBackend, config, deadBackend, dial, freePort, service, servedBy, startBackend, stillPending, waitUntil , startBalancer, status } from './tcp.js';
 
-function startBalancer(t: TestContext, options: Partial<BalancerOptions> = {}): Balancer {
-  const balancer = new Balancer({ logger: silentLogger(), connectTimeoutMs: 1000, drainTimeoutMs: 5000, ...options });
-  t.after(() => balancer.close());
-  return balancer;
-}
-
-function status(balancer: Balancer, name: string) {
-  const found = balancer.snapshot().find((s) => s.service === name);
-  assert.ok(found, `service ${name} in the snapshot`);
-  return found;
-}
 
 /** Resolves with the error code of a connection attempt that fails, or 'connected'. */
 async function tryConnect(address: string, port: number): Promise<string> {

@@ -2,22 +2,9 @@ import { once } from 'node:events';
 import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { Balancer, type BalancerOptions } from '../../../agent/balancer/balancer.js';
 import { baseEjectionMs, BackendPool, ejectAfterFailures } from '../../../agent/balancer/backend-pool.js';
-import { silentLogger } from '../../../agent/log.js';
-import { blackHoleBackend, config, dial, freePort, service, servedBy, startBackend, stillPending, waitUntil } from './tcp.js';
+import { blackHoleBackend, config, dial, freePort, service, servedBy, startBackend, stillPending, waitUntil , startBalancer, status } from './tcp.js';
 
-function startBalancer(t: TestContext, options: Partial<BalancerOptions> = {}): Balancer {
-  const balancer = new Balancer({ logger: silentLogger(), connectTimeoutMs: 1000, drainTimeoutMs: 5000, ...options });
-  t.after(() => balancer.close());
-  return balancer;
-}
-
-function status(balancer: Balancer, name: string) {
-  const found = balancer.snapshot().find((s) => s.service === name);
-  assert.ok(found, `service ${name} in the snapshot`);
-  return found;
-}
 
 /** A backend that accepts, reads, and never sends a byte nor closes; counts the connections whose peer went away. */
 async function silentBackend(t: TestContext): Promise<{ port: number; sockets: Socket[]; closed: () => number }> {

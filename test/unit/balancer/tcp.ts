@@ -2,7 +2,10 @@ import { once } from 'node:events';
 import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import type { TestContext } from 'node:test';
 import { Worker } from 'node:worker_threads';
+import assert from 'node:assert/strict';
+import { Balancer, type BalancerOptions, type ServiceStatus } from '../../../agent/balancer/balancer.js';
 import type { BackendSpec, BalancerConfig, ServiceSpec } from '../../../agent/contract/balancer-config.js';
+import { silentLogger } from '../../../agent/log.js';
 
 /**
  * A backend that greets with "<id>\n", echoes what it gets, and on the client's end answers
@@ -205,4 +208,18 @@ export function waitUntil(check: () => boolean, what: string, ms = 3000): Promis
     };
     poll();
   });
+}
+
+/** A balancer for one test, closed after it. */
+export function startBalancer(t: TestContext, options: Partial<BalancerOptions> = {}): Balancer {
+  const balancer = new Balancer({ logger: silentLogger(), connectTimeoutMs: 1000, drainTimeoutMs: 5000, ...options });
+  t.after(() => balancer.close());
+  return balancer;
+}
+
+/** The balancer's status of one service, which must be there. */
+export function status(balancer: Balancer, name: string): ServiceStatus {
+  const found = balancer.snapshot().find((s) => s.service === name);
+  assert.ok(found, `service ${name} in the snapshot`);
+  return found;
 }
