@@ -136,8 +136,8 @@ export class Agent {
   }
 
   /** ok only when Consul answers, the last render succeeded and every planned route is served. */
-  health(): HealthReport {
-    const reasons = this.problems().filter((p) => failingCodes.has(p.code));
+  health(problems: readonly Problem[] = this.problems()): HealthReport {
+    const reasons = problems.filter((p) => failingCodes.has(p.code));
     const consul = this.watcher.status();
     if (!consul.connected) {
       reasons.unshift({ code: consul.lastError?.code ?? codes.consulUnreachable, message: `Consul unreachable, serving the last-known-good routes: ${consul.lastError?.message ?? 'no answer yet'}` });
@@ -156,14 +156,15 @@ export class Agent {
   /** What the admin serves: the live balancer's view when it runs here, the planned routes otherwise. */
   statusReport(): StatusReport {
     const plane = this.dataPlane;
+    const problems = this.problems();
     return routeReport({
       node: this.nodeName ?? hostname(),
       consul: this.watcher.status(),
       lastRenderAt: this.lastRenderAt,
       specs: plane ? plane.config()?.services ?? [] : this.routes(),
       served: plane?.balancer.snapshot(),
-      problems: this.problems(),
-      health: this.health(),
+      problems,
+      health: this.health(problems),
       dns: plane?.dns?.stats(),
     });
   }

@@ -2,7 +2,7 @@ import type { BackendSpec, EmptyPolicy, ServiceSpec } from '../contract/balancer
 import type { Catalog } from '../consul/catalog.js';
 import { codes } from '../errors.js';
 import { addressOf, inRange, type AddressRange, type AddressTable } from './addresses.js';
-import { isHostAddress } from '../validate.js';
+import { describe, isHostAddress } from '../validate.js';
 import { dnsLabel } from './names.js';
 import { choosePort } from './ports.js';
 
@@ -35,7 +35,7 @@ export function planLabels(services: readonly string[]): { labels: Map<string, s
   for (const service of services) {
     const result = dnsLabel(service);
     if (!result.ok) {
-      problems.push({ service, code: codes.planInvalidName, message: `service name ${JSON.stringify(service)} cannot be a DNS label: it ${result.reason.startsWith('is ') ? result.reason : `has characters outside the set; ${result.reason}`}` });
+      problems.push({ service, code: codes.planInvalidName, message: `service name ${describe(service)} cannot be a DNS label: it ${result.reason.startsWith('is ') ? result.reason : `has characters outside the set; ${result.reason}`}` });
       continue;
     }
     byLabel.set(result.label, [...(byLabel.get(result.label) ?? []), service]);
