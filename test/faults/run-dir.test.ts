@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { nobody, repoReadableByNobody } from '../support/nobody.js';
 import { execa, type ResultPromise } from 'execa';
 import { parseBalancerConfig, type ServiceSpec } from '../../agent/contract/balancer-config.js';
 import { codes } from '../../agent/errors.js';
@@ -14,7 +15,6 @@ import { captureLogger } from '../support/log.js';
 /** The run directory as a trust boundary (issue 7, finding 6), with the real CLI as its own processes. */
 
 const main = join(import.meta.dirname, '..', '..', 'agent', 'cli', 'main.ts');
-const nobody = 65534;
 
 interface Cli {
   process: ResultPromise;
@@ -24,11 +24,12 @@ interface Cli {
 }
 
 /** `loopmesh ARGS` as its own process, optionally as user nobody (what the lab does). */
-function loopmesh(args: string[], options: { asNobody?: boolean } = {}): Cli {
+function loopmesh(args: string[], options: { asNobody?: string } = {}): Cli {
+  // asNobody: the folder nobody can run the code from (repoReadableByNobody).
   const command = options.asNobody
-    ? ['setpriv', `--reuid=${nobody}`, `--regid=${nobody}`, '--clear-groups', 'node', '--import', 'tsx', main, ...args]
+    ? ['setpriv', `--reuid=${nobody}`, `--regid=${nobody}`, '--clear-groups', 'node', '--import', 'tsx', join(options.asNobody, 'agent', 'cli', 'main.ts'), ...args]
     : ['node', '--import', 'tsx', main, ...args];
-  const child = execa(command[0]!, command.slice(1), { reject: false, stdio: ['ignore', 'ignore', 'pipe'], cleanup: true, env: { CONSUL_HTTP_ADDR: '', LOOPMESH_LOG_FORMAT: 'json' } });
+  const child = execa(command[0]!, command.slice(1), { reject: false, stdio: ['ignore', 'ignore', 'pipe'], cleanup: true, cwd: options.asNobody, env: { CONSUL_HTTP_ADDR: '', LOOPMESH_LOG_FORMAT: 'json' } });
   let raw = '';
   let pending = '';
   const cli: Cli = { process: child, log: [], stderr: () => raw };
@@ -97,7 +98,7 @@ describe('faults: the run directory', { timeout: 240_000 }, () => {
     return port;
   }
 
-  function start(args: string[], options: { asNobody?: boolean } = {}): Cli {
+  function start(args: string[], options: { asNobody?: string } = {}): Cli {
     const cli = loopmesh(args, options);
     clis.push(cli);
     return cli;
@@ -142,10 +143,11 @@ describe('faults: the run directory', { timeout: 240_000 }, () => {
     const runDir = join(base, 'lab-run');
     await mkdir(runDir, { mode: 0o755 });
     await chown(runDir, nobody, nobody);
+    const asNobody = await repoReadableByNobody();
     const server = await backend('lab-web');
     await register('lab-web-1', 'labweb', server);
-    const balancer = start(['balancer', '--run-dir', runDir, '--hosts-file', 'off', '--dns', 'off'], { asNobody: true });
-    start(['agent', '--render-only', '--consul', consul.url, '--run-dir', runDir, '--admin', 'off', '--dns', 'off', '--range', '127.92.0.0/16', '--kv-prefix', 'lm-lab'], { asNobody: true });
+    const balancer = start(['balancer', '--run-dir', runDir, '--hosts-file', 'off', '--dns', 'off'], { asNobody });
+    start(['agent', '--render-only', '--consul', consul.url, '--run-dir', runDir, '--admin', 'off', '--dns', 'off', '--range', '127.92.0.0/16', '--kv-prefix', 'lm-lab'], { asNobody });
     const web = await eventually(() => route(runDir, 'labweb'), 30_000, 'labweb rendered by the agent as nobody');
     assert.equal(await eventually(() => whoAnswers(web.address, web.port, 1000), 20_000, 'labweb served by the balancer as nobody'), 'lab-web');
     for (const f of ['balancer.json', 'hosts', 'addresses.json']) assert.equal((await stat(join(runDir, f))).uid, nobody, `${f} written by nobody`);
@@ -153,7 +155,7 @@ describe('faults: the run directory', { timeout: 240_000 }, () => {
 
     const rootOwned = join(base, 'lab-root-owned');
     await mkdir(rootOwned, { mode: 0o755 });
-    const wrong = start(['balancer', '--run-dir', rootOwned, '--hosts-file', 'off', '--dns', 'off'], { asNobody: true });
+    const wrong = start(['balancer', '--run-dir', rootOwned, '--hosts-file', 'off', '--dns', 'off'], { asNobody });
     const result = await wrong.process;
     assert.equal(result.exitCode, 2);
     assert.ok(wrong.stderr().includes(`run dir ${rootOwned} is owned by uid 0 with mode 0755; expected owner uid ${nobody}`), wrong.stderr());

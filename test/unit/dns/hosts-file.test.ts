@@ -1,3 +1,4 @@
+import { repoReadableByNobody } from '../../support/nobody.js';
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
@@ -307,19 +308,11 @@ async function writeInChild(wrapper: string[], path: string, home: string, root 
 
 const repoRoot = fileURLToPath(new URL('../../..', import.meta.url));
 
-/**
- * The code as user nobody can read it: the repository itself, or, when it sits in a private folder
- * (a clone in /root or in a `mktemp -d` folder), a copy of what the child needs in a readable one.
- */
+/** The code as user nobody can read it (a clone in a private folder gets a readable copy). */
 async function readableByNobody(t: TestContext): Promise<string> {
-  const probe = await run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'test', '-r', join(repoRoot, 'agent', 'dns', 'hosts-file.ts')]).then(() => true, () => false);
-  if (probe) return repoRoot;
-  const copy = await tempDir(t);
-  await chmod(copy, 0o755);
-  for (const part of ['agent', 'node_modules', 'package.json', 'tsconfig.json']) await cp(join(repoRoot, part), join(copy, part), { recursive: true });
-  await run('chmod', ['-R', 'a+rX', copy]);
-  t.diagnostic(`the repository is not readable by nobody; the child runs from a copy in ${copy}`);
-  return copy;
+  const root = await repoReadableByNobody();
+  if (root !== repoRoot) t.diagnostic(`the repository is not readable by nobody; the child runs from a copy in ${root}`);
+  return root;
 }
 
 const expectedAfterChild = (pid: number): string => `127.0.0.1 localhost\n# mine\n${beginLine({ owner, pid })}\n127.77.0.2 web.local\n${endMarker}\n`;

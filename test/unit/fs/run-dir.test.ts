@@ -1,3 +1,4 @@
+import { repoReadableByNobody } from '../../support/nobody.js';
 import { chmod, chown, mkdir, mkdtemp, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -127,8 +128,10 @@ test('as an unprivileged user: its own dir and files and root-owned files are re
   await chown(join(dir, 'other'), 1, 1);
   const rootDir = join(base, 'root-dir');
   await mkdir(rootDir, { mode: 0o755 });
+  // A clone in a private folder (mktemp -d, /root) is not readable by nobody: run from a readable copy.
+  const root = await repoReadableByNobody();
   const script = `
-    import { readRunDirFile, checkRunDir } from ${JSON.stringify(join(process.cwd(), 'agent/fs/run-dir.ts'))};
+    import { readRunDirFile, checkRunDir } from ${JSON.stringify(join(root, 'agent/fs/run-dir.ts'))};
     const out = {};
     for (const f of ['own', 'root', 'other']) {
       try { out[f] = (await readRunDirFile(${JSON.stringify(dir)} + '/' + f)).toString(); } catch (e) { out[f] = e.code + ' ' + e.message; }
@@ -136,7 +139,7 @@ test('as an unprivileged user: its own dir and files and root-owned files are re
     try { await checkRunDir(${JSON.stringify(rootDir)}); out.rootDir = 'ok'; } catch (e) { out.rootDir = e.code + ' ' + e.message; }
     process.stdout.write(JSON.stringify(out));
   `;
-  const result = await execa('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'node', '--import', 'tsx', '--input-type=module', '-e', script], { reject: false });
+  const result = await execa('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'node', '--import', 'tsx', '--input-type=module', '-e', script], { reject: false, cwd: root });
   assert.equal(result.exitCode, 0, result.stderr);
   const out = JSON.parse(result.stdout) as Record<string, string>;
   assert.equal(out.own, 'own');
