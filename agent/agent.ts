@@ -232,7 +232,7 @@ export class Agent {
     if (!catalog) return;
     const { labels } = planLabels([...catalog.keys()]);
     const { table } = await this.addresses.ensure([...labels.values()]);
-    const planned = plan(catalog, table, this.routesValue, { suffix: this.config.suffix, empty: this.config.empty, range: this.config.range });
+    const planned = plan(catalog, table, this.routesValue, { suffix: this.config.suffix, empty: this.config.empty, range: this.config.range, policy: this.config.lbPolicy });
     this.planProblems = planned.problems;
     this.report(planned.problems);
     const rendered = renderAll(this.templates, { routes: planned.routes, suffix: this.config.suffix });

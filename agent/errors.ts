@@ -47,6 +47,8 @@ export const codes = {
   planAddressInvalid: 'LM_ERR_PLAN_ADDRESS_INVALID',
   planAddressConflict: 'LM_ERR_PLAN_ADDRESS_CONFLICT',
   planSelfBackend: 'LM_ERR_PLAN_SELF_BACKEND',
+  planInvalidPolicy: 'LM_ERR_PLAN_INVALID_POLICY',
+  trafficInvalid: 'LM_ERR_TRAFFIC_INVALID',
   balancerSelfBackend: 'LM_ERR_BALANCER_SELF_BACKEND',
   hostsOwned: 'LM_ERR_HOSTS_OWNED',
   hostsConcurrent: 'LM_ERR_HOSTS_CONCURRENT',

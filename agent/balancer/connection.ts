@@ -3,6 +3,7 @@ import { connect, isIP, type LookupFunction, type Socket } from 'node:net';
 import type { Logger } from '../log.js';
 import { codes, errorCode, errorMessage } from '../errors.js';
 import type { Backend, BackendPool } from './backend-pool.js';
+import { forwardBoth } from './forward.js';
 
 /** Counters of one service, shared by its current listener and any listener draining after a move. */
 export interface ServiceCounters {
@@ -194,8 +195,7 @@ export class ProxiedConnection {
       if (!closedCleanly(upstream)) client.destroy();
       this.maybeDone();
     });
-    client.pipe(upstream);
-    upstream.pipe(client);
+    forwardBoth(client, upstream);
   }
 
   private maybeDone(): void {

@@ -2,7 +2,7 @@ import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { isIP } from 'node:net';
 import { readFileSync } from 'node:fs';
 import type { LevelWithSilent } from 'pino';
-import { emptyPolicies, type EmptyPolicy } from '../contract/balancer-config.js';
+import { balancePolicies, drainPolicies, emptyPolicies, type BalancePolicy, type DrainPolicy, type EmptyPolicy } from '../contract/balancer-config.js';
 import { ConfigError, codes } from '../errors.js';
 import { logLevels } from '../log.js';
 import { parseRange, type AddressRange } from '../plan/addresses.js';
@@ -61,6 +61,15 @@ export interface AgentConfig {
   idleTimeoutMs: number;
   /** How long each blocking query to Consul may wait for a change. */
   consulWaitMs: number;
+  /** The balancing policy of a service that sets none (meta loopmesh-lb or the KV traffic document). */
+  lbPolicy: BalancePolicy;
+  /** Concurrent client connections per service; 0 is no limit. */
+  maxConnections: number;
+  /** Connections waiting for a slot when a service is at maxConnections; 0 refuses at once. */
+  queue: number;
+  queueTimeoutMs: number;
+  /** What happens to open connections of a backend that left the healthy set. */
+  backendDrain: DrainPolicy;
 }
 
 /** Each setting: its flag, its environment variable, its config-file key, and how to read it. */
@@ -102,6 +111,11 @@ export const settings: readonly Setting[] = [
   { key: 'drainTimeout', flag: 'drain-timeout', env: ['LOOPMESH_DRAIN_TIMEOUT'], value: 'SECONDS', default: '30', help: "how long a removed service's connections may drain" },
   { key: 'connectTimeout', flag: 'connect-timeout', env: ['LOOPMESH_CONNECT_TIMEOUT'], value: 'SECONDS', default: '2', help: 'connect timeout to a backend before trying another' },
   { key: 'idleTimeout', flag: 'idle-timeout', env: ['LOOPMESH_IDLE_TIMEOUT'], value: 'SECONDS', default: '3600', help: 'close a balanced connection with no bytes either way for this long (both sides)' },
+  { key: 'lbPolicy', flag: 'lb-policy', env: ['LOOPMESH_LB_POLICY'], value: balancePolicies.join('|'), default: 'p2c-ewma', help: 'balancing policy of a service that sets none (meta loopmesh-lb or KV traffic/NAME)' },
+  { key: 'maxConnections', flag: 'max-connections', env: ['LOOPMESH_MAX_CONNECTIONS'], value: 'N', default: '0', help: 'concurrent client connections per service (0: no limit); KV traffic/NAME limits override' },
+  { key: 'queue', flag: 'queue', env: ['LOOPMESH_QUEUE'], value: 'N', default: '0', help: 'connections that wait for a slot at --max-connections (0: refuse at once)' },
+  { key: 'queueTimeout', flag: 'queue-timeout', env: ['LOOPMESH_QUEUE_TIMEOUT'], value: 'SECONDS', default: '5', help: 'how long a queued connection waits before it is refused' },
+  { key: 'backendDrain', flag: 'backend-drain', env: ['LOOPMESH_BACKEND_DRAIN'], value: drainPolicies.join('|'), default: 'keep', help: "open connections of a backend that left the healthy set: keep them, cut them after --drain-timeout, or reset them at once" },
   { key: 'consulWait', flag: 'consul-wait', env: ['LOOPMESH_CONSUL_WAIT'], value: 'SECONDS', default: '60', help: "how long each blocking query to Consul waits for a change (1 to 600; Consul caps it at 10 minutes); a frozen Consul is noticed after about this plus max(1/8 of it, 5 s)" },
 ];
 
@@ -172,6 +186,12 @@ function seconds(value: string, flag: string): number {
   const n = Number(value);
   if (value.trim() === '' || !Number.isFinite(n) || n < 0 || n > 86_400) throw invalid(`--${flag}: expected a number of seconds from 0 to 86400, got "${value}"`);
   return Math.round(n * 1000);
+}
+
+function count(value: string, flag: string): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isInteger(n) || n < 0 || n > 1_000_000) throw invalid(`--${flag}: expected a whole number from 0 to 1000000, got "${value}"`);
+  return n;
 }
 
 /** Whole seconds, because Consul's `wait` parameter is sent in whole seconds. */
@@ -312,6 +332,11 @@ export function resolveConfig(...layers: RawConfig[]): AgentConfig {
   const empty = get('empty') as EmptyPolicy;
   if (!emptyPolicies.includes(empty)) throw invalid(`--empty: expected one of ${emptyPolicies.join(', ')}, got "${get('empty')}"`);
 
+  const lbPolicy = get('lbPolicy') as BalancePolicy;
+  if (!balancePolicies.includes(lbPolicy)) throw invalid(`--lb-policy: expected one of ${balancePolicies.join(', ')}, got "${get('lbPolicy')}"`);
+  const backendDrain = get('backendDrain') as DrainPolicy;
+  if (!drainPolicies.includes(backendDrain)) throw invalid(`--backend-drain: expected one of ${drainPolicies.join(', ')}, got "${get('backendDrain')}"`);
+
   const kvPrefix = get('kvPrefix').replace(/^\/+|\/+$/g, '');
   if (!/^[A-Za-z0-9._/-]+$/.test(kvPrefix)) throw invalid(`--kv-prefix: expected a Consul KV path such as "loopmesh", got "${get('kvPrefix')}"`);
 
@@ -349,5 +374,10 @@ export function resolveConfig(...layers: RawConfig[]): AgentConfig {
     connectTimeoutMs: Math.max(1, seconds(get('connectTimeout'), 'connect-timeout')),
     idleTimeoutMs: Math.max(1, seconds(get('idleTimeout'), 'idle-timeout')),
     consulWaitMs: consulWait(get('consulWait')),
+    lbPolicy,
+    maxConnections: count(get('maxConnections'), 'max-connections'),
+    queue: count(get('queue'), 'queue'),
+    queueTimeoutMs: Math.max(1, seconds(get('queueTimeout'), 'queue-timeout')),
+    backendDrain,
   };
 }

@@ -12,6 +12,8 @@ export interface Instance {
   tags: string[];
   meta: Record<string, string>;
   status: 'passing' | 'warning';
+  /** Consul's Weights.Passing, or Weights.Warning for a warning instance (default 1). */
+  weight: number;
 }
 
 /** Service name -> its healthy instances, sorted by id. Services with none are kept, with []. */
@@ -49,6 +51,12 @@ const controlCharacter = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/;
 /** Node names and service ids become backend ids in rendered files: one printable line, not too long. */
 function isSaneId(value: string): boolean {
   return value !== '' && value.length <= 512 && !controlCharacter.test(value);
+}
+
+/** Consul's Weights.Passing / Weights.Warning; anything but an integer from 0 to 65535 counts as 1 (Consul's default). */
+function instanceWeight(weights: unknown, which: 'Passing' | 'Warning'): number {
+  const value = isRecord(weights) ? weights[which] : undefined;
+  return typeof value === 'number' && Number.isInteger(value) && value >= 0 && value <= 65535 ? value : 1;
 }
 
 /** What a health entry lacks of the shape Consul documents ({Node: {...}, Service: {...}, Checks: [...]}); undefined when it has it. */
@@ -134,6 +142,7 @@ export function parseHealthService(service: string, body: unknown, filter: Healt
       tags: Array.isArray(svc.Tags) ? svc.Tags.filter((t): t is string => typeof t === 'string') : [],
       meta: stringRecord(svc.Meta),
       status: worst === 0 ? 'passing' : 'warning',
+      weight: instanceWeight(svc.Weights, worst === 0 ? 'Passing' : 'Warning'),
     });
   }
   instances.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));

@@ -10,14 +10,67 @@ export const emptyPolicies = ['reject', 'keep-last'] as const;
 /** reject: keep listening but close new connections at once; keep-last: keep the last non-empty set. */
 export type EmptyPolicy = (typeof emptyPolicies)[number];
 
-export const balancePolicies = ['round-robin'] as const;
+/**
+ * p2c-ewma (the default): of two backends drawn at random by weight, the one with the lower
+ * EWMA connect time x (open connections + 1) / weight. least-conn: the lowest open connections /
+ * weight. round-robin: smooth weighted round-robin (nginx's).
+ */
+export const balancePolicies = ['p2c-ewma', 'least-conn', 'round-robin'] as const;
 export type BalancePolicy = (typeof balancePolicies)[number];
+export const defaultBalancePolicy: BalancePolicy = 'p2c-ewma';
+
+/** What happens to the open connections of a backend that left the set: left alone, cut at the drain deadline, or reset at once. */
+export const drainPolicies = ['keep', 'drain', 'reset'] as const;
+export type DrainPolicy = (typeof drainPolicies)[number];
+
+/** Largest instance weight taken from Consul (its Weights.Passing / Weights.Warning). */
+export const maxWeight = 65535;
 
 export interface BackendSpec {
   /** Stable identity of an instance: NODE/SERVICE_ID. */
   id: string;
   address: string;
   port: number;
+  /** Consul's Weights.Passing (or .Warning for a warning instance); 0 takes no new connections. Default 1. */
+  weight?: number;
+  /** The traffic-split subset the instance belongs to: a tag of the split, or "" (the default) for the rest. */
+  subset?: string;
+}
+
+/** One part of a traffic split: `weight` percent of new connections go to backends of this subset. */
+export interface SubsetSpec {
+  /** A tag; "" is every instance carrying none of the split's tags. */
+  name: string;
+  /** 0 to 100; the subsets of a split add up to 100. */
+  weight: number;
+}
+
+/** Per-service limits; what is absent comes from the serving process's flags. */
+export interface LimitsSpec {
+  connectTimeoutMs?: number;
+  idleTimeoutMs?: number;
+  /** Concurrent client connections; 0 is no limit. */
+  maxConnections?: number;
+  /** Connections that wait for a slot when maxConnections are open; 0 refuses at once. */
+  queue?: number;
+  /** How long a queued connection waits before it is refused. */
+  queueTimeoutMs?: number;
+  drain?: DrainPolicy;
+  /** With drain "drain": how long a removed backend's connections may go on. */
+  drainTimeoutMs?: number;
+}
+
+/** Passive health (outlier ejection); what is absent takes the defaults in agent/balancer/outlier.ts. */
+export interface OutlierSpec {
+  /** Connect failures, timeouts or resets before the first byte, in a row, that eject a backend. */
+  consecutiveFailures?: number;
+  /** The first ejection's length; each ejection in a row doubles it, up to maxEjectionMs. */
+  baseEjectionMs?: number;
+  maxEjectionMs?: number;
+  /** At most this share of a service's backends is ejected at once (at least one). */
+  maxEjectedPercent?: number;
+  /** When fewer than this share of the backends are usable, ejections are ignored (all are used). */
+  panicThresholdPercent?: number;
 }
 
 export interface ServiceSpec {
@@ -32,6 +85,10 @@ export interface ServiceSpec {
   policy: BalancePolicy;
   empty: EmptyPolicy;
   backends: BackendSpec[];
+  /** A traffic split (gray release) by subset; absent or empty: no split. */
+  split?: SubsetSpec[];
+  limits?: LimitsSpec;
+  outlier?: OutlierSpec;
 }
 
 export interface BalancerConfig {
@@ -75,7 +132,58 @@ function parseBackend(value: unknown, where: string): BackendSpec {
     id: expectText(raw.id, `${where}.id`),
     address,
     port: expectInteger(raw.port, `${where}.port`, 1, 65535),
+    weight: raw.weight === undefined ? 1 : expectInteger(raw.weight, `${where}.weight`, 0, maxWeight),
+    subset: raw.subset === undefined ? '' : expectString(raw.subset, `${where}.subset`),
   };
+}
+
+function parseSplit(value: unknown, where: string): SubsetSpec[] {
+  const subsets = expectArray(value, where).map((v, i) => {
+    const raw = expectRecord(v, `${where}[${i}]`);
+    const name = expectString(raw.name, `${where}[${i}].name`);
+    if (controlCharacter.test(name)) throw new TypeError(`${where}[${i}].name: expected a tag without control characters, got ${describe(name)}`);
+    return { name, weight: expectInteger(raw.weight, `${where}[${i}].weight`, 0, 100) };
+  });
+  if (subsets.length === 0) return subsets;
+  const total = subsets.reduce((sum, s) => sum + s.weight, 0);
+  if (total !== 100) throw new TypeError(`${where}: expected weights that add up to 100, got ${total}`);
+  if (new Set(subsets.map((s) => s.name)).size !== subsets.length) throw new TypeError(`${where}: expected each subset once`);
+  return subsets;
+}
+
+/** Milliseconds up to 24 hours, or a count up to a million: generous bounds that still catch a typo. */
+const maxMs = 86_400_000;
+
+function optionalInteger(raw: Record<string, unknown>, key: string, where: string, min: number, max: number): number | undefined {
+  return raw[key] === undefined ? undefined : expectInteger(raw[key], `${where}.${key}`, min, max);
+}
+
+function withoutUndefined<T extends object>(value: T): T {
+  return Object.fromEntries(Object.entries(value).filter(([, v]) => v !== undefined)) as T;
+}
+
+export function parseLimits(value: unknown, where: string): LimitsSpec {
+  const raw = expectRecord(value, where);
+  return withoutUndefined({
+    connectTimeoutMs: optionalInteger(raw, 'connectTimeoutMs', where, 1, maxMs),
+    idleTimeoutMs: optionalInteger(raw, 'idleTimeoutMs', where, 1, maxMs),
+    maxConnections: optionalInteger(raw, 'maxConnections', where, 0, 1_000_000),
+    queue: optionalInteger(raw, 'queue', where, 0, 1_000_000),
+    queueTimeoutMs: optionalInteger(raw, 'queueTimeoutMs', where, 1, maxMs),
+    drain: raw.drain === undefined ? undefined : expectOneOf(raw.drain, `${where}.drain`, drainPolicies),
+    drainTimeoutMs: optionalInteger(raw, 'drainTimeoutMs', where, 0, maxMs),
+  });
+}
+
+export function parseOutlier(value: unknown, where: string): OutlierSpec {
+  const raw = expectRecord(value, where);
+  return withoutUndefined({
+    consecutiveFailures: optionalInteger(raw, 'consecutiveFailures', where, 1, 1000),
+    baseEjectionMs: optionalInteger(raw, 'baseEjectionMs', where, 1, maxMs),
+    maxEjectionMs: optionalInteger(raw, 'maxEjectionMs', where, 1, maxMs),
+    maxEjectedPercent: optionalInteger(raw, 'maxEjectedPercent', where, 0, 100),
+    panicThresholdPercent: optionalInteger(raw, 'panicThresholdPercent', where, 0, 100),
+  });
 }
 
 function parseService(value: unknown, where: string): ServiceSpec {
@@ -102,9 +210,12 @@ function parseServiceFields(raw: Record<string, unknown>, service: string, where
     fqdn,
     address,
     port: expectInteger(raw.port, `${where}.port`, 1, 65535),
-    policy: expectOneOf(raw.policy ?? 'round-robin', `${where}.policy`, balancePolicies),
+    policy: expectOneOf(raw.policy ?? defaultBalancePolicy, `${where}.policy`, balancePolicies),
     empty: expectOneOf(raw.empty ?? 'reject', `${where}.empty`, emptyPolicies),
     backends: expectArray(raw.backends, `${where}.backends`).map((b, i) => parseBackend(b, `${where}.backends[${i}]`)),
+    ...(raw.split === undefined ? {} : { split: parseSplit(raw.split, `${where}.split`) }),
+    ...(raw.limits === undefined ? {} : { limits: parseLimits(raw.limits, `${where}.limits`) }),
+    ...(raw.outlier === undefined ? {} : { outlier: parseOutlier(raw.outlier, `${where}.outlier`) }),
   };
 }
 

@@ -1,5 +1,6 @@
-import type { BackendSpec, EmptyPolicy, ServiceSpec } from '../contract/balancer-config.js';
-import type { Catalog } from '../consul/catalog.js';
+import { balancePolicies, defaultBalancePolicy, type BackendSpec, type BalancePolicy, type EmptyPolicy, type ServiceSpec, type SubsetSpec } from '../contract/balancer-config.js';
+import { emptyTrafficDoc, type TrafficDoc } from '../contract/traffic.js';
+import type { Catalog, Instance } from '../consul/catalog.js';
 import { codes } from '../errors.js';
 import { addressOf, inRange, type AddressRange, type AddressTable } from './addresses.js';
 import { describe, isHostAddress } from '../validate.js';
@@ -8,8 +9,11 @@ import { choosePort } from './ports.js';
 
 const controlCharacter = /[\u0000-\u001f\u007f]/;
 
-/** A route is what the data plane serves for one service; its shape is balancer.json's. */
-export type Route = ServiceSpec;
+/** A route is what the data plane serves for one service; its shape is balancer.json's, every field set. */
+export type Route = ServiceSpec & Required<Pick<ServiceSpec, 'split' | 'limits' | 'outlier'>>;
+
+/** Instance meta that chooses a service's balancing policy (the KV traffic document overrides it). */
+export const policyMetaKey = 'loopmesh-lb';
 
 export interface PlanProblem {
   service: string;
@@ -22,6 +26,46 @@ export interface PlanOptions {
   empty: EmptyPolicy;
   /** loopmesh's own addresses: a backend inside it would be one of its listeners (a loop). */
   range?: AddressRange;
+  /** The policy of a service that sets none (flag --lb-policy); default p2c-ewma. */
+  policy?: BalancePolicy;
+  /** Consul service name -> its traffic document from KV (split, policy, limits, outlier). */
+  traffic?: ReadonlyMap<string, TrafficDoc>;
+}
+
+/**
+ * The policy the instances ask for in meta `loopmesh-lb`: the most common valid value (ties go to the
+ * first in balancePolicies); undefined when none sets one. An unknown value is reported and ignored.
+ */
+export function metaPolicy(service: string, instances: readonly Instance[], problems: PlanProblem[]): BalancePolicy | undefined {
+  const counts = new Map<BalancePolicy, number>();
+  const wrong = new Set<string>();
+  for (const i of instances) {
+    const value = i.meta[policyMetaKey];
+    if (value === undefined) continue;
+    if ((balancePolicies as readonly string[]).includes(value)) counts.set(value as BalancePolicy, (counts.get(value as BalancePolicy) ?? 0) + 1);
+    else wrong.add(value);
+  }
+  for (const value of wrong) {
+    problems.push({ service, code: codes.planInvalidPolicy, message: `service "${service}": meta ${policyMetaKey} is ${describe(value)}; expected one of ${balancePolicies.join(', ')}; ignored` });
+  }
+  let best: BalancePolicy | undefined;
+  for (const policy of balancePolicies) if ((counts.get(policy) ?? 0) > (best ? counts.get(best) ?? 0 : 0)) best = policy;
+  return best;
+}
+
+/**
+ * A split's subsets: one per tag in the document's order, then "" (every instance with none of the
+ * tags) with what is left of 100. An instance is in the subset of the first split tag it carries.
+ */
+export function splitSubsets(doc: TrafficDoc): SubsetSpec[] {
+  if (doc.split.length === 0) return [];
+  const tagged = doc.split.map((s) => ({ name: s.tag, weight: s.weight }));
+  const rest = 100 - tagged.reduce((sum, s) => sum + s.weight, 0);
+  return [...tagged, { name: '', weight: rest }];
+}
+
+function subsetOf(instance: Instance, doc: TrafficDoc): string {
+  return doc.split.find((s) => instance.tags.includes(s.tag))?.tag ?? '';
 }
 
 /**
@@ -81,6 +125,7 @@ export function plan(
   }
   for (const [service, label] of labels) {
     const instances = catalog.get(service) ?? [];
+    const traffic = options.traffic?.get(service) ?? emptyTrafficDoc;
     const address = addressOf(addresses, label);
     if (address === undefined) {
       problems.push({ service, code: codes.planNoAddress, message: `service "${service}" has no address allocated yet (Consul KV not reachable or range exhausted)` });
@@ -104,7 +149,7 @@ export function plan(
         problems.push({ service, code: codes.planSelfBackend, message: `service "${service}": instance ${i.id} has the address ${i.address}:${i.port}, inside loopmesh's own range ${options.range.cidr}; refused (a connection would loop through loopmesh)` });
         continue;
       }
-      backends.push({ id: i.id, address: i.address, port: i.port });
+      backends.push({ id: i.id, address: i.address, port: i.port, weight: i.weight, subset: subsetOf(i, traffic) });
     }
     routes.push({
       service,
@@ -112,8 +157,11 @@ export function plan(
       fqdn: `${label}.${options.suffix}`,
       address,
       port: port.port,
-      policy: 'round-robin',
+      policy: traffic.policy ?? metaPolicy(service, instances, problems) ?? options.policy ?? defaultBalancePolicy,
       empty: options.empty,
+      split: splitSubsets(traffic),
+      limits: traffic.limits,
+      outlier: traffic.outlier,
       backends,
     });
   }

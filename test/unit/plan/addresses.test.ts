@@ -129,7 +129,7 @@ test('reconcileAddresses and plan: services named like Object.prototype members 
   const r = reconcileAddresses({ remote: { web: '127.77.0.1' }, local: {}, wanted: ['constructor', 'tostring', 'hasownproperty', 'web'], range });
   assert.deepEqual(Object.keys(r.table).sort(), ['constructor', 'hasownproperty', 'tostring', 'web']);
   assert.equal(new Set(Object.values(r.table)).size, 4);
-  const instance = { id: 'n/a', node: 'n', address: '10.0.0.1', port: 80, datacenter: '', tags: [], meta: {}, status: 'passing' as const };
+  const instance = { id: 'n/a', node: 'n', address: '10.0.0.1', port: 80, datacenter: '', tags: [], meta: {}, status: 'passing' as const, weight: 1 };
   const planned = plan(new Map([['constructor', [instance]], ['web', [instance]]]), r.table, [], { suffix: 'local', empty: 'reject' });
   assert.equal(planned.routes.find((x) => x.service === 'constructor')?.address, r.table.constructor);
   // Without an address the route is left out, never given Object.prototype's function as one.

@@ -7,7 +7,7 @@ import { plan, planLabels } from '../../../agent/plan/plan.js';
 import type { Instance } from '../../../agent/consul/catalog.js';
 
 function instance(id: string, port: number, meta: Record<string, string> = {}): Instance {
-  return { id: `n1/${id}`, node: 'n1', address: '10.0.0.1', port, datacenter: 'dc1', tags: [], meta, status: 'passing' };
+  return { id: `n1/${id}`, node: 'n1', address: '10.0.0.1', port, datacenter: 'dc1', tags: [], meta, status: 'passing', weight: 1 };
 }
 
 test('dnsLabel turns service names into RFC 1123 labels or refuses them', () => {
