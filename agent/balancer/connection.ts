@@ -2,7 +2,8 @@ import { lookup as dnsLookup, type LookupAddress } from 'node:dns';
 import { connect, isIP, type LookupFunction, type Socket } from 'node:net';
 import type { Logger } from '../log.js';
 import { codes, errorCode, errorMessage } from '../errors.js';
-import type { Backend, BackendPool } from './backend-pool.js';
+import type { Admission, Ticket } from './admission.js';
+import type { Backend, BackendPool, Cuttable } from './backend-pool.js';
 import { forwardBoth } from './forward.js';
 
 /** Counters of one service, shared by its current listener and any listener draining after a move. */
@@ -16,9 +17,12 @@ export interface ServiceCounters {
 export interface ConnectionContext {
   pool: BackendPool;
   counters: ServiceCounters;
-  connectTimeoutMs: number;
+  /** The service's connection limit and queue. */
+  admission: Admission;
+  /** Read per connection: a KV traffic document may change it. */
+  readonly connectTimeoutMs: number;
   /** A forwarding pair with no bytes either way for this long is closed on both sides. */
-  idleTimeoutMs: number;
+  readonly idleTimeoutMs: number;
   /** Already bound to the service. */
   logger: Logger;
   /** Whether address:port is one of this balancer's own listeners (a backend there loops). */
@@ -43,13 +47,14 @@ function closedCleanly(socket: Socket): boolean {
  * One client connection: dials backends in round-robin order, each at most once, while the client's
  * bytes wait in its paused socket; then forwards both ways with half-close.
  */
-export class ProxiedConnection {
+export class ProxiedConnection implements Cuttable {
   private readonly tried = new Set<Backend>();
   private dialing: { socket: Socket; timer: NodeJS.Timeout } | undefined;
   private upstream: Socket | undefined;
   private clientClosed = false;
   private upstreamClosed = true;
   private finished = false;
+  private ticket: Ticket | undefined;
 
   constructor(
     private readonly client: Socket,
@@ -59,7 +64,6 @@ export class ProxiedConnection {
 
   start(): void {
     const { client, context } = this;
-    context.counters.activeConnections++;
     context.counters.totalConnections++;
     client.setNoDelay(true);
     // Until the upstream is piped in, early bytes stay buffered here and then in the kernel.
@@ -75,7 +79,25 @@ export class ProxiedConnection {
       if (this.upstream && !closedCleanly(client)) this.upstream.destroy();
       this.maybeDone();
     });
-    this.dialNext(context.pool.pick(this.tried));
+    this.ticket = context.admission.enter(
+      () => {
+        if (this.clientClosed) return;
+        context.counters.activeConnections++;
+        this.admitted = true;
+        this.dialNext(context.pool.pick(this.tried));
+      },
+      // Over the limit: a reset tells the client at once (a clean close would look like an empty answer).
+      () => this.reset(client),
+    );
+  }
+
+  private admitted = false;
+
+  /** The drain policy of a removed backend: both sides reset. */
+  cut(): void {
+    if (this.upstream) this.reset(this.upstream);
+    this.reset(this.client);
+    this.destroy();
   }
 
   destroy(): void {
@@ -110,11 +132,18 @@ export class ProxiedConnection {
         (callback as (e: NodeJS.ErrnoException | null, a: string | LookupAddress[], f?: number) => void)(err, address, family);
       });
     };
+    const started = performance.now();
     const socket = connect({ host: backend.spec.address, port: backend.spec.port, allowHalfOpen: true, lookup });
-    const timer = setTimeout(() => onFailure(timeoutError(backend, this.context.connectTimeoutMs)), this.context.connectTimeoutMs);
+    const connectTimeoutMs = this.context.connectTimeoutMs;
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      onFailure(timeoutError(backend, connectTimeoutMs));
+    }, connectTimeoutMs);
     const onFailure = (err: Error): void => {
       this.abortDial();
-      backend.connectFailed();
+      // A failure weighs at least a connect timeout in the latency p2c-ewma compares.
+      this.context.pool.failed(backend, timedOut ? 'timeout' : 'connect', Math.max(performance.now() - started, connectTimeoutMs));
       const next = this.context.pool.pick(this.tried);
       this.context.logger.debug(
         { backend: backend.spec.id, code: errorCode(err), err: errorMessage(err), retry: next?.spec.id },
@@ -135,6 +164,7 @@ export class ProxiedConnection {
       socket.off('error', onFailure);
       clearTimeout(timer);
       this.dialing = undefined;
+      this.context.pool.connected(backend, performance.now() - started);
       this.forward(socket, backend);
     };
     socket.once('error', onFailure);
@@ -144,7 +174,7 @@ export class ProxiedConnection {
 
   /** A backend that is one of our own listeners: counted as a failed connect, the next one tried. */
   private refuseSelf(backend: Backend): void {
-    backend.connectFailed();
+    this.context.pool.failed(backend, 'connect', this.context.connectTimeoutMs);
     if (selfWarned.has(backend)) return this.dialNext(this.context.pool.pick(this.tried));
     selfWarned.add(backend);
     this.context.logger.warn({ code: codes.balancerSelfBackend, backend: backend.spec.id }, `backend ${backend.label} is one of loopmesh's own listeners; refused (a connection would loop)`);
@@ -173,13 +203,21 @@ export class ProxiedConnection {
     const { client, context } = this;
     this.upstream = upstream;
     this.upstreamClosed = false;
-    backend.connectSucceeded();
     backend.activeConnections++;
     backend.totalConnections++;
+    backend.connections.add(this);
+    context.pool.forwarded(backend);
     context.onForwarded();
     upstream.setNoDelay(true);
+    let answered = false;
+    upstream.once('data', () => {
+      answered = true;
+      context.pool.succeeded(backend);
+    });
     upstream.on('error', (err) => {
       context.logger.debug({ backend: backend.spec.id, code: errorCode(err), err: errorMessage(err) }, 'backend connection error');
+      // A reset before the backend said anything is a failure of the backend (passive health).
+      if (!answered) context.pool.failed(backend, 'reset', 0);
       // A cut backend stream must reach the client as a reset: a clean close would read as a complete answer.
       this.reset(client);
       this.destroy();
@@ -192,7 +230,9 @@ export class ProxiedConnection {
     upstream.once('close', () => {
       this.upstreamClosed = true;
       backend.activeConnections--;
+      backend.connections.delete(this);
       if (!closedCleanly(upstream)) client.destroy();
+      else if (!answered) context.pool.succeeded(backend);
       this.maybeDone();
     });
     forwardBoth(client, upstream);
@@ -201,7 +241,8 @@ export class ProxiedConnection {
   private maybeDone(): void {
     if (this.finished || !this.clientClosed || !this.upstreamClosed || this.dialing) return;
     this.finished = true;
-    this.context.counters.activeConnections--;
+    if (this.admitted) this.context.counters.activeConnections--;
+    this.ticket?.leave();
     this.onDone(this);
   }
 }

@@ -2,11 +2,12 @@ import type { Server } from 'node:net';
 import type { Logger } from '../log.js';
 import type { InheritedSockets } from '../hot-restart/handover.js';
 import { codes, errorMessage } from '../errors.js';
-import { BackendPool } from './backend-pool.js';
-import type { ServiceSpec } from '../contract/balancer-config.js';
+import { Admission } from './admission.js';
+import { BackendPool, defaultOutlier } from './backend-pool.js';
+import type { DrainPolicy, ServiceSpec } from '../contract/balancer-config.js';
 import { ProxiedConnection, type ConnectionContext, type ServiceCounters } from './connection.js';
 import { addressKey, ServiceListener } from './listener.js';
-import type { ServiceStatus } from './status.js';
+import type { EffectiveLimits, ServiceStatus } from './status.js';
 
 export interface ServiceProxyOptions {
   logger: Logger;
@@ -17,6 +18,11 @@ export interface ServiceProxyOptions {
   /** No bytes either way for this long closes a connection's both sides; default 1 hour. */
   idleTimeoutMs?: number;
   drainTimeoutMs: number;
+  /** Defaults of the limits a service's spec does not set (flags). */
+  maxConnections?: number;
+  queue?: number;
+  queueTimeoutMs?: number;
+  backendDrain?: DrainPolicy;
 }
 
 export const defaultIdleTimeoutMs = 3_600_000;
@@ -34,6 +40,8 @@ export class ServiceProxy {
   private readonly draining = new Map<ServiceListener, Promise<void>>();
   private readonly pool = new BackendPool();
   private readonly counters: ServiceCounters = { activeConnections: 0, totalConnections: 0, failedConnections: 0, retries: 0 };
+  private readonly admission = new Admission(() => this.effective);
+  private effective!: EffectiveLimits;
   private readonly logger: Logger;
   private failing = false;
   private listenError: string | undefined;
@@ -70,7 +78,27 @@ export class ServiceProxy {
     if (sameSpec(this.spec, spec)) return false;
     this.spec = spec;
     this.updatePool();
+    this.admission.limitsChanged();
     return true;
+  }
+
+  /** The service's limits: its spec (from the KV traffic document) over the process's defaults. */
+  limits(): EffectiveLimits {
+    return this.effective;
+  }
+
+  private effectiveLimits(): EffectiveLimits {
+    const o = this.options;
+    return {
+      connectTimeoutMs: o.connectTimeoutMs,
+      idleTimeoutMs: o.idleTimeoutMs ?? defaultIdleTimeoutMs,
+      maxConnections: o.maxConnections ?? 0,
+      queue: o.queue ?? 0,
+      queueTimeoutMs: o.queueTimeoutMs ?? 5000,
+      drain: o.backendDrain ?? 'keep',
+      drainTimeoutMs: o.drainTimeoutMs,
+      ...this.spec.limits,
+    };
   }
 
   /** Opens a listener on the configured address, then drains the one it replaces. */
@@ -110,6 +138,7 @@ export class ServiceProxy {
   }
 
   async close(): Promise<void> {
+    this.pool.close();
     const listeners = [...this.draining.keys(), ...(this.current ? [this.current] : [])];
     this.current = undefined;
     this.draining.clear();
@@ -117,7 +146,9 @@ export class ServiceProxy {
   }
 
   status(): ServiceStatus {
-    const { service, name, fqdn, address, port, empty } = this.spec;
+    const { service, name, fqdn, address, port, empty, policy } = this.spec;
+    const now = Date.now();
+    const split = this.pool.subsetStatus();
     return {
       service,
       name,
@@ -127,9 +158,15 @@ export class ServiceProxy {
       listening: this.listening,
       ...(this.listenError !== undefined && !this.listening ? { lastError: this.listenError } : {}),
       empty,
+      policy,
+      ...(split.length > 0 ? { split } : {}),
+      limits: this.limits(),
+      panic: this.pool.panic(now),
       keptLast: this.pool.keptLast,
-      backends: this.pool.list().map((b) => b.status()),
+      backends: this.pool.list().map((b) => b.status(now)),
       ...this.counters,
+      queuedConnections: this.admission.queued,
+      refusedConnections: this.admission.refused,
     };
   }
 
@@ -144,7 +181,16 @@ export class ServiceProxy {
   }
 
   private updatePool(): void {
-    const change = this.pool.update(this.spec.backends, this.spec.empty);
+    this.effective = this.effectiveLimits();
+    const limits = this.effective;
+    const change = this.pool.update(this.spec.backends, {
+      policy: this.spec.policy,
+      empty: this.spec.empty,
+      split: this.spec.split ?? [],
+      outlier: { ...defaultOutlier, ...this.spec.outlier },
+      drain: limits.drain,
+      drainTimeoutMs: limits.drainTimeoutMs,
+    });
     if (change === 'kept-last') {
       this.logger.warn({ backends: this.pool.list().map((b) => b.spec.id) }, "config gives no backends; 'keep-last' keeps serving the previous ones");
     } else if (change === 'empty') {
@@ -153,11 +199,17 @@ export class ServiceProxy {
   }
 
   private connectionContext(): ConnectionContext {
+    const limits = (): EffectiveLimits => this.limits();
     return {
       pool: this.pool,
       counters: this.counters,
-      connectTimeoutMs: this.options.connectTimeoutMs,
-      idleTimeoutMs: this.options.idleTimeoutMs ?? defaultIdleTimeoutMs,
+      admission: this.admission,
+      get connectTimeoutMs() {
+        return limits().connectTimeoutMs;
+      },
+      get idleTimeoutMs() {
+        return limits().idleTimeoutMs;
+      },
       logger: this.logger,
       isOwnListener: this.options.isOwnListener,
       onNoBackend: (reason) => {

@@ -1,14 +1,50 @@
-import type { BackendSpec, EmptyPolicy } from '../contract/balancer-config.js';
+import type { BalancePolicy, DrainPolicy, EmptyPolicy } from '../contract/balancer-config.js';
+import type { FailureKind } from './backend-pool.js';
 
-export interface BackendStatus extends BackendSpec {
+export interface BackendStatus {
+  id: string;
+  address: string;
+  port: number;
+  weight: number;
+  /** The split subset (a tag), or "" for the rest. */
+  subset: string;
   activeConnections: number;
   totalConnections: number;
   /** Connect attempts to this backend that failed (refused, timed out, unreachable). */
   failedConnects: number;
-  /** Connect failures since the last successful connect; at 3 the backend is ejected. */
+  /** Connections the backend reset before sending a byte. */
+  resetsBeforeFirstByte: number;
+  /** Failures since the last success; at the outlier threshold (default 3) the backend is ejected. */
   consecutiveFailures: number;
+  /** Times passive health ejected this backend. */
+  ejectionsTotal: number;
+  /** EWMA of connect time, ms (what p2c-ewma compares). */
+  ewmaConnectMs?: number;
   /** While ejected (passive health): when the backend is tried again, ISO 8601. */
   ejectedUntil?: string;
+  /** While ejected: the failure that ejected it. */
+  ejectReason?: FailureKind;
+}
+
+/** One subset of a traffic split: its configured share and the connections it actually got. */
+export interface SubsetStatus {
+  /** A tag, or "" for the instances with none of the split's tags. */
+  name: string;
+  /** Percent of new connections configured. */
+  weight: number;
+  /** Connections forwarded to a backend of this subset since the balancer started. */
+  connections: number;
+}
+
+/** The limits in force for a service: its KV traffic document over the process's flags. */
+export interface EffectiveLimits {
+  connectTimeoutMs: number;
+  idleTimeoutMs: number;
+  maxConnections: number;
+  queue: number;
+  queueTimeoutMs: number;
+  drain: DrainPolicy;
+  drainTimeoutMs: number;
 }
 
 export interface ServiceStatus {
@@ -22,6 +58,12 @@ export interface ServiceStatus {
   /** Why the last attempt to listen failed (EADDRINUSE, ...), while not listening. */
   lastError?: string;
   empty: EmptyPolicy;
+  policy: BalancePolicy;
+  /** The traffic split and the share each subset got; absent without a split. */
+  split?: SubsetStatus[];
+  limits: EffectiveLimits;
+  /** True while so few backends are usable that ejections are ignored (panic threshold). */
+  panic: boolean;
   /** True while 'keep-last' serves the previous backends because the config gave none. */
   keptLast: boolean;
   /** The backends in use, which under 'keep-last' may be an earlier config's. */
@@ -33,6 +75,10 @@ export interface ServiceStatus {
   failedConnections: number;
   /** Connect failures that were retried on another backend. */
   retries: number;
+  /** Client connections waiting for a slot (maxConnections reached). */
+  queuedConnections: number;
+  /** Client connections refused by the limit: queue full or waited longer than queueTimeoutMs. */
+  refusedConnections: number;
 }
 
 export interface ApplyResult {

@@ -2,7 +2,7 @@ import { once } from 'node:events';
 import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { baseEjectionMs, BackendPool, ejectAfterFailures } from '../../../agent/balancer/backend-pool.js';
+import { defaultOutlier } from '../../../agent/balancer/backend-pool.js';
 import { blackHoleBackend, config, dial, freePort, service, servedBy, startBackend, stillPending, waitUntil , startBalancer, status } from './tcp.js';
 
 
@@ -31,49 +31,7 @@ async function silentBackend(t: TestContext): Promise<{ port: number; sockets: S
 }
 
 const spec = (id: string, port: number) => ({ id, address: '127.0.0.1', port });
-
-test('pool: a retry does not advance the rotation, so a failing backend is not first for every connection', () => {
-  const pool = new BackendPool();
-  pool.update([spec('bad', 1), spec('good', 2)], 'reject');
-  const firsts: string[] = [];
-  for (let i = 0; i < 4; i++) {
-    const tried = new Set<ReturnType<BackendPool['list']>[number]>();
-    const first = pool.pick(tried, 0);
-    assert.ok(first);
-    firsts.push(first.spec.id);
-    tried.add(first);
-    // A retry on the other one, as after a failed dial; no connect result is recorded here.
-    assert.notEqual(pool.pick(tried, 0), first, 'a retry never goes to the backend that just failed');
-  }
-  assert.deepEqual(firsts, ['bad', 'good', 'bad', 'good']);
-});
-
-test(`pool: ${ejectAfterFailures} failures in a row eject a backend while others are available; after the back-off it is tried again`, () => {
-  const pool = new BackendPool();
-  pool.update([spec('bad', 1), spec('good', 2)], 'reject');
-  const [bad, good] = pool.list();
-  assert.ok(bad && good);
-  const now = 1_000_000;
-  for (let i = 0; i < ejectAfterFailures - 1; i++) bad.connectFailed(now);
-  assert.equal(bad.ejected(now), false, 'not ejected below the threshold');
-  bad.connectFailed(now);
-  assert.equal(bad.ejected(now), true);
-  assert.deepEqual([bad.status().consecutiveFailures, bad.status().failedConnects], [ejectAfterFailures, ejectAfterFailures]);
-
-  const picks = Array.from({ length: 6 }, () => pool.pick(new Set(), now + 1)?.spec.id);
-  assert.deepEqual(picks, Array(6).fill('good'), 'skipped while ejected');
-  // When the healthy one was already tried, the ejected one is still better than no answer at all.
-  assert.equal(pool.pick(new Set([good]), now + 1), bad);
-
-  const later = now + baseEjectionMs + 1;
-  const after = Array.from({ length: 2 }, () => pool.pick(new Set(), later)?.spec.id);
-  assert.ok(after.includes('bad'), `tried again after the back-off: ${after.join(', ')}`);
-  // A failed probe ejects again, for twice as long.
-  bad.connectFailed(later);
-  assert.equal(bad.ejectedUntil, later + 2 * baseEjectionMs);
-  bad.connectSucceeded();
-  assert.deepEqual([bad.ejected(later), bad.consecutiveFailures, bad.status().ejectedUntil], [false, 0, undefined]);
-});
+const ejectAfterFailures = defaultOutlier.consecutiveFailures;
 
 test('a black-holed backend costs the connect timeout only until it is ejected; the status shows it', async (t) => {
   const hole = await blackHoleBackend(t, 'hole');
