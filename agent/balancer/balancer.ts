@@ -2,7 +2,7 @@ import type { Server } from 'node:net';
 import type { Logger } from '../log.js';
 import type { InheritedSockets, ListeningSocket } from '../hot-restart/handover.js';
 import { BalancerError, codes, errorCode, errorMessage } from '../errors.js';
-import type { BalancerConfig, ServiceSpec } from '../contract/balancer-config.js';
+import type { BalancerConfig, DrainPolicy, ServiceSpec } from '../contract/balancer-config.js';
 import { addressKey } from './listener.js';
 import { Retry } from '../retry.js';
 import { ServiceProxy } from './service-proxy.js';
@@ -22,6 +22,11 @@ export interface BalancerOptions {
   inherited?: InheritedSockets;
   /** First pause before a service that could not listen is tried again (doubles up to 30 s). */
   listenRetryMs?: number;
+  /** Defaults of the per-service limits (a service's KV traffic document overrides them). */
+  maxConnections?: number;
+  queue?: number;
+  queueTimeoutMs?: number;
+  backendDrain?: DrainPolicy;
 }
 
 /** The built-in TCP balancer: one listener per service, changed in place by `apply`. */
@@ -33,6 +38,7 @@ export class Balancer {
   private readonly connectTimeoutMs: number;
   private readonly drainTimeoutMs: number;
   private readonly idleTimeoutMs: number | undefined;
+  private readonly limits: Pick<BalancerOptions, 'maxConnections' | 'queue' | 'queueTimeoutMs' | 'backendDrain'>;
   private readonly inherited: InheritedSockets | undefined;
   private applying: Promise<unknown> = Promise.resolve();
   private closed = false;
@@ -47,6 +53,7 @@ export class Balancer {
     this.connectTimeoutMs = options.connectTimeoutMs ?? 2000;
     this.drainTimeoutMs = options.drainTimeoutMs ?? 30000;
     this.idleTimeoutMs = options.idleTimeoutMs;
+    this.limits = { maxConnections: options.maxConnections, queue: options.queue, queueTimeoutMs: options.queueTimeoutMs, backendDrain: options.backendDrain };
     this.inherited = options.inherited;
     // A port taken now may be free later: retried with backoff, not only on the next config change.
     this.listenRetry = new Retry(
@@ -151,6 +158,7 @@ export class Balancer {
           connectTimeoutMs: this.connectTimeoutMs,
           drainTimeoutMs: this.drainTimeoutMs,
           idleTimeoutMs: this.idleTimeoutMs,
+          ...this.limits,
           inherited: this.inherited,
           isOwnListener: (address, port) => this.isOwnListener(address, port),
         });

@@ -1,7 +1,7 @@
 import { realpath } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { Balancer } from '../balancer/balancer.js';
-import type { BalancerConfig } from '../contract/balancer-config.js';
+import type { BalancerConfig, DrainPolicy } from '../contract/balancer-config.js';
 import { BalancerFileSource } from '../balancer/file-source.js';
 import type { Endpoint } from '../config/config.js';
 import { DnsServer } from '../dns/server.js';
@@ -23,6 +23,11 @@ export interface DataPlaneOptions {
   /** Default 1 hour (the balancer's). */
   idleTimeoutMs?: number;
   drainTimeoutMs: number;
+  /** Per-service limit defaults (flags); a service's KV traffic document overrides them. */
+  maxConnections?: number;
+  queue?: number;
+  queueTimeoutMs?: number;
+  backendDrain?: DrainPolicy;
   /** From a predecessor process (hot restart): its sockets, and its config, served before the file. */
   inherited?: InheritedSockets;
 }
@@ -53,7 +58,17 @@ export class DataPlane {
   constructor(private readonly options: DataPlaneOptions) {
     const { logger } = options;
     const { inherited } = options;
-    this.balancer = new Balancer({ logger: logger.child({ stage: 'balancer' }), connectTimeoutMs: options.connectTimeoutMs, idleTimeoutMs: options.idleTimeoutMs, drainTimeoutMs: options.drainTimeoutMs, inherited });
+    this.balancer = new Balancer({
+      logger: logger.child({ stage: 'balancer' }),
+      connectTimeoutMs: options.connectTimeoutMs,
+      idleTimeoutMs: options.idleTimeoutMs,
+      drainTimeoutMs: options.drainTimeoutMs,
+      maxConnections: options.maxConnections,
+      queue: options.queue,
+      queueTimeoutMs: options.queueTimeoutMs,
+      backendDrain: options.backendDrain,
+      inherited,
+    });
     this.dns = options.dns
       ? new DnsServer({ host: options.dns.host, port: options.dns.port, suffix: options.suffix, logger: logger.child({ stage: 'dns' }), inherited })
       : undefined;
