@@ -34,5 +34,17 @@ export function prometheusText(report: StatusReport): string {
   metric('loopmesh_route_connections_total', 'counter', 'Client connections accepted per route', perRoute((r) => r.totalConnections));
   metric('loopmesh_route_connections_failed_total', 'counter', 'Client connections closed because no backend could be reached', perRoute((r) => r.failedConnections));
   metric('loopmesh_route_connect_retries_total', 'counter', 'Backend connect failures retried on another backend', perRoute((r) => r.retries));
+  metric('loopmesh_route_connections_queued', 'gauge', 'Client connections waiting for a slot (max connections reached)', perRoute((r) => r.queuedConnections ?? 0));
+  metric('loopmesh_route_connections_refused_total', 'counter', 'Client connections refused by the connection limit (queue full or timed out)', perRoute((r) => r.refusedConnections ?? 0));
+  metric('loopmesh_route_panic', 'gauge', '1 while ejections are ignored because too few backends are usable', perRoute((r) => (r.panic ? 1 : 0)));
+  const perBackend = (pick: (b: StatusReport['routes'][number]['backends'][number]) => number): [string, number][] =>
+    report.routes.flatMap((r) => r.backends.map((b): [string, number] => [`{service="${label(r.service)}",backend="${label(b.id)}"}`, pick(b)]));
+  metric('loopmesh_backend_connections_active', 'gauge', 'Open connections per backend', perBackend((b) => b.activeConnections));
+  metric('loopmesh_backend_connections_total', 'counter', 'Connections forwarded per backend', perBackend((b) => b.totalConnections));
+  metric('loopmesh_backend_connect_failures_total', 'counter', 'Failed connects (refused, unreachable, timed out) per backend', perBackend((b) => b.failedConnects ?? 0));
+  metric('loopmesh_backend_resets_before_first_byte_total', 'counter', 'Connections the backend reset before sending a byte', perBackend((b) => b.resetsBeforeFirstByte ?? 0));
+  metric('loopmesh_backend_ejected', 'gauge', '1 while passive health has ejected the backend', perBackend((b) => (b.ejectedUntil ? 1 : 0)));
+  metric('loopmesh_backend_ejections_total', 'counter', 'Times passive health ejected the backend', perBackend((b) => b.ejectionsTotal ?? 0));
+  metric('loopmesh_split_connections_total', 'counter', 'Connections per traffic-split subset ("" is the rest)', report.routes.flatMap((r) => (r.split ?? []).map((p): [string, number] => [`{service="${label(r.service)}",subset="${label(p.name)}",weight="${p.weight}"}`, p.connections])));
   return `${out.join('\n')}\n`;
 }

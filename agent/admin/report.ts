@@ -1,6 +1,6 @@
 import type { ConsulStatus } from '../consul/catalog-watcher.js';
-import type { ServiceSpec } from '../contract/balancer-config.js';
-import type { BackendStatus, ServiceStatus } from '../balancer/status.js';
+import type { BalancePolicy, ServiceSpec } from '../contract/balancer-config.js';
+import type { BackendStatus, ServiceStatus, SubsetStatus } from '../balancer/status.js';
 import type { DnsStats } from '../dns/server.js';
 import { codes, type Problem } from '../errors.js';
 
@@ -29,14 +29,20 @@ export const failingCodes: ReadonlySet<string> = new Set([
   codes.hostsOwned,
 ]);
 
-export type BackendReport = Pick<BackendStatus, 'id' | 'address' | 'port' | 'activeConnections' | 'totalConnections'>;
+export type BackendReport = Pick<BackendStatus, 'id' | 'address' | 'port' | 'weight' | 'subset' | 'activeConnections' | 'totalConnections' | 'failedConnects' | 'resetsBeforeFirstByte' | 'ejectionsTotal' | 'ejectedUntil' | 'ejectReason'>;
 
 export interface RouteReport
-  extends Pick<ServiceStatus, 'service' | 'name' | 'fqdn' | 'address' | 'port' | 'activeConnections' | 'totalConnections' | 'failedConnections' | 'retries'> {
+  extends Pick<ServiceStatus, 'service' | 'name' | 'fqdn' | 'address' | 'port' | 'activeConnections' | 'totalConnections' | 'failedConnections' | 'retries' | 'queuedConnections' | 'refusedConnections'> {
+  /** True while ejections are ignored because too few backends are usable (panic threshold). */
+  panic: boolean;
   /** null with --render-only: the separate `loopmesh balancer` listens, not this process. */
   listening: boolean | null;
   healthyBackends: number;
   backends: BackendReport[];
+  /** The balancing policy in force (absent from an agent of an older version). */
+  policy?: BalancePolicy;
+  /** The traffic split: each subset's weight and the connections it got; absent without a split. */
+  split?: SubsetStatus[];
 }
 
 /** The JSON of /v1/routes, which `loopmesh status` prints as a table. */
@@ -75,13 +81,21 @@ export function routeReport(inputs: ReportInputs): StatusReport {
   const served = inputs.served ? new Map(inputs.served.map((s) => [s.service, s])) : undefined;
   const routes = inputs.specs.map((spec): RouteReport => {
     const s = served?.get(spec.service);
-    const backends = (s?.backends ?? spec.backends).map((b) => ({
-      id: b.id,
-      address: b.address,
-      port: b.port,
-      activeConnections: 'activeConnections' in b && typeof b.activeConnections === 'number' ? b.activeConnections : 0,
-      totalConnections: 'totalConnections' in b && typeof b.totalConnections === 'number' ? b.totalConnections : 0,
-    }));
+    const backends = s
+      ? s.backends.map((b): BackendReport => ({
+          id: b.id,
+          address: b.address,
+          port: b.port,
+          weight: b.weight,
+          subset: b.subset,
+          activeConnections: b.activeConnections,
+          totalConnections: b.totalConnections,
+          failedConnects: b.failedConnects,
+          resetsBeforeFirstByte: b.resetsBeforeFirstByte,
+          ejectionsTotal: b.ejectionsTotal,
+          ...(b.ejectedUntil ? { ejectedUntil: b.ejectedUntil, ejectReason: b.ejectReason } : {}),
+        }))
+      : spec.backends.map((b): BackendReport => ({ id: b.id, address: b.address, port: b.port, weight: b.weight ?? 1, subset: b.subset ?? '', activeConnections: 0, totalConnections: 0, failedConnects: 0, resetsBeforeFirstByte: 0, ejectionsTotal: 0 }));
     return {
       service: spec.service,
       name: spec.name,
@@ -94,10 +108,22 @@ export function routeReport(inputs: ReportInputs): StatusReport {
       totalConnections: s?.totalConnections ?? 0,
       failedConnections: s?.failedConnections ?? 0,
       retries: s?.retries ?? 0,
+      queuedConnections: s?.queuedConnections ?? 0,
+      refusedConnections: s?.refusedConnections ?? 0,
+      panic: s?.panic ?? false,
       backends,
+      policy: s?.policy ?? spec.policy,
+      ...splitReport(spec, s),
     };
   });
   return { node: inputs.node, consul: inputs.consul, lastRenderAt: inputs.lastRenderAt, dataPlane: served ? 'in-process' : 'separate', routes, problems: inputs.problems, health: inputs.health, ...(inputs.dns ? { dns: inputs.dns } : {}) };
+}
+
+/** The balancer's split counters, or (when it reports none, e.g. --render-only) the planned split with 0 connections. */
+function splitReport(spec: ServiceSpec, served: ServiceStatus | undefined): { split?: SubsetStatus[] } {
+  if (served?.split && served.split.length > 0) return { split: served.split.map((p) => ({ name: p.name, weight: p.weight, connections: p.connections })) };
+  if (spec.split && spec.split.length > 0) return { split: spec.split.map((p) => ({ name: p.name, weight: p.weight, connections: 0 })) };
+  return {};
 }
 
 /** Services of the loaded config the balancer does not serve (a port taken, an address refused). */
