@@ -311,16 +311,24 @@ export class BackendPool {
     return usable[best];
   }
 
-  /** Two drawn at random by weight; the one with the lower EWMA connect time x (open + 1) / weight. */
+  /**
+   * Two drawn at random by weight; the one with the lower EWMA connect time x (open + 1) / weight.
+   * Costs within 20% (or 0.25 ms) of each other are a tie, which goes to the one that had fewer
+   * connections for its weight: jitter of a fraction of a millisecond on loopback must not send all
+   * sequential traffic to whichever backend happened to answer faster last.
+   */
   private powerOfTwo(usable: readonly Backend[]): Backend | undefined {
     const known = usable.filter((b) => b.ewmaConnectMs !== undefined);
     // A backend never connected to yet is priced at the mean of the others, so it gets a fair share.
     const mean = known.length > 0 ? known.reduce((sum, b) => sum + (b.ewmaConnectMs as number), 0) / known.length : 1;
-    const cost = (b: Backend): number => ((b.ewmaConnectMs ?? mean) + 0.001) * (b.activeConnections + 1) / b.weight;
+    const cost = (b: Backend): number => ((b.ewmaConnectMs ?? mean) * (b.activeConnections + 1)) / b.weight;
     const a = this.drawByWeight(usable, undefined);
     const b = this.drawByWeight(usable, a);
     if (!a || !b) return a ?? b;
-    return cost(b) < cost(a) ? b : a;
+    const [ca, cb] = [cost(a), cost(b)];
+    if (Math.abs(ca - cb) > Math.max(0.25, 0.2 * Math.min(ca, cb))) return cb < ca ? b : a;
+    if (a.activeConnections !== b.activeConnections) return b.activeConnections / b.weight < a.activeConnections / a.weight ? b : a;
+    return b.totalConnections / b.weight < a.totalConnections / a.weight ? b : a;
   }
 
   private drawByWeight(usable: readonly Backend[], not: Backend | undefined): Backend | undefined {

@@ -200,3 +200,18 @@ test('drain policy: a removed backend keeps, drains until the deadline, or reset
   await new Promise((r) => setTimeout(r, 80));
   assert.deepEqual([cut, byId(p, 'a') === a], [0, true]);
 });
+
+test('p2c-ewma: backends with about the same connect time share sequential connections evenly', () => {
+  const p = pool([spec('a'), spec('b')], { policy: 'p2c-ewma' }, seeded(5));
+  const got: string[] = [];
+  for (let i = 0; i < 100; i++) {
+    const b = p.pick(new Set(), 0);
+    assert.ok(b);
+    // What a forwarded connection records: its connect time (jittering around 0.1 ms) and the count.
+    p.connected(b, 0.05 + ((i * 37) % 10) / 100);
+    b.totalConnections++;
+    got.push(b.spec.id);
+  }
+  const c = counts(got);
+  assert.ok(Math.abs((c.a ?? 0) - (c.b ?? 0)) <= 2, `even: ${JSON.stringify(c)}`);
+});
