@@ -59,6 +59,8 @@ export const codes = {
   adminPublic: 'LM_ERR_ADMIN_PUBLIC',
   dnsTcpDeadline: 'LM_ERR_DNS_TCP_DEADLINE',
   dnsTcpLimit: 'LM_ERR_DNS_TCP_LIMIT',
+  workerDown: 'LM_ERR_WORKER_DOWN',
+  workerRestart: 'LM_ERR_WORKER_RESTART',
 } as const;
 
 /** The one shape of a problem: what is wrong, with which service (when one), under a stable code. */

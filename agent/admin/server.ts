@@ -10,8 +10,8 @@ import { prometheusText } from './metrics.js';
 
 export interface AdminServerOptions {
   endpoint: Endpoint;
-  /** Called on every request by whichever process hosts the admin (the agent, or `loopmesh balancer`). */
-  report: () => StatusReport;
+  /** Called on every request by whichever process hosts the admin (the agent, or `loopmesh balancer`; with --workers, asynchronously). */
+  report: () => StatusReport | Promise<StatusReport>;
   logger: Logger;
 }
 
@@ -26,7 +26,12 @@ export class AdminServer {
   private readonly server: Server;
 
   constructor(private readonly options: AdminServerOptions) {
-    this.server = createServer((req, res) => this.handle(req, res));
+    this.server = createServer((req, res) => {
+      this.handle(req, res).catch((err: unknown) => {
+        if (!res.headersSent) res.writeHead(500, { 'content-type': 'text/plain' });
+        res.end(`cannot build the report: ${err instanceof Error ? err.message : String(err)}\n`);
+      });
+    });
   }
 
   start(): Promise<void> {
@@ -56,7 +61,7 @@ export class AdminServer {
     });
   }
 
-  private handle(req: IncomingMessage, res: ServerResponse): void {
+  private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const path = new URL(req.url ?? '/', 'http://admin').pathname;
     const send = (status: number, type: string, body: string): void => {
       res.writeHead(status, { 'content-type': type, 'cache-control': 'no-store' });
@@ -70,7 +75,7 @@ export class AdminServer {
       return send(421, 'text/plain; charset=utf-8', `misdirected request: ${refused}\n`);
     }
     if (req.method !== 'GET' && req.method !== 'HEAD') return send(405, 'text/plain', 'expected GET\n');
-    const report = this.options.report();
+    const report = await this.options.report();
     switch (path) {
       case '/health':
         // 200 only when every route is served and the last render succeeded; 503 says why not.

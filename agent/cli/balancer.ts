@@ -1,3 +1,4 @@
+import cluster from 'node:cluster';
 import { hostname } from 'node:os';
 import { failingCodes, routeReport, servingProblems, type StatusReport } from '../admin/report.js';
 import { AdminServer } from '../admin/server.js';
@@ -9,13 +10,15 @@ import type { Logger, LogOptions } from '../log.js';
 import { loadConfig, parseFlags } from './args.js';
 import { usage } from './usage.js';
 import { sleep } from '../sleep.js';
+import { runSupervisor } from '../workers/run.js';
+import { runWorker } from '../workers/worker.js';
 
 /** How long a successor gets to take over the sockets and serve. */
 const handoverTimeoutMs = 15_000;
 
 /** The data plane alone, from the rendered files: what keeps serving when the control plane is gone. */
 export async function runBalancer(argv: string[], makeLogger: (level: LogOptions['level']) => Logger): Promise<number> {
-  const flags = parseFlags(argv, { config: { type: 'string' } }, ['run-dir', 'dns', 'hosts-file', 'suffix', 'log-level', 'drain-timeout', 'connect-timeout', 'idle-timeout', 'admin', 'admin-public']);
+  const flags = parseFlags(argv, { config: { type: 'string' } }, ['run-dir', 'dns', 'hosts-file', 'suffix', 'log-level', 'drain-timeout', 'connect-timeout', 'idle-timeout', 'max-connections', 'queue', 'queue-timeout', 'backend-drain', 'admin', 'admin-public', 'workers']);
   if (flags.help) {
     process.stdout.write(usage.balancer);
     return 0;
@@ -24,6 +27,9 @@ export async function runBalancer(argv: string[], makeLogger: (level: LogOptions
   const log = makeLogger(config.logLevel);
   // Whoever can write the run dir decides what this process binds: refuse (exit 2) unless it is ours alone.
   await prepareRunDir(config.runDir);
+  // --workers N: a supervisor (cluster primary) and N worker processes sharing every listening socket.
+  if (cluster.isWorker) return runWorker(config, log, balancerReport);
+  if (config.workers > 1) return runSupervisor(config, log, typeof flags.admin === 'string');
   // Started by a running balancer's hot restart (SIGUSR2)? Then take over its sockets and config.
   let inherited: InheritedSockets | undefined;
   try {

@@ -52,7 +52,7 @@ ${flagLines()}
 `,
   balancer: `Usage: loopmesh balancer [--run-dir DIR] [--dns ADDR:PORT|off] [--hosts-file FILE|off] [--suffix DOMAIN]
                          [--drain-timeout S] [--connect-timeout S] [--log-level LEVEL] [--config FILE]
-                         [--admin ADDR:PORT [--admin-public]]
+                         [--admin ADDR:PORT [--admin-public]] [--workers N|auto]
 
 Runs the data plane alone from the rendered files in --run-dir (balancer.json, hosts), reloading
 when they change: a control plane crash or restart never drops traffic. Pair it with
@@ -65,5 +65,16 @@ start, this one keeps serving.
 --admin ADDR:PORT serves /health, /v1/routes and /metrics from this process with the live counters
 (off unless given here; loopback only unless --admin-public). /health is 200 when every service of
 the loaded balancer.json listens and the hosts block is fine, else 503 with the reasons.
+
+--workers N|auto (env LOOPMESH_WORKERS; default 1, auto: one per CPU, at most 64) runs N worker
+processes under a small supervisor. The supervisor binds every listening socket (services, DNS)
+once and shares it with every worker, which all accept from the same kernel queue; it never
+accepts itself. A worker that dies is replaced (with backoff if it keeps dying young) while the
+others keep accepting. Each worker applies --max-connections and --queue on its own, so the limits
+add up over the workers. Only worker 0 writes the hosts file. The admin runs in the supervisor and
+sums the workers' counters (/v1/routes lists each worker: pid, alive, started); /health is 200 only
+when all N workers serve and each is healthy. With workers, SIGUSR2 replaces the workers one by one
+with new processes started from the code on disk (each new one serves before the old one drains);
+the supervisor itself is not replaced: restart it (SIGTERM, then start) to upgrade it.
 `,
 };

@@ -1,6 +1,7 @@
 import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { isIP } from 'node:net';
 import { readFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import type { LevelWithSilent } from 'pino';
 import { balancePolicies, drainPolicies, emptyPolicies, type BalancePolicy, type DrainPolicy, type EmptyPolicy } from '../contract/balancer-config.js';
 import { ConfigError, codes } from '../errors.js';
@@ -70,6 +71,8 @@ export interface AgentConfig {
   queueTimeoutMs: number;
   /** What happens to open connections of a backend that left the healthy set. */
   backendDrain: DrainPolicy;
+  /** `loopmesh balancer` processes sharing every listening socket (1: one process, no supervisor). */
+  workers: number;
 }
 
 /** Each setting: its flag, its environment variable, its config-file key, and how to read it. */
@@ -116,6 +119,7 @@ export const settings: readonly Setting[] = [
   { key: 'queue', flag: 'queue', env: ['LOOPMESH_QUEUE'], value: 'N', default: '0', help: 'connections that wait for a slot at --max-connections (0: refuse at once)' },
   { key: 'queueTimeout', flag: 'queue-timeout', env: ['LOOPMESH_QUEUE_TIMEOUT'], value: 'SECONDS', default: '5', help: 'how long a queued connection waits before it is refused' },
   { key: 'backendDrain', flag: 'backend-drain', env: ['LOOPMESH_BACKEND_DRAIN'], value: drainPolicies.join('|'), default: 'keep', help: "open connections of a backend that left the healthy set: keep them, cut them after --drain-timeout, or reset them at once" },
+  { key: 'workers', flag: 'workers', env: ['LOOPMESH_WORKERS'], value: 'N|auto', default: '1', help: "loopmesh balancer only: worker processes that share every listening socket (1 to 64; auto: one per CPU)" },
   { key: 'consulWait', flag: 'consul-wait', env: ['LOOPMESH_CONSUL_WAIT'], value: 'SECONDS', default: '60', help: "how long each blocking query to Consul waits for a change (1 to 600; Consul caps it at 10 minutes); a frozen Consul is noticed after about this plus max(1/8 of it, 5 s)" },
 ];
 
@@ -199,6 +203,14 @@ function consulWait(value: string): number {
   const n = Number(value);
   if (value.trim() === '' || !Number.isInteger(n) || n < 1 || n > 600) throw invalid(`--consul-wait: expected a whole number of seconds from 1 to 600 (Consul caps a blocking wait at 10 minutes), got "${value}"`);
   return n * 1000;
+}
+
+/** --workers: 1 to 64 processes, or auto (one per CPU, at most 64). */
+function workers(value: string): number {
+  if (value.trim().toLowerCase() === 'auto') return Math.min(64, Math.max(1, availableParallelism()));
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isInteger(n) || n < 1 || n > 64) throw invalid(`--workers: expected a whole number from 1 to 64, or "auto" (one per CPU), got "${value}"`);
+  return n;
 }
 
 function bool(value: string, flag: string): boolean {
@@ -379,5 +391,6 @@ export function resolveConfig(...layers: RawConfig[]): AgentConfig {
     queue: count(get('queue'), 'queue'),
     queueTimeoutMs: Math.max(1, seconds(get('queueTimeout'), 'queue-timeout')),
     backendDrain,
+    workers: workers(get('workers')),
   };
 }
