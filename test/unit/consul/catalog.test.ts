@@ -118,3 +118,16 @@ test('parseHealthService keeps only instances of exactly this service name (Cons
   assert.deepEqual(parseHealthService('web', body, { allowWarning: false }).instances.map((i) => i.id), ['n1/w1']);
   assert.deepEqual(parseHealthService('WEB', body, { allowWarning: false }).instances.map((i) => i.id), ['n1/W1']);
 });
+
+test("instance weights: Weights.Passing, or Weights.Warning for a warning instance; anything else counts as Consul's default 1", () => {
+  const body = [
+    entry('big', 'n1', ['passing'], { Weights: { Passing: 9, Warning: 1 } }),
+    entry('warn', 'n2', ['warning'], { Weights: { Passing: 9, Warning: 2 } }),
+    entry('none', 'n3', ['passing']),
+    entry('odd', 'n4', ['passing'], { Weights: { Passing: -3 } }),
+    entry('huge', 'n5', ['passing'], { Weights: { Passing: 1e9 } }),
+    entry('text', 'n6', ['passing'], { Weights: { Passing: '5' } }),
+  ];
+  const { instances } = parseHealthService('web', body, { allowWarning: true });
+  assert.deepEqual(Object.fromEntries(instances.map((i) => [i.id.split('/')[1], i.weight])), { big: 9, warn: 2, none: 1, odd: 1, huge: 1, text: 1 });
+});

@@ -138,3 +138,33 @@ test('plan: an instance address or id that is not fit for a rendered file never 
   assert.equal(problems.filter((p) => p.code === 'LM_ERR_CONSUL_INVALID_INSTANCE').length, 2);
   assert.match(problems[0]?.message ?? '', /\\n/, 'the newline is shown escaped');
 });
+
+test('policy: the KV document beats meta loopmesh-lb (most common valid value), which beats the flag; an unknown meta value is reported', () => {
+  const range = parseRange('127.77.0.0/16');
+  const catalog = new Map([
+    ['web', [instance('w1', 80, { 'loopmesh-lb': 'least-conn' }), instance('w2', 80, { 'loopmesh-lb': 'least-conn' }), instance('w3', 80, { 'loopmesh-lb': 'round-robin' })]],
+    ['api', [instance('a1', 80, { 'loopmesh-lb': 'fastest' })]],
+    ['db', [instance('d1', 5432)]],
+  ]);
+  const addresses = { web: '127.77.0.2', api: '127.77.0.3', db: '127.77.0.4' };
+  const first = plan(catalog, addresses, [], { suffix: 'local', empty: 'reject', range, policy: 'round-robin' });
+  const policy = (routes: typeof first.routes, s: string) => routes.find((r) => r.service === s)?.policy;
+  assert.deepEqual([policy(first.routes, 'web'), policy(first.routes, 'api'), policy(first.routes, 'db')], ['least-conn', 'round-robin', 'round-robin']);
+  assert.ok(first.problems.some((p) => p.code === 'LM_ERR_PLAN_INVALID_POLICY' && p.message.includes('"fastest"')), JSON.stringify(first.problems));
+  const withDoc = plan(catalog, addresses, [], { suffix: 'local', empty: 'reject', range, traffic: new Map([['web', { split: [], policy: 'p2c-ewma', limits: {}, outlier: {} }]]) });
+  assert.equal(policy(withDoc.routes, 'web'), 'p2c-ewma');
+  assert.equal(policy(withDoc.routes, 'db'), 'p2c-ewma', 'the default without a flag');
+});
+
+test('split: each instance is in the subset of the first split tag it carries; the rest gets what is left of 100; weights and limits reach the route', () => {
+  const tagged = (id: string, tags: string[], weight = 1) => ({ ...instance(id, 80), tags, weight });
+  const catalog = new Map([['web', [tagged('old', []), tagged('new', ['canary', 'v2'], 3), tagged('v2only', ['v2'])]]]);
+  const traffic = new Map([['web', { split: [{ tag: 'canary', weight: 5 }, { tag: 'v2', weight: 15 }], limits: { maxConnections: 10 }, outlier: { consecutiveFailures: 5 } }]]);
+  const { routes } = plan(catalog, { web: '127.77.0.2' }, [], { suffix: 'local', empty: 'reject', traffic });
+  const web = routes[0]!;
+  assert.deepEqual(web.split, [{ name: 'canary', weight: 5 }, { name: 'v2', weight: 15 }, { name: '', weight: 80 }]);
+  assert.deepEqual(web.backends.map((b) => [b.id, b.subset, b.weight]), [['n1/old', '', 1], ['n1/new', 'canary', 3], ['n1/v2only', 'v2', 1]]);
+  assert.deepEqual([web.limits, web.outlier], [{ maxConnections: 10 }, { consecutiveFailures: 5 }]);
+  const none = plan(catalog, { web: '127.77.0.2' }, [], { suffix: 'local', empty: 'reject' });
+  assert.deepEqual([none.routes[0]!.split, none.routes[0]!.backends.every((b) => b.subset === '')], [[], true]);
+});
