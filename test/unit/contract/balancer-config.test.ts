@@ -75,6 +75,14 @@ test('an untrusted value is refused with a message naming the service and the va
       says: /backend n\/mapped at ::ffff:127\.66\.0\.1:80, which is the listener of service "web"/,
       code: codes.balancerSelfBackend,
     },
+    { what: 'an unknown policy', text: file(service({ policy: 'fastest' })), says: /\.policy: expected one of p2c-ewma, least-conn, round-robin, got "fastest" \(service "web"\)/ },
+    { what: 'a negative weight', text: file(service({}, [{ id: 'n/w', address: '10.0.0.1', port: 80, weight: -1 }])), says: /backends\[0\]\.weight: expected an integer from 0 to 65535, got number -1/ },
+    { what: 'a split that does not add up to 100', text: file(service({ split: [{ name: 'canary', weight: 20 }, { name: '', weight: 70 }] })), says: /\.split: expected weights that add up to 100, got 90/ },
+    { what: 'a split subset twice', text: file(service({ split: [{ name: 'a', weight: 50 }, { name: 'a', weight: 50 }] })), says: /\.split: expected each subset once/ },
+    { what: 'a split weight over 100', text: file(service({ split: [{ name: 'a', weight: 150 }] })), says: /\.split\[0\]\.weight: expected an integer from 0 to 100, got number 150/ },
+    { what: 'a negative connection limit', text: file(service({ limits: { maxConnections: -5 } })), says: /\.limits\.maxConnections: expected an integer from 0 to 1000000, got number -5/ },
+    { what: 'an unknown drain policy', text: file(service({ limits: { drain: 'later' } })), says: /\.limits\.drain: expected one of keep, drain, reset, got "later"/ },
+    { what: 'a panic threshold over 100%', text: file(service({ outlier: { panicThresholdPercent: 101 } })), says: /\.outlier\.panicThresholdPercent: expected an integer from 0 to 100, got number 101/ },
   ];
   for (const c of cases) {
     await t.test(c.what, () => {
@@ -90,6 +98,20 @@ test('an untrusted value is refused with a message naming the service and the va
       );
     });
   }
+});
+
+test('weights, subsets, a split, limits and outlier settings load; absent ones take their defaults', () => {
+  const config = parseBalancerConfig(file(
+    service({ policy: 'least-conn', split: [{ name: 'canary', weight: 5 }, { name: '', weight: 95 }], limits: { maxConnections: 100, queue: 10, drain: 'reset' }, outlier: { consecutiveFailures: 5 } }, [
+      { id: 'n/a', address: '10.0.0.1', port: 80, weight: 9, subset: 'canary' },
+      { id: 'n/b', address: '10.0.0.2', port: 80 },
+    ]),
+    service({ service: 'db', name: 'db', fqdn: 'db.local', address: '127.66.0.2', port: 5432, policy: undefined }),
+  ));
+  const [web, db] = config.services;
+  assert.deepEqual(web?.backends.map((b) => [b.weight, b.subset]), [[9, 'canary'], [1, '']]);
+  assert.deepEqual([web?.policy, web?.split, web?.limits, web?.outlier], ['least-conn', [{ name: 'canary', weight: 5 }, { name: '', weight: 95 }], { maxConnections: 100, queue: 10, drain: 'reset' }, { consecutiveFailures: 5 }]);
+  assert.deepEqual([db?.policy, db?.split, db?.limits], ['p2c-ewma', undefined, undefined]);
 });
 
 test('one bad service refuses the whole file, so nothing of it is applied', () => {
