@@ -3,6 +3,7 @@ import { Agent } from '../agent.js';
 import { ConfigError, errorCode, errorMessage } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
 import { loadConfig, parseFlags, tokenInArgv, UsageError } from './args.js';
+import { settings } from '../config/config.js';
 import { renderDryRun } from './render.js';
 import { printStatus } from './status.js';
 import { runBalancer } from './balancer.js';
@@ -25,7 +26,8 @@ function onSignal(stop: () => Promise<void>): void {
 }
 
 async function runAgent(argv: string[]): Promise<number> {
-  const flags = parseFlags(argv, { config: { type: 'string' } });
+  // --workers is the balancer's: the agent serves in one process (--render-only + loopmesh balancer --workers N).
+  const flags = parseFlags(argv, { config: { type: 'string' } }, settings.map((s) => s.flag).filter((f) => f !== 'workers'));
   if (flags.help) return help(usage.agent());
   const config = loadConfig(flags, process.env);
   const log = logger(config.logLevel);
