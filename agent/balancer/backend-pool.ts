@@ -15,6 +15,11 @@ export type FailureKind = 'connect' | 'timeout' | 'reset';
 
 /** Weight of a new sample in the connect-time EWMA. */
 const ewmaAlpha = 0.3;
+/**
+ * Time constant of the EWMA's decay toward zero while a backend gets no samples (Finagle's and
+ * Linkerd's peak-EWMA do the same): a backend once slow is tried again within tens of seconds.
+ */
+export const ewmaDecayMs = 10_000;
 
 /** A connection of a backend that the drain policy may cut. */
 export interface Cuttable {
@@ -35,8 +40,9 @@ export class Backend {
   ejectionsInRow = 0;
   ejectionsTotal = 0;
   lastEjectReason: FailureKind | undefined;
-  /** EWMA of the connect time in ms; undefined until the first connect. */
+  /** EWMA of the connect time in ms at `ewmaAt`; undefined until the first connect. */
   ewmaConnectMs: number | undefined;
+  ewmaAt = 0;
   /** Smooth weighted round-robin state. */
   currentWeight = 0;
   weight: number;
@@ -58,8 +64,16 @@ export class Backend {
     return `${this.spec.id} (${this.spec.address}:${this.spec.port})`;
   }
 
-  sample(ms: number): void {
-    this.ewmaConnectMs = this.ewmaConnectMs === undefined ? ms : this.ewmaConnectMs + ewmaAlpha * (ms - this.ewmaConnectMs);
+  /** The EWMA decayed to `now`. */
+  ewma(now = Date.now()): number | undefined {
+    if (this.ewmaConnectMs === undefined) return undefined;
+    return this.ewmaConnectMs * Math.exp(-Math.max(0, now - this.ewmaAt) / ewmaDecayMs);
+  }
+
+  sample(ms: number, now = Date.now()): void {
+    const current = this.ewma(now);
+    this.ewmaConnectMs = current === undefined ? ms : current + ewmaAlpha * (ms - current);
+    this.ewmaAt = now;
   }
 
   status(now = Date.now()): BackendStatus {
@@ -75,7 +89,7 @@ export class Backend {
       resetsBeforeFirstByte: this.resetsBeforeFirstByte,
       consecutiveFailures: this.consecutiveFailures,
       ejectionsTotal: this.ejectionsTotal,
-      ...(this.ewmaConnectMs !== undefined ? { ewmaConnectMs: Math.round(this.ewmaConnectMs * 1000) / 1000 } : {}),
+      ...(this.ewmaConnectMs !== undefined ? { ewmaConnectMs: Math.round((this.ewma(now) as number) * 1000) / 1000 } : {}),
       ...(this.ejected(now) ? { ejectedUntil: new Date(this.ejectedUntil).toISOString(), ejectReason: this.lastEjectReason } : {}),
     };
   }
@@ -213,7 +227,7 @@ export class BackendPool {
     if (kind === 'reset') backend.resetsBeforeFirstByte++;
     else backend.failedConnects++;
     // A failure costs at least what a connect timeout does in the latency that p2c compares.
-    if (kind !== 'reset') backend.sample(elapsedMs);
+    if (kind !== 'reset') backend.sample(elapsedMs, now);
     backend.consecutiveFailures++;
     const o = this.settings.outlier;
     if (backend.consecutiveFailures < o.consecutiveFailures) return;
@@ -229,8 +243,8 @@ export class BackendPool {
   }
 
   /** A connect that succeeded (its time feeds the EWMA); failures in a row end at the first byte. */
-  connected(backend: Backend, elapsedMs: number): void {
-    backend.sample(elapsedMs);
+  connected(backend: Backend, elapsedMs: number, now = Date.now()): void {
+    backend.sample(elapsedMs, now);
   }
 
   /** The backend answered (its first byte) or ended cleanly: it works. */
@@ -268,7 +282,7 @@ export class BackendPool {
       return ejected[0] ?? open[0];
     }
     if (this.subsets.length > 0) usable = this.inSubset(usable, first);
-    return this.byPolicy(usable, first);
+    return this.byPolicy(usable, first, now);
   }
 
   /** The backends of the split subset this connection goes to; a subset with none usable gives its share to the others. */
@@ -281,7 +295,7 @@ export class BackendPool {
     return usable.filter((b) => b.subset === subset.spec.name);
   }
 
-  private byPolicy(usable: readonly Backend[], advance: boolean): Backend | undefined {
+  private byPolicy(usable: readonly Backend[], advance: boolean, now: number): Backend | undefined {
     if (usable.length <= 1) return usable[0];
     switch (this.settings.policy) {
       case 'round-robin':
@@ -289,7 +303,7 @@ export class BackendPool {
       case 'least-conn':
         return this.leastLoaded(usable, (b) => (b.activeConnections + 1) / b.weight, advance);
       case 'p2c-ewma':
-        return this.powerOfTwo(usable);
+        return this.powerOfTwo(usable, now);
     }
   }
 
@@ -313,21 +327,24 @@ export class BackendPool {
 
   /**
    * Two drawn at random by weight; the one with the lower EWMA connect time x (open + 1) / weight.
-   * Costs within 20% (or 0.25 ms) of each other are a tie, which goes to the one that had fewer
-   * connections for its weight: jitter of a fraction of a millisecond on loopback must not send all
-   * sequential traffic to whichever backend happened to answer faster last.
+   * Connect time on loopback or a LAN is mostly scheduling noise, so costs within a factor of two
+   * (or 1 ms) of each other are a tie, which goes to the one with fewer open connections for its
+   * weight, then fewer connections so far: the EWMA steers away from a backend that is really slow
+   * (an accept queue that overflows, SYNs that go unanswered), not from jitter.
    */
-  private powerOfTwo(usable: readonly Backend[]): Backend | undefined {
-    const known = usable.filter((b) => b.ewmaConnectMs !== undefined);
+  private powerOfTwo(usable: readonly Backend[], now: number): Backend | undefined {
+    const ewmas = new Map(usable.map((b) => [b, b.ewma(now)]));
+    const known = [...ewmas.values()].filter((e): e is number => e !== undefined);
     // A backend never connected to yet is priced at the mean of the others, so it gets a fair share.
-    const mean = known.length > 0 ? known.reduce((sum, b) => sum + (b.ewmaConnectMs as number), 0) / known.length : 1;
-    const cost = (b: Backend): number => ((b.ewmaConnectMs ?? mean) * (b.activeConnections + 1)) / b.weight;
+    const mean = known.length > 0 ? known.reduce((sum, e) => sum + e, 0) / known.length : 1;
+    const cost = (b: Backend): number => ((ewmas.get(b) ?? mean) * (b.activeConnections + 1)) / b.weight;
     const a = this.drawByWeight(usable, undefined);
     const b = this.drawByWeight(usable, a);
     if (!a || !b) return a ?? b;
     const [ca, cb] = [cost(a), cost(b)];
-    if (Math.abs(ca - cb) > Math.max(0.25, 0.2 * Math.min(ca, cb))) return cb < ca ? b : a;
-    if (a.activeConnections !== b.activeConnections) return b.activeConnections / b.weight < a.activeConnections / a.weight ? b : a;
+    if (Math.abs(ca - cb) > Math.max(1, Math.min(ca, cb))) return cb < ca ? b : a;
+    const [la, lb] = [a.activeConnections / a.weight, b.activeConnections / b.weight];
+    if (la !== lb) return lb < la ? b : a;
     return b.totalConnections / b.weight < a.totalConnections / a.weight ? b : a;
   }
 

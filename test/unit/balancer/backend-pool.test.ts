@@ -215,3 +215,12 @@ test('p2c-ewma: backends with about the same connect time share sequential conne
   const c = counts(got);
   assert.ok(Math.abs((c.a ?? 0) - (c.b ?? 0)) <= 2, `even: ${JSON.stringify(c)}`);
 });
+
+test('p2c-ewma: a backend that was slow once is tried again once its EWMA has decayed (tens of seconds)', () => {
+  const p = pool([spec('hole'), spec('good')], { policy: 'p2c-ewma' }, seeded(9));
+  p.failed(byId(p, 'hole'), 'timeout', 2000, 0);
+  p.connected(byId(p, 'good'), 0.2, 0);
+  assert.deepEqual(counts(picks(p, 20, 1000)), { good: 20 }, 'avoided right after');
+  const later = picks(p, 20, 80_000);
+  assert.ok(later.includes('hole'), `probed again after 80 s without samples: ${later.join(',')}`);
+});
