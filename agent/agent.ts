@@ -7,6 +7,7 @@ import { AddressBook } from './consul/address-book.js';
 import type { Catalog, CatalogProblem } from './consul/catalog.js';
 import { CatalogWatcher } from './consul/catalog-watcher.js';
 import { ConsulClient, consulClientOptions } from './consul/client.js';
+import { TrafficWatcher } from './consul/traffic-watcher.js';
 import { DataPlane } from './data-plane/data-plane.js';
 import { prepareRunDir } from './fs/run-dir.js';
 import { codes, errorCode, errorMessage, type Problem, type RenderError } from './errors.js';
@@ -27,6 +28,8 @@ export class Agent {
   /** undefined with --render-only: a separate `loopmesh balancer` serves the rendered files. */
   readonly dataPlane: DataPlane | undefined;
   private readonly addresses: AddressBook;
+  /** The per-service traffic documents in KV (<kv-prefix>/traffic/NAME): split, policy, limits, outlier. */
+  readonly traffic: TrafficWatcher;
   private readonly admin: AdminServer | undefined;
   private templates: Template[] = [];
   private templateErrors: RenderError[] = [];
@@ -59,6 +62,13 @@ export class Agent {
       waitMs: config.consulWaitMs,
       onRemoteChange: () => void this.reconcile(),
     });
+    this.traffic = new TrafficWatcher({
+      client: this.client,
+      logger: logger.child({ stage: 'watch' }),
+      prefix: `${config.kvPrefix}/traffic`,
+      waitMs: config.consulWaitMs,
+      onChange: () => void this.reconcile(),
+    });
     this.watcher = new CatalogWatcher({
       client: this.client,
       logger: logger.child({ stage: 'watch' }),
@@ -80,6 +90,10 @@ export class Agent {
       connectTimeoutMs: config.connectTimeoutMs,
       drainTimeoutMs: config.drainTimeoutMs,
       idleTimeoutMs: config.idleTimeoutMs,
+      maxConnections: config.maxConnections,
+      queue: config.queue,
+      queueTimeoutMs: config.queueTimeoutMs,
+      backendDrain: config.backendDrain,
     });
     this.admin = config.admin ? new AdminServer({ endpoint: config.admin, report: () => this.statusReport(), logger: logger.child({ stage: 'admin' }) }) : undefined;
   }
@@ -97,13 +111,14 @@ export class Agent {
     await this.addresses.load();
     await this.admin?.start();
     this.addresses.start();
+    this.traffic.start();
     this.watcher.start();
   }
 
   /** With `drain` (a signal), open connections may finish before the process goes; see DataPlane.close. */
   async stop(options: { drain?: boolean } = {}): Promise<void> {
     this.retry.stop();
-    await Promise.all([this.watcher.stop(), this.addresses.stop()]);
+    await Promise.all([this.watcher.stop(), this.addresses.stop(), this.traffic.stop()]);
     await this.reconciling;
     await this.admin?.close();
     await this.dataPlane?.close(options);
@@ -118,6 +133,7 @@ export class Agent {
     const all: Problem[] = [
       ...this.catalogProblems,
       ...this.addresses.problems(),
+      ...this.traffic.problems(),
       ...this.planProblems,
       ...this.templateErrors,
       ...this.renderErrors,
@@ -229,10 +245,11 @@ export class Agent {
 
   private async reconcileOnce(): Promise<void> {
     const catalog = this.catalog;
-    if (!catalog) return;
+    // Until KV answered (or failed once), a plan would drop every split for a moment after a restart.
+    if (!catalog || !this.traffic.settled()) return;
     const { labels } = planLabels([...catalog.keys()]);
     const { table } = await this.addresses.ensure([...labels.values()]);
-    const planned = plan(catalog, table, this.routesValue, { suffix: this.config.suffix, empty: this.config.empty, range: this.config.range, policy: this.config.lbPolicy });
+    const planned = plan(catalog, table, this.routesValue, { suffix: this.config.suffix, empty: this.config.empty, range: this.config.range, policy: this.config.lbPolicy, traffic: this.traffic.docs() });
     this.planProblems = planned.problems;
     this.report(planned.problems);
     const rendered = renderAll(this.templates, { routes: planned.routes, suffix: this.config.suffix });

@@ -30,14 +30,55 @@ export function parseStatusReport(json: unknown): StatusReport {
   return { ...(raw as unknown as StatusReport), consul: consul as unknown as StatusReport['consul'], routes, problems, health: health ?? { status: 'unknown' as HealthReport['status'], reasons: [] } };
 }
 
+/** One subset of a split as the admin reported it; anything else in the array is left out. */
+interface SplitRow {
+  name: string;
+  weight: number;
+  connections: number;
+}
+
+function splitRows(value: unknown): SplitRow[] {
+  if (!Array.isArray(value)) return [];
+  return value.filter(isRecord).flatMap((p) =>
+    typeof p.name === 'string' && typeof p.weight === 'number' && Number.isFinite(p.weight) && typeof p.connections === 'number' && Number.isFinite(p.connections) && p.connections >= 0
+      ? [{ name: p.name, weight: p.weight, connections: p.connections }]
+      : [],
+  );
+}
+
+/**
+ * Services with a traffic split: each subset, its weight, and the share of the connections the
+ * subsets got (connections / all the subsets' connections). "-" when there were none yet, or when a
+ * separate balancer process counts them (ask its admin).
+ */
+export function splitTable(report: StatusReport): string | undefined {
+  const rows = [['SERVICE', 'SUBSET', 'WEIGHT', 'CONNECTIONS', 'SHARE']];
+  for (const r of report.routes) {
+    const parts = splitRows((r as { split?: unknown }).split);
+    const total = parts.reduce((sum, p) => sum + p.connections, 0);
+    const counted = r.listening !== null;
+    for (const p of parts) {
+      rows.push([
+        printable(r.service),
+        p.name === '' ? '(rest)' : printable(p.name),
+        `${p.weight}%`,
+        counted ? String(p.connections) : '-',
+        counted && total > 0 ? `${((100 * p.connections) / total).toFixed(1)}%` : '-',
+      ]);
+    }
+  }
+  return rows.length > 1 ? formatTable(rows) : undefined;
+}
+
 export function statusTable(report: StatusReport): string {
-  const rows = [['SERVICE', 'NAME', 'ADDRESS:PORT', 'BACKENDS', 'LISTENING']];
-  for (const r of report.routes) rows.push([printable(r.service), printable(r.fqdn), printable(`${r.address}:${r.port}`), printable(r.healthyBackends), r.listening === null ? '(balancer process)' : r.listening ? 'yes' : 'NO']);
+  const rows = [['SERVICE', 'NAME', 'ADDRESS:PORT', 'POLICY', 'BACKENDS', 'LISTENING']];
+  for (const r of report.routes) rows.push([printable(r.service), printable(r.fqdn), printable(`${r.address}:${r.port}`), typeof r.policy === 'string' ? printable(r.policy) : '-', printable(r.healthyBackends), r.listening === null ? '(balancer process)' : r.listening ? 'yes' : 'NO']);
+  const split = splitTable(report);
   const consul = !report.consul ? 'none (balancer process, serving the rendered files)' : report.consul.connected ? 'connected' : `UNREACHABLE (serving last-known-good routes; ${printable(report.consul.lastError?.message ?? 'no answer yet')})`;
   const problems = report.problems.map((p) => `problem ${p.code}: ${p.message}`);
   const verdict = printable(report.health.status);
   const health = verdict === 'ok' ? 'health ok' : verdict === 'unknown' ? 'health unknown (this agent does not report it)' : `health ${verdict.toUpperCase()}: ${report.health.reasons.map((r) => r.code).join(', ')}`;
-  return [`node ${printable(report.node)}, consul ${consul}`, health, '', formatTable(rows), ...(problems.length ? ['', ...problems] : [])].join('\n');
+  return [`node ${printable(report.node)}, consul ${consul}`, health, '', formatTable(rows), ...(split ? ['', split] : []), ...(problems.length ? ['', ...problems] : [])].join('\n');
 }
 
 export async function printStatus(argv: string[]): Promise<number> {

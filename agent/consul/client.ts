@@ -125,6 +125,11 @@ export class ConsulClient {
     return this.read(`kv.get(${key})`, (o) => this.consul.kv.get(o as never), { key }, opts);
   }
 
+  /** Every key under `prefix` (?recurse): an array of {Key, Value (decoded from base64), ...}; undefined body on 404 (none). */
+  kvList(prefix: string, opts: ReadOptions = {}): Promise<QueryResult> {
+    return this.read(`kv.get(${prefix}?recurse)`, (o) => this.consul.kv.get(o as never), { key: prefix, recurse: true }, opts);
+  }
+
   /** Check-and-set: cas 0 creates only if absent. Resolves whether Consul took the write. */
   async kvCas(key: string, value: string, cas: bigint): Promise<boolean> {
     const result = await this.call(`kv.set(${key})`, (o) => this.consul.kv.set(o as never), { key, value, cas: cas.toString() }, {});
