@@ -9,6 +9,7 @@ import { plan, planLabels } from '../plan/plan.js';
 import { renderAll } from '../render/render.js';
 import { builtinTemplatesDir, loadTemplates } from '../render/templates.js';
 import { sleep } from '../sleep.js';
+import { readTrafficDocs } from '../consul/traffic-watcher.js';
 import { loadConfig, parseFlags, UsageError } from './args.js';
 import { usage } from './usage.js';
 
@@ -45,7 +46,8 @@ export async function renderDryRun(argv: string[]): Promise<number> {
     await book.load();
     const { labels, problems: labelProblems } = planLabels([...catalog.keys()]);
     const table = await book.preview([...labels.values()]);
-    const planned = plan(catalog, table, [], { suffix: config.suffix, empty: config.empty, range: config.range });
+    const traffic = await readTrafficDocs(client, `${config.kvPrefix}/traffic`);
+    const planned = plan(catalog, table, [], { suffix: config.suffix, empty: config.empty, range: config.range, policy: config.lbPolicy, traffic: traffic.docs });
     const { templates, errors: loadErrors } = await loadTemplates([builtinTemplatesDir(), ...(config.templates ? [config.templates] : [])]);
     const rendered = renderAll(templates, { routes: planned.routes, suffix: config.suffix });
     for (const f of rendered.files) {
@@ -54,7 +56,7 @@ export async function renderDryRun(argv: string[]): Promise<number> {
       const state = current === f.text ? 'unchanged' : current === undefined ? 'new' : 'would change';
       process.stdout.write(`==> ${path} (${state}) <==\n${f.text}${f.text.endsWith('\n') ? '' : '\n'}\n`);
     }
-    const problems = [...new Set([...watcher.currentProblems(), ...book.problems(), ...labelProblems, ...planned.problems].map((p) => `${p.code}: ${p.message}`))];
+    const problems = [...new Set([...watcher.currentProblems(), ...book.problems(), ...traffic.problems, ...labelProblems, ...planned.problems].map((p) => `${p.code}: ${p.message}`))];
     for (const p of problems) process.stderr.write(`problem ${p}\n`);
     for (const e of [...loadErrors, ...rendered.errors]) process.stderr.write(`template error ${e.code}: ${e.message}\n`);
     return loadErrors.length + rendered.errors.length > 0 ? 1 : 0;

@@ -110,7 +110,7 @@ export const settings: readonly Setting[] = [
   { key: 'allowWarning', flag: 'allow-warning', env: ['LOOPMESH_ALLOW_WARNING'], value: '', boolean: true, help: 'count instances in "warning" as healthy' },
   { key: 'renderOnly', flag: 'render-only', env: ['LOOPMESH_RENDER_ONLY'], value: '', boolean: true, help: "only watch, plan and render into --run-dir; 'loopmesh balancer' on that dir serves, so either restarts alone" },
   { key: 'empty', flag: 'empty', env: ['LOOPMESH_EMPTY'], value: emptyPolicies.join('|'), default: 'reject', help: 'when a service has no healthy instance' },
-  { key: 'kvPrefix', flag: 'kv-prefix', env: ['LOOPMESH_KV_PREFIX'], value: 'PREFIX', default: 'loopmesh', help: 'Consul KV prefix for the address table' },
+  { key: 'kvPrefix', flag: 'kv-prefix', env: ['LOOPMESH_KV_PREFIX'], value: 'PREFIX', default: 'loopmesh', help: 'Consul KV prefix: PREFIX/addresses (the address table) and PREFIX/traffic/NAME (splits, policy, limits)' },
   { key: 'drainTimeout', flag: 'drain-timeout', env: ['LOOPMESH_DRAIN_TIMEOUT'], value: 'SECONDS', default: '30', help: "how long a removed service's connections may drain" },
   { key: 'connectTimeout', flag: 'connect-timeout', env: ['LOOPMESH_CONNECT_TIMEOUT'], value: 'SECONDS', default: '2', help: 'connect timeout to a backend before trying another' },
   { key: 'idleTimeout', flag: 'idle-timeout', env: ['LOOPMESH_IDLE_TIMEOUT'], value: 'SECONDS', default: '3600', help: 'close a balanced connection with no bytes either way for this long (both sides)' },
