@@ -70,6 +70,24 @@ export function splitTable(report: StatusReport): string | undefined {
   return rows.length > 1 ? formatTable(rows) : undefined;
 }
 
+/**
+ * Backends that passive health has ejected now, with the reason and until when, and the routes in
+ * panic (too few usable backends: ejections ignored). Undefined when there is nothing to say.
+ */
+export function ejectionTable(report: StatusReport): string | undefined {
+  const rows = [['SERVICE', 'EJECTED BACKEND', 'REASON', 'UNTIL', 'EJECTIONS']];
+  const panics: string[] = [];
+  for (const r of report.routes) {
+    if (r.panic === true) panics.push(`panic ${printable(r.service)}: too few usable backends, ejections ignored (all are used)`);
+    for (const b of Array.isArray(r.backends) ? r.backends : []) {
+      if (!isRecord(b) || typeof b.ejectedUntil !== 'string') continue;
+      rows.push([printable(r.service), printable(`${String(b.id)} ${String(b.address)}:${String(b.port)}`), printable(b.ejectReason ?? '-'), printable(b.ejectedUntil), printable(b.ejectionsTotal ?? '-')]);
+    }
+  }
+  const lines = [...(rows.length > 1 ? [formatTable(rows)] : []), ...panics];
+  return lines.length > 0 ? lines.join('\n') : undefined;
+}
+
 export function statusTable(report: StatusReport): string {
   const rows = [['SERVICE', 'NAME', 'ADDRESS:PORT', 'POLICY', 'BACKENDS', 'LISTENING']];
   for (const r of report.routes) rows.push([printable(r.service), printable(r.fqdn), printable(`${r.address}:${r.port}`), typeof r.policy === 'string' ? printable(r.policy) : '-', printable(r.healthyBackends), r.listening === null ? '(balancer process)' : r.listening ? 'yes' : 'NO']);
@@ -78,7 +96,8 @@ export function statusTable(report: StatusReport): string {
   const problems = report.problems.map((p) => `problem ${p.code}: ${p.message}`);
   const verdict = printable(report.health.status);
   const health = verdict === 'ok' ? 'health ok' : verdict === 'unknown' ? 'health unknown (this agent does not report it)' : `health ${verdict.toUpperCase()}: ${report.health.reasons.map((r) => r.code).join(', ')}`;
-  return [`node ${printable(report.node)}, consul ${consul}`, health, '', formatTable(rows), ...(split ? ['', split] : []), ...(problems.length ? ['', ...problems] : [])].join('\n');
+  const ejected = ejectionTable(report);
+  return [`node ${printable(report.node)}, consul ${consul}`, health, '', formatTable(rows), ...(split ? ['', split] : []), ...(ejected ? ['', ejected] : []), ...(problems.length ? ['', ...problems] : [])].join('\n');
 }
 
 export async function printStatus(argv: string[]): Promise<number> {

@@ -97,7 +97,7 @@ describe('loopmesh balancer --admin', { timeout: 90_000 }, () => {
     assert.equal(r.exitCode, 0, r.stderr);
     assert.match(r.stdout, /consul none \(balancer process/);
     assert.match(r.stdout, /^health ok$/m);
-    assert.match(r.stdout, new RegExp(`^web\\s+web\\.local\\s+${webAddress.replace(/\./g, '\\.')}:${webPort}\\s+1\\s+yes$`, 'm'));
+    assert.match(r.stdout, new RegExp(`^web\\s+web\\.local\\s+${webAddress.replace(/\./g, '\\.')}:${webPort}\\s+round-robin\\s+1\\s+yes$`, 'm'));
   });
 
   test('a foreign Host header gets 421, as from the agent', async () => {

@@ -37,3 +37,22 @@ test('status: no connections yet, a separate balancer process, no split, and a h
   assert.doesNotMatch(hostile, /\u001b/);
   assert.match(hostile, /\\u001b\[2Jx/);
 });
+
+test('status: ejected backends with reason, until when and how often; a route in panic says so', () => {
+  const text = statusTable(
+    report([
+      {
+        panic: true,
+        backends: [
+          { id: 'n1/web-1', address: '10.0.0.1', port: 80, ejectedUntil: '2026-11-24T01:00:05.000Z', ejectReason: 'timeout', ejectionsTotal: 2 },
+          { id: 'n2/web-2', address: '10.0.0.2', port: 80, ejectionsTotal: 0 },
+        ],
+      },
+    ]),
+  );
+  assert.match(text, /^SERVICE\s+EJECTED BACKEND\s+REASON\s+UNTIL\s+EJECTIONS$/m);
+  assert.match(text, /^web\s+n1\/web-1 10\.0\.0\.1:80\s+timeout\s+2026-11-24T01:00:05\.000Z\s+2$/m);
+  assert.doesNotMatch(text, /web-2/, 'a backend that is not ejected is not listed');
+  assert.match(text, /^panic web: too few usable backends/m);
+  assert.doesNotMatch(statusTable(report([{}])), /EJECTED/, 'nothing ejected: no table');
+});
