@@ -26,6 +26,7 @@ function environment(): typeof Handlebars {
   const hb = Handlebars.create();
   hb.registerHelper('json', (value: unknown) => JSON.stringify(value));
   hb.registerHelper('eq', (a: unknown, b: unknown) => a === b);
+  hb.registerHelper('min', (a: unknown, b: unknown) => Math.min(Number(a), Number(b)));
   hb.registerHelper('join', (list: unknown, sep: unknown) => (Array.isArray(list) ? list.join(typeof sep === 'string' ? sep : ',') : ''));
   return hb;
 }
