@@ -158,9 +158,11 @@ export class BackendPool {
 
   update(specs: readonly BackendSpec[], settings: PoolSettings): PoolChange {
     this.settings = settings;
+    // The shares status shows are those of the split in force: a changed split starts counting anew.
+    const same = JSON.stringify(this.subsets.map((s) => s.spec)) === JSON.stringify(settings.split);
     const known = new Map(this.subsets.map((s) => [s.spec.name, s]));
     this.subsets = settings.split.map((spec) => {
-      const old = known.get(spec.name);
+      const old = same ? known.get(spec.name) : undefined;
       return { spec, currentWeight: old?.currentWeight ?? 0, connections: old?.connections ?? 0 };
     });
     if (specs.length === 0 && settings.empty === 'keep-last' && this.backends.length > 0) {
@@ -326,25 +328,28 @@ export class BackendPool {
   }
 
   /**
-   * Two drawn at random by weight; the one with the lower EWMA connect time x (open + 1) / weight.
-   * Connect time on loopback or a LAN is mostly scheduling noise, so costs within a factor of two
-   * (or 1 ms) of each other are a tie, which goes to the one with fewer open connections for its
-   * weight, then fewer connections so far: the EWMA steers away from a backend that is really slow
-   * (an accept queue that overflows, SYNs that go unanswered), not from jitter.
+   * Two drawn at random by weight; the one with the lower cost, EWMA connect time x (1 + open
+   * connections / weight). Connect time on loopback or a LAN is mostly scheduling noise, so costs
+   * within a factor of two (or 1 ms) are a tie: the EWMA steers away from a backend that is really
+   * slow (an accept queue that overflows, SYNs that go unanswered), not from jitter. A tie goes to
+   * the one with clearly fewer open connections for its weight (by one connection or more: one that
+   * is just closing is not load), and then to the one furthest behind its share of connections, so
+   * sequential traffic follows the weights exactly.
    */
   private powerOfTwo(usable: readonly Backend[], now: number): Backend | undefined {
     const ewmas = new Map(usable.map((b) => [b, b.ewma(now)]));
     const known = [...ewmas.values()].filter((e): e is number => e !== undefined);
     // A backend never connected to yet is priced at the mean of the others, so it gets a fair share.
     const mean = known.length > 0 ? known.reduce((sum, e) => sum + e, 0) / known.length : 1;
-    const cost = (b: Backend): number => ((ewmas.get(b) ?? mean) * (b.activeConnections + 1)) / b.weight;
+    const load = (b: Backend): number => b.activeConnections / b.weight;
+    const cost = (b: Backend): number => (ewmas.get(b) ?? mean) * (1 + load(b));
     const a = this.drawByWeight(usable, undefined);
     const b = this.drawByWeight(usable, a);
     if (!a || !b) return a ?? b;
     const [ca, cb] = [cost(a), cost(b)];
     if (Math.abs(ca - cb) > Math.max(1, Math.min(ca, cb))) return cb < ca ? b : a;
-    const [la, lb] = [a.activeConnections / a.weight, b.activeConnections / b.weight];
-    if (la !== lb) return lb < la ? b : a;
+    const [la, lb] = [load(a), load(b)];
+    if (Math.abs(la - lb) >= 1 / Math.min(a.weight, b.weight)) return lb < la ? b : a;
     return b.totalConnections / b.weight < a.totalConnections / a.weight ? b : a;
   }
 

@@ -32,7 +32,7 @@ export interface SubsetStatus {
   name: string;
   /** Percent of new connections configured. */
   weight: number;
-  /** Connections forwarded to a backend of this subset since the balancer started. */
+  /** Connections forwarded to a backend of this subset since the split last changed. */
   connections: number;
 }
 

@@ -224,3 +224,30 @@ test('p2c-ewma: a backend that was slow once is tried again once its EWMA has de
   const later = picks(p, 20, 80_000);
   assert.ok(later.includes('hole'), `probed again after 80 s without samples: ${later.join(',')}`);
 });
+
+test('p2c-ewma: sequential connections follow the weights (9:1), also when the last connection has not closed yet', () => {
+  const p = pool([spec('big', 9), spec('small', 1)], { policy: 'p2c-ewma' }, seeded(11));
+  let lingering: Backend | undefined;
+  const got: string[] = [];
+  for (let i = 0; i < 100; i++) {
+    const b = p.pick(new Set(), 0);
+    assert.ok(b);
+    // The previous connection is still counted open while this one is picked, as in a real run.
+    if (lingering) lingering.activeConnections--;
+    b.activeConnections++;
+    b.totalConnections++;
+    p.connected(b, 0.1, 0);
+    lingering = b;
+    got.push(b.spec.id);
+  }
+  assert.deepEqual(counts(got), { big: 90, small: 10 });
+});
+
+test('split: the shares count anew when the split changes, and go on when it stays', () => {
+  const p = pool([spec('old'), spec('new', 1, 'canary')], { split: [{ name: 'canary', weight: 20 }, { name: '', weight: 80 }] });
+  for (const id of picks(p, 10)) p.forwarded(byId(p, id));
+  p.update([spec('old'), spec('new', 1, 'canary')], settings({ split: [{ name: 'canary', weight: 20 }, { name: '', weight: 80 }] }));
+  assert.deepEqual(p.subsetStatus().map((s) => s.connections), [2, 8], 'same split: counting goes on');
+  p.update([spec('old'), spec('new', 1, 'canary')], settings({ split: [{ name: 'canary', weight: 50 }, { name: '', weight: 50 }] }));
+  assert.deepEqual(p.subsetStatus().map((s) => s.connections), [0, 0], 'a new split: counted anew');
+});
