@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Benchmarks (npm run bench): a real Consul dev agent, loopmesh, nginx backends and wrk, all on
-# loopback. Prints markdown tables. BENCH_SECONDS, BENCH_CONNECTIONS and BENCH_CHANGES tune the runs.
+# Benchmarks (npm run bench [-- --json] [-- --no-convergence]): a real Consul dev agent, loopmesh,
+# HAProxy, an nginx backend and wrk, all on loopback. Prints markdown tables (JSON with --json).
+# BENCH_SECONDS (per round, case and target), BENCH_ROUNDS, BENCH_WORKERS and BENCH_CHANGES tune it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-ensure_packages curl:curl dig:dnsutils nginx:nginx-light wrk:wrk
+ensure_packages curl:curl dig:dnsutils nginx:nginx-light wrk:wrk haproxy:haproxy
 ensure_node_modules
 ensure_consul
-exec node --import tsx test/bench/bench.ts
+exec node --import tsx test/bench/bench.ts "$@"

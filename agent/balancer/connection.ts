@@ -4,7 +4,7 @@ import type { Logger } from '../log.js';
 import { codes, errorCode, errorMessage } from '../errors.js';
 import type { Admission, Ticket } from './admission.js';
 import type { Backend, BackendPool, Cuttable } from './backend-pool.js';
-import { forwardBoth } from './forward.js';
+import { forwardBoth, pooledReads, type PooledReads } from './forward.js';
 
 /** Counters of one service, shared by its current listener and any listener draining after a move. */
 export interface ServiceCounters {
@@ -117,7 +117,8 @@ export class ProxiedConnection implements Cuttable {
     }
     this.tried.add(backend);
     const own = (address: string): boolean => this.context.isOwnListener(address.replace(/^::ffff:/, ''), backend.spec.port);
-    if (isIP(backend.spec.address) !== 0 && own(backend.spec.address)) {
+    const literal = isIP(backend.spec.address) !== 0;
+    if (literal && own(backend.spec.address)) {
       // Dialing our own listener would accept a connection that dials again, and so on: never dial.
       this.refuseSelf(backend);
       return;
@@ -133,7 +134,11 @@ export class ProxiedConnection implements Cuttable {
       });
     };
     const started = performance.now();
-    const socket = connect({ host: backend.spec.address, port: backend.spec.port, allowHalfOpen: true, lookup });
+    // The backend's bytes are read into pooled buffers: a fresh 64 KiB buffer per read, freed by
+    // the GC, cost more CPU than the copying on bulk transfers (see forward.ts).
+    const reads = pooledReads();
+    // An IP literal needs no lookup, and was checked against our listeners above.
+    const socket = connect({ host: backend.spec.address, port: backend.spec.port, allowHalfOpen: true, ...(literal ? {} : { lookup }), onread: reads.onread });
     const connectTimeoutMs = this.context.connectTimeoutMs;
     let timedOut = false;
     const timer = setTimeout(() => {
@@ -153,10 +158,11 @@ export class ProxiedConnection implements Cuttable {
       this.dialNext(next);
     };
     const onConnect = (): void => {
-      // A host name (or a stale route) that leads back to one of our own listeners would dial
-      // itself once per accepted connection until file descriptors run out.
-      const remote = (socket.remoteAddress ?? '').replace(/^::ffff:/, '');
-      if (this.context.isOwnListener(remote, socket.remotePort ?? 0)) {
+      // A host name that leads back to one of our own listeners would dial itself once per accepted
+      // connection until file descriptors run out. (An IP literal was checked before dialing: this
+      // saves a getpeername per connection.)
+      const remote = literal ? '' : (socket.remoteAddress ?? '').replace(/^::ffff:/, '');
+      if (!literal && this.context.isOwnListener(remote, socket.remotePort ?? 0)) {
         this.abortDial();
         this.refuseSelf(backend);
         return;
@@ -165,7 +171,7 @@ export class ProxiedConnection implements Cuttable {
       clearTimeout(timer);
       this.dialing = undefined;
       this.context.pool.connected(backend, performance.now() - started);
-      this.forward(socket, backend);
+      this.forward(socket, backend, reads);
     };
     socket.once('error', onFailure);
     socket.once('connect', onConnect);
@@ -199,7 +205,7 @@ export class ProxiedConnection implements Cuttable {
     socket.destroy();
   }
 
-  private forward(upstream: Socket, backend: Backend): void {
+  private forward(upstream: Socket, backend: Backend, reads: PooledReads): void {
     const { client, context } = this;
     this.upstream = upstream;
     this.upstreamClosed = false;
@@ -210,7 +216,8 @@ export class ProxiedConnection implements Cuttable {
     context.onForwarded();
     upstream.setNoDelay(true);
     let answered = false;
-    upstream.once('data', () => {
+    // An onread socket emits no 'data' events: the first bytes are told by the pooled reads.
+    reads.onFirstBytes(() => {
       answered = true;
       context.pool.succeeded(backend);
     });
@@ -235,7 +242,7 @@ export class ProxiedConnection implements Cuttable {
       else if (!answered) context.pool.succeeded(backend);
       this.maybeDone();
     });
-    forwardBoth(client, upstream);
+    forwardBoth(client, upstream, reads);
   }
 
   private maybeDone(): void {
