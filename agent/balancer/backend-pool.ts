@@ -20,6 +20,12 @@ const ewmaAlpha = 0.3;
  * Linkerd's peak-EWMA do the same): a backend once slow is tried again within tens of seconds.
  */
 export const ewmaDecayMs = 10_000;
+/**
+ * p2c-ewma costs closer than this (or than a factor of two) are a tie. In the namespace lab a first
+ * connect to a new neighbour took long enough (address resolution) that, with 1 ms here, ten
+ * sequential requests all went to the other instance.
+ */
+const tieFloorMs = 5;
 
 /** A connection of a backend that the drain policy may cut. */
 export interface Cuttable {
@@ -330,7 +336,8 @@ export class BackendPool {
   /**
    * Two drawn at random by weight; the one with the lower cost, EWMA connect time x (1 + open
    * connections / weight). Connect time on loopback or a LAN is mostly scheduling noise, so costs
-   * within a factor of two (or 1 ms) are a tie: the EWMA steers away from a backend that is really
+   * within a factor of two (or 5 ms: a first connect that waited for ARP, say) are a tie: the EWMA
+   * steers away from a backend that is really
    * slow (an accept queue that overflows, SYNs that go unanswered), not from jitter. A tie goes to
    * the one with clearly fewer open connections for its weight (by one connection or more: one that
    * is just closing is not load), and then to the one furthest behind its share of connections, so
@@ -347,7 +354,7 @@ export class BackendPool {
     const b = this.drawByWeight(usable, a);
     if (!a || !b) return a ?? b;
     const [ca, cb] = [cost(a), cost(b)];
-    if (Math.abs(ca - cb) > Math.max(1, Math.min(ca, cb))) return cb < ca ? b : a;
+    if (Math.abs(ca - cb) > Math.max(tieFloorMs, Math.min(ca, cb))) return cb < ca ? b : a;
     const [la, lb] = [load(a), load(b)];
     if (Math.abs(la - lb) >= 1 / Math.min(a.weight, b.weight)) return lb < la ? b : a;
     return b.totalConnections / b.weight < a.totalConnections / a.weight ? b : a;
