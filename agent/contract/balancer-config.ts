@@ -138,7 +138,10 @@ function parseBackend(value: unknown, where: string): BackendSpec {
 }
 
 function parseSplit(value: unknown, where: string): SubsetSpec[] {
-  const subsets = expectArray(value, where).map((v, i) => {
+  const list = expectArray(value, where);
+  // The KV document allows maxSplitParts tags, plus the rest.
+  if (list.length > 33) throw new TypeError(`${where}: ${list.length} subsets; expected at most 33`);
+  const subsets = list.map((v, i) => {
     const raw = expectRecord(v, `${where}[${i}]`);
     const name = expectString(raw.name, `${where}[${i}].name`);
     if (controlCharacter.test(name)) throw new TypeError(`${where}[${i}].name: expected a tag without control characters, got ${describe(name)}`);

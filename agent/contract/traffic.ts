@@ -27,6 +27,8 @@ export const emptyTrafficDoc: TrafficDoc = { split: [], limits: {}, outlier: {} 
 export const maxTrafficSeconds = 86_400;
 /** Longest split tag (Consul tags have no limit of their own; a longer one is a mistake). */
 export const maxTagLength = 255;
+/** Most subsets a split may have: every new connection looks at each, so thousands would cost on the hot path. */
+export const maxSplitParts = 32;
 
 const controlCharacter = /[\u0000-\u001f\u007f]/;
 
@@ -66,7 +68,9 @@ function parseSplitPart(value: unknown, where: string): { tag: string; weight: n
 }
 
 function parseSplit(value: unknown, where: string): TrafficDoc['split'] {
-  const parts = expectArray(value, where).map((v, i) => parseSplitPart(v, `${where}[${i}]`));
+  const list = expectArray(value, where);
+  if (list.length > maxSplitParts) throw new TypeError(`${where}: ${list.length} entries; expected at most ${maxSplitParts} tags`);
+  const parts = list.map((v, i) => parseSplitPart(v, `${where}[${i}]`));
   const seen = new Set<string>();
   for (const p of parts) {
     if (seen.has(p.tag)) throw new TypeError(`${where}: the tag ${describe(p.tag)} is there twice; expected each tag once`);

@@ -91,3 +91,10 @@ test('each kind of bad value: a TypeError naming where, the value, and what was 
     });
   }
 });
+
+test('a split of more than 32 tags is refused: every new connection looks at each subset', async () => {
+  const { parseTrafficDoc, maxSplitParts } = await import('../../../agent/contract/traffic.js');
+  const doc = (n: number): string => JSON.stringify({ split: Array.from({ length: n }, (_, i) => ({ tag: `t${i}`, weight: 0 })) });
+  assert.equal(parseTrafficDoc(doc(maxSplitParts), 'kv').split.length, maxSplitParts);
+  assert.throws(() => parseTrafficDoc(doc(5000), 'kv'), /split: 5000 entries; expected at most 32 tags/);
+});
