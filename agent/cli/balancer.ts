@@ -10,6 +10,7 @@ import type { Logger, LogOptions } from '../log.js';
 import { loadConfig, parseFlags } from './args.js';
 import { usage } from './usage.js';
 import { sleep } from '../sleep.js';
+import { SignalLife } from '../signals.js';
 import { runSupervisor } from '../workers/run.js';
 import { runWorker } from '../workers/worker.js';
 
@@ -46,31 +47,23 @@ export async function runBalancer(argv: string[], makeLogger: (level: LogOptions
   // then this one stops accepting and drains. If the new one fails, this one keeps serving. Asked
   // for while this process still starts, it runs once the start is done (SIGUSR2 would otherwise
   // kill the process: that is its default action).
-  let state: 'starting' | 'serving' | 'stopping' = 'starting';
-  let hotRestartAsked = false;
-  const hotRestart = (): void => {
-    if (state === 'starting') {
-      hotRestartAsked = true;
-      return;
-    }
-    if (state === 'stopping') return;
-    log.info('SIGUSR2: handing the listening sockets over to a new balancer process');
-    plane.handOver({ timeoutMs: handoverTimeoutMs }).then(
-      (pid) => {
-        log.info({ successor: pid }, `balancer process ${pid} serves now; this one stops accepting and drains`);
-        stop();
-      },
-      (err: unknown) => log.error({ code: errorCode(err) }, errorMessage(err)),
-    );
-  };
-  const stop = (): void => {
-    // A second signal stops at once, cutting what is still draining.
-    if (state === 'stopping') process.exit(1);
-    state = 'stopping';
-    log.info({ drainTimeoutMs: config.drainTimeoutMs }, 'stopping: listeners closed, open connections drain');
-    void Promise.all([admin?.close(), plane.close({ drain: true })]).then(() => process.exit(0));
-  };
-  process.on('SIGUSR2', hotRestart);
+  const life: SignalLife = new SignalLife({
+    hotRestart: () => {
+      log.info('SIGUSR2: handing the listening sockets over to a new balancer process');
+      plane.handOver({ timeoutMs: handoverTimeoutMs }).then(
+        (pid) => {
+          log.info({ successor: pid }, `balancer process ${pid} serves now; this one stops accepting and drains`);
+          life.stop();
+        },
+        (err: unknown) => log.error({ code: errorCode(err) }, errorMessage(err)),
+      );
+    },
+    stop: () => {
+      log.info({ drainTimeoutMs: config.drainTimeoutMs }, 'stopping: listeners closed, open connections drain');
+      void Promise.all([admin?.close(), plane.close({ drain: true })]).then(() => process.exit(0));
+    },
+    stopNow: () => process.exit(1),
+  });
   try {
     await plane.start();
     // After a hot restart the predecessor holds the admin port until it has handed over: taken below.
@@ -85,10 +78,8 @@ export async function runBalancer(argv: string[], makeLogger: (level: LogOptions
   log.info({ runDir: config.runDir, admin: admin?.url(), hotRestart: inherited !== undefined }, inherited ? 'loopmesh data plane started on the sockets of the previous process' : 'loopmesh data plane started');
   await reportHandover({ started: true });
   if (inherited && admin) void startAdminAfterPredecessor(admin, log);
-  state = 'serving';
-  process.on('SIGINT', stop);
-  process.on('SIGTERM', stop);
-  if (hotRestartAsked) hotRestart();
+  life.listenForStop();
+  life.serving();
   return new Promise<number>(() => undefined);
 }
 

@@ -62,27 +62,21 @@ interface Totals {
   split: Map<string, Fields>;
 }
 
+/** Adds `fields` into the entry `key` of `into`, which starts as a zeroed copy of the first seen. */
+function addKeyed(into: Map<string, Fields>, key: string, fields: Fields, countersOnly: boolean): void {
+  let known = into.get(key);
+  if (!known) {
+    known = zeroed({ ...fields });
+    into.set(key, known);
+  }
+  addNumbers(known, fields, countersOnly);
+}
+
 /** A route's counters (and its backends' and split subsets'), added into `into`. */
 function addRoute(into: Totals, r: RouteReport, countersOnly: boolean): void {
   addNumbers(into.route, r as unknown as Fields, countersOnly);
-  for (const b of r.backends) {
-    const known = into.backends.get(b.id);
-    if (known) addNumbers(known, b as unknown as Fields, countersOnly);
-    else {
-      const fresh: Fields = zeroed({ ...b });
-      addNumbers(fresh, b as unknown as Fields, countersOnly);
-      into.backends.set(b.id, fresh);
-    }
-  }
-  for (const p of r.split ?? []) {
-    const known = into.split.get(p.name);
-    if (known) addNumbers(known, p as unknown as Fields, countersOnly);
-    else {
-      const fresh: Fields = zeroed({ ...p });
-      addNumbers(fresh, p as unknown as Fields, countersOnly);
-      into.split.set(p.name, fresh);
-    }
-  }
+  for (const b of r.backends) addKeyed(into.backends, b.id, b as unknown as Fields, countersOnly);
+  for (const p of r.split ?? []) addKeyed(into.split, p.name, p as unknown as Fields, countersOnly);
 }
 
 /**

@@ -3,6 +3,7 @@ import type { AgentConfig } from '../config/config.js';
 import { errorCode, errorMessage } from '../errors.js';
 import type { Logger } from '../log.js';
 import { Supervisor } from './supervisor.js';
+import { SignalLife } from '../signals.js';
 
 /**
  * `loopmesh balancer --workers N` (N > 1), in the primary: the supervisor, the admin (with --admin)
@@ -12,29 +13,21 @@ import { Supervisor } from './supervisor.js';
 export async function runSupervisor(config: AgentConfig, log: Logger, withAdmin: boolean): Promise<number> {
   const supervisor = new Supervisor({ workers: config.workers, drainTimeoutMs: config.drainTimeoutMs, logger: log });
   const admin = withAdmin && config.admin ? new AdminServer({ endpoint: config.admin, report: () => supervisor.report(), logger: log.child({ stage: 'admin' }) }) : undefined;
-  let state: 'starting' | 'serving' | 'stopping' = 'starting';
-  let hotRestartAsked = false;
-  const hotRestart = (): void => {
-    if (state === 'starting') {
-      hotRestartAsked = true;
-      return;
-    }
-    if (state === 'stopping') return;
-    log.info({ workers: config.workers }, 'SIGUSR2: replacing the workers one by one with new ones from the code on disk (this supervisor stays)');
-    supervisor.hotRestart().catch((err: unknown) => log.error({ code: errorCode(err) }, errorMessage(err)));
-  };
-  const stop = (): void => {
-    if (state === 'stopping') {
+  const life = new SignalLife({
+    hotRestart: () => {
+      log.info({ workers: config.workers }, 'SIGUSR2: replacing the workers one by one with new ones from the code on disk (this supervisor stays)');
+      supervisor.hotRestart().catch((err: unknown) => log.error({ code: errorCode(err) }, errorMessage(err)));
+    },
+    stop: () => {
+      log.info({ drainTimeoutMs: config.drainTimeoutMs }, 'stopping: every worker closes its listeners and drains');
+      void Promise.all([admin?.close(), supervisor.stop()]).then(() => process.exit(0));
+    },
+    stopNow: () => {
       supervisor.kill();
       process.exit(1);
-    }
-    state = 'stopping';
-    log.info({ drainTimeoutMs: config.drainTimeoutMs }, 'stopping: every worker closes its listeners and drains');
-    void Promise.all([admin?.close(), supervisor.stop()]).then(() => process.exit(0));
-  };
-  process.on('SIGUSR2', hotRestart);
-  process.on('SIGINT', stop);
-  process.on('SIGTERM', stop);
+    },
+  });
+  life.listenForStop();
   try {
     await admin?.start();
     await supervisor.start();
@@ -45,7 +38,6 @@ export async function runSupervisor(config: AgentConfig, log: Logger, withAdmin:
     return 1;
   }
   log.info({ runDir: config.runDir, admin: admin?.url(), workers: supervisor.pids() }, `loopmesh data plane started: ${config.workers} workers share every listening socket`);
-  if (state === 'starting') state = 'serving';
-  if (hotRestartAsked) hotRestart();
+  life.serving();
   return new Promise<number>(() => undefined);
 }
