@@ -8,6 +8,9 @@ import type { Catalog, CatalogProblem } from './consul/catalog.js';
 import { CatalogWatcher } from './consul/catalog-watcher.js';
 import { ConsulClient, consulClientOptions } from './consul/client.js';
 import { TrafficWatcher } from './consul/traffic-watcher.js';
+import { GatewayRegistration } from './consul/gateway-registration.js';
+import { gatewaysOf, type Gateway, type GatewayProblem } from './plan/gateways.js';
+import type { InheritedSockets } from './hot-restart/handover.js';
 import { DataPlane } from './data-plane/data-plane.js';
 import { prepareRunDir } from './fs/run-dir.js';
 import { codes, errorCode, errorMessage, type Problem, type RenderError } from './errors.js';
@@ -31,6 +34,10 @@ export class Agent {
   /** The per-service traffic documents in KV (<kv-prefix>/traffic/NAME): split, policy, limits, outlier. */
   readonly traffic: TrafficWatcher;
   private readonly admin: AdminServer | undefined;
+  /** `loopmesh gateway`: its registration in Consul (undefined on a node). */
+  readonly registration: GatewayRegistration | undefined;
+  private gateways: Gateway[] = [];
+  private gatewayProblems: GatewayProblem[] = [];
   private templates: Template[] = [];
   private templateErrors: RenderError[] = [];
   private catalog: Catalog | undefined;
@@ -51,6 +58,8 @@ export class Agent {
   constructor(
     readonly config: AgentConfig,
     private readonly logger: Logger,
+    /** From a predecessor (hot restart, SIGUSR2): its sockets and config. */
+    inherited?: InheritedSockets,
   ) {
     this.client = new ConsulClient(consulClientOptions(config, logger.child({ stage: 'consul' })));
     this.addresses = new AddressBook({
@@ -72,7 +81,7 @@ export class Agent {
     this.watcher = new CatalogWatcher({
       client: this.client,
       logger: logger.child({ stage: 'watch' }),
-      selection: { services: config.services, tag: config.tag },
+      selection: { services: config.services, tag: config.tag, always: config.gatewayService ? [config.gatewayService] : [] },
       filter: { allowWarning: config.allowWarning },
       waitMs: config.consulWaitMs,
       onCatalog: (catalog) => this.catalogChanged(catalog),
@@ -94,11 +103,25 @@ export class Agent {
       queue: config.queue,
       queueTimeoutMs: config.queueTimeoutMs,
       backendDrain: config.backendDrain,
+      gatewayRange: config.gatewayRange,
+      inherited,
     });
+    this.registration = config.gatewayRange
+      ? new GatewayRegistration({
+          client: this.client,
+          logger: logger.child({ stage: 'gateway' }),
+          service: config.gatewayService ?? 'loopmesh-gateway',
+          id: config.gatewayId,
+          range: config.gatewayRange,
+          mirrored: config.range,
+          checkUrl: config.gatewayCheck ?? (config.admin ? `http://${config.admin.host.includes(':') ? `[${config.admin.host}]` : config.admin.host}:${config.admin.port}/health/live` : ''),
+        })
+      : undefined;
     this.admin = config.admin ? new AdminServer({ endpoint: config.admin, report: () => this.statusReport(), logger: logger.child({ stage: 'admin' }) }) : undefined;
   }
 
-  async start(): Promise<void> {
+  /** With `admin: false` (a hot restart's successor) the admin HTTP is started later, by the caller. */
+  async start(options: { admin?: boolean } = {}): Promise<void> {
     // Refuses (ConfigError, exit 2) a run dir another user could write: it decides what is bound and published.
     await prepareRunDir(this.config.runDir);
     const dirs = [builtinTemplatesDir(), ...(this.config.templates ? [this.config.templates] : [])];
@@ -109,16 +132,18 @@ export class Agent {
     // The data plane first: after a restart it serves the last rendered files before Consul answers.
     await this.dataPlane?.start();
     await this.addresses.load();
-    await this.admin?.start();
+    if (options.admin !== false) await this.admin?.start();
     this.addresses.start();
     this.traffic.start();
     this.watcher.start();
+    this.registration?.start();
   }
 
   /** With `drain` (a signal), open connections may finish before the process goes; see DataPlane.close. */
-  async stop(options: { drain?: boolean } = {}): Promise<void> {
+  async stop(options: { drain?: boolean; handedOver?: boolean } = {}): Promise<void> {
     this.retry.stop();
-    await Promise.all([this.watcher.stop(), this.addresses.stop(), this.traffic.stop()]);
+    // A gateway that handed over to its successor stays registered: the successor is the same gateway.
+    await Promise.all([this.watcher.stop(), this.addresses.stop(), this.traffic.stop(), this.registration?.stop({ deregister: !options.handedOver })]);
     await this.reconciling;
     await this.admin?.close();
     await this.dataPlane?.close(options);
@@ -132,6 +157,8 @@ export class Agent {
   problems(): Problem[] {
     const all: Problem[] = [
       ...this.catalogProblems,
+      ...this.gatewayProblems,
+      ...(this.registration?.problems() ?? []),
       ...this.addresses.problems(),
       ...this.traffic.problems(),
       ...this.planProblems,
@@ -183,6 +210,10 @@ export class Agent {
       health: this.health(problems),
       dns: plane?.dns?.stats(),
     });
+  }
+
+  adminServer(): AdminServer | undefined {
+    return this.admin;
   }
 
   adminUrl(): string | undefined {
@@ -247,12 +278,30 @@ export class Agent {
     const catalog = this.catalog;
     // Until KV answered (or failed once), a plan would drop every split for a moment after a restart.
     if (!catalog || !this.traffic.settled()) return;
-    const { labels } = planLabels([...catalog.keys()]);
+    const gatewayService = this.config.gatewayService;
+    const skip = new Set(gatewayService ? [gatewayService] : []);
+    // A node's proxy cluster; a gateway never forwards to gateways (the service is skipped all the same).
+    if (gatewayService && !this.config.gatewayRange) {
+      const found = gatewaysOf(gatewayService, catalog.get(gatewayService) ?? [], this.config.range);
+      this.gateways = found.gateways;
+      this.gatewayProblems = found.problems;
+      this.report(found.problems);
+    }
+    const { labels } = planLabels([...catalog.keys()].filter((s) => !skip.has(s)));
     const { table } = await this.addresses.ensure([...labels.values()]);
-    const planned = plan(catalog, table, this.routesValue, { suffix: this.config.suffix, empty: this.config.empty, range: this.config.range, policy: this.config.lbPolicy, traffic: this.traffic.docs() });
+    const planned = plan(catalog, table, this.routesValue, {
+      suffix: this.config.suffix,
+      empty: this.config.empty,
+      range: this.config.range,
+      policy: this.config.lbPolicy,
+      traffic: this.traffic.docs(),
+      gateways: this.gateways,
+      gatewayRange: this.config.gatewayRange,
+      skip,
+    });
     this.planProblems = planned.problems;
     this.report(planned.problems);
-    const rendered = renderAll(this.templates, { routes: planned.routes, suffix: this.config.suffix });
+    const rendered = renderAll(this.templates, { routes: planned.routes, suffix: this.config.suffix }, { gatewayRange: this.config.gatewayRange });
     // A run dir removed under us is made again (and checked again: a replaced one may be unsafe).
     await prepareRunDir(this.config.runDir);
     const written = await writeRendered(this.config.runDir, rendered.files);

@@ -61,6 +61,9 @@ export const codes = {
   dnsTcpLimit: 'LM_ERR_DNS_TCP_LIMIT',
   workerDown: 'LM_ERR_WORKER_DOWN',
   workerRestart: 'LM_ERR_WORKER_RESTART',
+  gatewayInvalid: 'LM_ERR_GATEWAY_INVALID',
+  gatewayNoAddress: 'LM_ERR_GATEWAY_NO_ADDRESS',
+  gatewayRegister: 'LM_ERR_GATEWAY_REGISTER',
 } as const;
 
 /** The one shape of a problem: what is wrong, with which service (when one), under a stable code. */

@@ -1,3 +1,7 @@
+export interface StopOptions {
+  handedOver?: boolean;
+}
+
 /**
  * The signal life of a serving process (`loopmesh balancer`, and its workers' supervisor): SIGUSR2
  * asks for a hot restart, which waits until the start is done (its default action would kill the
@@ -8,7 +12,7 @@ export class SignalLife {
   private state: 'starting' | 'serving' | 'stopping' = 'starting';
   private hotRestartAsked = false;
 
-  constructor(private readonly on: { hotRestart(): void; stop(): void; stopNow(): void }) {
+  constructor(private readonly on: { hotRestart(): void; stop(options?: StopOptions): void; stopNow(): void }) {
     process.on('SIGUSR2', () => this.hotRestart());
   }
 
@@ -33,9 +37,10 @@ export class SignalLife {
     this.on.hotRestart();
   }
 
-  stop(): void {
+  /** With `handedOver`, a successor serves already (a hot restart): what this process owns stays for it. */
+  stop(options?: StopOptions): void {
     if (this.state === 'stopping') return this.on.stopNow();
     this.state = 'stopping';
-    this.on.stop();
+    this.on.stop(options);
   }
 }

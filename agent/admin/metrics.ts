@@ -37,6 +37,8 @@ export function prometheusText(report: StatusReport): string {
   metric('loopmesh_route_connections_queued', 'gauge', 'Client connections waiting for a slot (max connections reached)', perRoute((r) => r.queuedConnections ?? 0));
   metric('loopmesh_route_connections_refused_total', 'counter', 'Client connections refused by the connection limit (queue full or timed out)', perRoute((r) => r.refusedConnections ?? 0));
   metric('loopmesh_route_panic', 'gauge', '1 while ejections are ignored because too few backends are usable', perRoute((r) => (r.panic ? 1 : 0)));
+  metric('loopmesh_route_unreachable', 'gauge', '1 while every backend is down from this node: new connections go through a gateway first', perRoute((r) => (r.unreachable ? 1 : 0)));
+  metric('loopmesh_route_gateway_connections_total', 'counter', 'Client connections forwarded through a gateway (the proxy cluster) because no direct connect worked', perRoute((r) => r.gatewayConnections ?? 0));
   const perBackend = (pick: (b: StatusReport['routes'][number]['backends'][number]) => number): [string, number][] =>
     report.routes.flatMap((r) => r.backends.map((b): [string, number] => [`{service="${label(r.service)}",backend="${label(b.id)}"}`, pick(b)]));
   metric('loopmesh_backend_connections_active', 'gauge', 'Open connections per backend', perBackend((b) => b.activeConnections));

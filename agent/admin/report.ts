@@ -1,5 +1,5 @@
 import type { ConsulStatus } from '../consul/catalog-watcher.js';
-import type { BalancePolicy, ServiceSpec } from '../contract/balancer-config.js';
+import type { BackendSpec, BalancePolicy, ServiceSpec } from '../contract/balancer-config.js';
 import type { BackendStatus, ServiceStatus, SubsetStatus } from '../balancer/status.js';
 import type { DnsStats } from '../dns/server.js';
 import { codes, type Problem } from '../errors.js';
@@ -32,13 +32,15 @@ export const failingCodes: ReadonlySet<string> = new Set([
 export type BackendReport = Pick<BackendStatus, 'id' | 'address' | 'port' | 'weight' | 'subset' | 'activeConnections' | 'totalConnections' | 'failedConnects' | 'resetsBeforeFirstByte' | 'ejectionsTotal' | 'ejectedUntil' | 'ejectReason'>;
 
 export interface RouteReport
-  extends Pick<ServiceStatus, 'service' | 'name' | 'fqdn' | 'address' | 'port' | 'activeConnections' | 'totalConnections' | 'failedConnections' | 'retries' | 'queuedConnections' | 'refusedConnections'> {
+  extends Pick<ServiceStatus, 'service' | 'name' | 'fqdn' | 'address' | 'port' | 'activeConnections' | 'totalConnections' | 'failedConnections' | 'retries' | 'queuedConnections' | 'refusedConnections' | 'gatewayConnections' | 'unreachable'> {
   /** True while ejections are ignored because too few backends are usable (panic threshold). */
   panic: boolean;
   /** null with --render-only: the separate `loopmesh balancer` listens, not this process. */
   listening: boolean | null;
   healthyBackends: number;
   backends: BackendReport[];
+  /** The proxy cluster's addresses for this service, with their counters; empty on a gateway. */
+  gateways: BackendReport[];
   /** The balancing policy in force (absent from an agent of an older version). */
   policy?: BalancePolicy;
   /** The traffic split: each subset's weight and the connections it got; absent without a split. */
@@ -81,21 +83,8 @@ export function routeReport(inputs: ReportInputs): StatusReport {
   const served = inputs.served ? new Map(inputs.served.map((s) => [s.service, s])) : undefined;
   const routes = inputs.specs.map((spec): RouteReport => {
     const s = served?.get(spec.service);
-    const backends = s
-      ? s.backends.map((b): BackendReport => ({
-          id: b.id,
-          address: b.address,
-          port: b.port,
-          weight: b.weight,
-          subset: b.subset,
-          activeConnections: b.activeConnections,
-          totalConnections: b.totalConnections,
-          failedConnects: b.failedConnects,
-          resetsBeforeFirstByte: b.resetsBeforeFirstByte,
-          ejectionsTotal: b.ejectionsTotal,
-          ...(b.ejectedUntil ? { ejectedUntil: b.ejectedUntil, ejectReason: b.ejectReason } : {}),
-        }))
-      : spec.backends.map((b): BackendReport => ({ id: b.id, address: b.address, port: b.port, weight: b.weight ?? 1, subset: b.subset ?? '', activeConnections: 0, totalConnections: 0, failedConnects: 0, resetsBeforeFirstByte: 0, ejectionsTotal: 0 }));
+    const backends = s ? s.backends.map(backendReport) : spec.backends.map(plannedBackend);
+    const gateways = s ? s.gateways.map(backendReport) : (spec.gateways ?? []).map(plannedBackend);
     return {
       service: spec.service,
       name: spec.name,
@@ -111,12 +100,36 @@ export function routeReport(inputs: ReportInputs): StatusReport {
       queuedConnections: s?.queuedConnections ?? 0,
       refusedConnections: s?.refusedConnections ?? 0,
       panic: s?.panic ?? false,
+      unreachable: s?.unreachable ?? false,
+      gatewayConnections: s?.gatewayConnections ?? 0,
       backends,
+      gateways,
       policy: s?.policy ?? spec.policy,
       ...splitReport(spec, s),
     };
   });
   return { node: inputs.node, consul: inputs.consul, lastRenderAt: inputs.lastRenderAt, dataPlane: served ? 'in-process' : 'separate', routes, problems: inputs.problems, health: inputs.health, ...(inputs.dns ? { dns: inputs.dns } : {}) };
+}
+
+function backendReport(b: BackendStatus): BackendReport {
+  return {
+    id: b.id,
+    address: b.address,
+    port: b.port,
+    weight: b.weight,
+    subset: b.subset,
+    activeConnections: b.activeConnections,
+    totalConnections: b.totalConnections,
+    failedConnects: b.failedConnects,
+    resetsBeforeFirstByte: b.resetsBeforeFirstByte,
+    ejectionsTotal: b.ejectionsTotal,
+    ...(b.ejectedUntil ? { ejectedUntil: b.ejectedUntil, ejectReason: b.ejectReason } : {}),
+  };
+}
+
+/** A backend as planned, before a balancer in this process counts anything. */
+function plannedBackend(b: BackendSpec): BackendReport {
+  return { id: b.id, address: b.address, port: b.port, weight: b.weight ?? 1, subset: b.subset ?? '', activeConnections: 0, totalConnections: 0, failedConnects: 0, resetsBeforeFirstByte: 0, ejectionsTotal: 0 };
 }
 
 /** The balancer's split counters, or (when it reports none, e.g. --render-only) the planned split with 0 connections. */

@@ -75,6 +75,9 @@ export class AdminServer {
       return send(421, 'text/plain; charset=utf-8', `misdirected request: ${refused}\n`);
     }
     if (req.method !== 'GET' && req.method !== 'HEAD') return send(405, 'text/plain', 'expected GET\n');
+    // Liveness (Consul's check of a gateway): this process answers, so its data plane's loop runs. A
+    // gateway with one route not served still serves the others, and a node tries the next gateway.
+    if (path === '/health/live') return send(200, 'application/json', '{"status":"live"}\n');
     const report = await this.options.report();
     switch (path) {
       case '/health':
@@ -89,7 +92,7 @@ export class AdminServer {
         return send(200, 'text/plain; charset=utf-8', `loopmesh on ${report.node}: ${consulLine(report.consul)}\n\n${lines.join('\n')}\n${report.problems.map((p) => `\nproblem ${p.code}: ${p.message}`).join('')}\n`);
       }
       default:
-        return send(404, 'text/plain', `no such path ${path}; expected /health, /v1/routes, /metrics or /\n`);
+        return send(404, 'text/plain', `no such path ${path}; expected /health, /health/live, /v1/routes, /metrics or /\n`);
     }
   }
 }

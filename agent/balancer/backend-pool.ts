@@ -42,6 +42,11 @@ export class Backend {
   consecutiveFailures = 0;
   /** Epoch ms until which the backend is skipped (passive health); 0 when not ejected. */
   ejectedUntil = 0;
+  /**
+   * Epoch ms until which the backend counts as down, whether or not the ejection cap let it be
+   * ejected: when every backend is down (a partition), connections go to the gateways first.
+   */
+  downUntil = 0;
   /** Ejections since the last success: each one lasts twice as long as the one before. */
   ejectionsInRow = 0;
   ejectionsTotal = 0;
@@ -239,6 +244,8 @@ export class BackendPool {
     backend.consecutiveFailures++;
     const o = this.settings.outlier;
     if (backend.consecutiveFailures < o.consecutiveFailures) return;
+    // Each failed probe past the threshold keeps it down twice as long, like an ejection.
+    backend.downUntil = now + Math.min(o.baseEjectionMs * 2 ** Math.min(backend.consecutiveFailures - o.consecutiveFailures, 20), o.maxEjectionMs);
     if (backend.ejected(now)) return;
     const ejectedNow = this.backends.filter((b) => b !== backend && b.ejected(now)).length;
     if (ejectedNow >= this.maxEjected()) return;
@@ -260,6 +267,16 @@ export class BackendPool {
     backend.consecutiveFailures = 0;
     backend.ejectionsInRow = 0;
     backend.ejectedUntil = 0;
+    backend.downUntil = 0;
+  }
+
+  /**
+   * Whether every backend that takes connections is down (ejected, or failing past the threshold
+   * while the ejection cap kept it in): from this node none answers, so the gateways go first.
+   */
+  unreachable(now = Date.now()): boolean {
+    const usable = this.backends.filter((b) => b.weight > 0);
+    return usable.length > 0 && usable.every((b) => b.ejected(now) || b.downUntil > now);
   }
 
   /** Connections forwarded per split subset, for the shares status shows. */

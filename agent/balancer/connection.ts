@@ -12,10 +12,14 @@ export interface ServiceCounters {
   totalConnections: number;
   failedConnections: number;
   retries: number;
+  /** Connections forwarded through a gateway (the proxy cluster) because no direct connect worked. */
+  gatewayConnections: number;
 }
 
 export interface ConnectionContext {
   pool: BackendPool;
+  /** The service's gateways (the proxy cluster): the last resort, or the first choice while every backend is down. */
+  gateways: BackendPool;
   counters: ServiceCounters;
   /** The service's connection limit and queue. */
   admission: Admission;
@@ -47,8 +51,17 @@ function closedCleanly(socket: Socket): boolean {
  * One client connection: dials backends in round-robin order, each at most once, while the client's
  * bytes wait in its paused socket; then forwards both ways with half-close.
  */
+/** A backend to dial, and the pool it belongs to (the service's backends, or its gateways). */
+interface Target {
+  backend: Backend;
+  pool: BackendPool;
+}
+
 export class ProxiedConnection implements Cuttable {
   private readonly tried = new Set<Backend>();
+  private readonly triedGateways = new Set<Backend>();
+  /** Every direct backend was down when the connection came: the gateways first, then the backends. */
+  private gatewayFirst = false;
   private dialing: { socket: Socket; timer: NodeJS.Timeout } | undefined;
   private upstream: Socket | undefined;
   private clientClosed = false;
@@ -84,7 +97,8 @@ export class ProxiedConnection implements Cuttable {
         if (this.clientClosed) return;
         context.counters.activeConnections++;
         this.admitted = true;
-        this.dialNext(context.pool.pick(this.tried));
+        this.gatewayFirst = context.gateways.list().length > 0 && context.pool.unreachable();
+        this.dialNext(this.next());
       },
       // Over the limit: a reset tells the client at once (a clean close would look like an empty answer).
       () => this.reset(client),
@@ -107,20 +121,37 @@ export class ProxiedConnection implements Cuttable {
     this.client.destroy();
   }
 
-  private dialNext(backend: Backend | undefined): void {
+  /**
+   * What to dial next: each backend at most once, then each gateway at most once (the last resort
+   * after the retries); while every backend is down (a partition), the gateways come first.
+   */
+  private next(): Target | undefined {
+    const { pool, gateways } = this.context;
+    const order: Array<[BackendPool, Set<Backend>]> = [[pool, this.tried], [gateways, this.triedGateways]];
+    if (this.gatewayFirst) order.reverse();
+    for (const [from, tried] of order) {
+      const backend = from.pick(tried);
+      if (backend) return { backend, pool: from };
+    }
+    return undefined;
+  }
+
+  private dialNext(target: Target | undefined): void {
     if (this.clientClosed) return;
-    if (!backend) {
+    if (!target) {
       this.context.counters.failedConnections++;
-      this.context.onNoBackend(this.tried.size === 0 ? 'no backends' : `all ${this.tried.size} backends failed`);
+      const gateways = this.triedGateways.size > 0 ? ` and ${this.triedGateways.size} gateways` : '';
+      this.context.onNoBackend(this.tried.size + this.triedGateways.size === 0 ? 'no backends' : `all ${this.tried.size} backends${gateways} failed`);
       this.client.destroy();
       return;
     }
-    this.tried.add(backend);
+    const { backend, pool } = target;
+    (pool === this.context.pool ? this.tried : this.triedGateways).add(backend);
     const own = (address: string): boolean => this.context.isOwnListener(address.replace(/^::ffff:/, ''), backend.spec.port);
     const literal = isIP(backend.spec.address) !== 0;
     if (literal && own(backend.spec.address)) {
       // Dialing our own listener would accept a connection that dials again, and so on: never dial.
-      this.refuseSelf(backend);
+      this.refuseSelf(target);
       return;
     }
     const lookup: LookupFunction = (hostname, options, callback) => {
@@ -148,10 +179,10 @@ export class ProxiedConnection implements Cuttable {
     const onFailure = (err: Error): void => {
       this.abortDial();
       // A failure weighs at least a connect timeout in the latency p2c-ewma compares.
-      this.context.pool.failed(backend, timedOut ? 'timeout' : 'connect', Math.max(performance.now() - started, connectTimeoutMs));
-      const next = this.context.pool.pick(this.tried);
+      pool.failed(backend, timedOut ? 'timeout' : 'connect', Math.max(performance.now() - started, connectTimeoutMs));
+      const next = this.next();
       this.context.logger.debug(
-        { backend: backend.spec.id, code: errorCode(err), err: errorMessage(err), retry: next?.spec.id },
+        { backend: backend.spec.id, code: errorCode(err), err: errorMessage(err), retry: next?.backend.spec.id },
         'backend connect failed',
       );
       if (next && !this.clientClosed) this.context.counters.retries++;
@@ -164,14 +195,14 @@ export class ProxiedConnection implements Cuttable {
       const remote = literal ? '' : (socket.remoteAddress ?? '').replace(/^::ffff:/, '');
       if (!literal && this.context.isOwnListener(remote, socket.remotePort ?? 0)) {
         this.abortDial();
-        this.refuseSelf(backend);
+        this.refuseSelf(target);
         return;
       }
       socket.off('error', onFailure);
       clearTimeout(timer);
       this.dialing = undefined;
-      this.context.pool.connected(backend, performance.now() - started);
-      this.forward(socket, backend, reads);
+      pool.connected(backend, performance.now() - started);
+      this.forward(socket, target, reads);
     };
     socket.once('error', onFailure);
     socket.once('connect', onConnect);
@@ -179,12 +210,12 @@ export class ProxiedConnection implements Cuttable {
   }
 
   /** A backend that is one of our own listeners: counted as a failed connect, the next one tried. */
-  private refuseSelf(backend: Backend): void {
-    this.context.pool.failed(backend, 'connect', this.context.connectTimeoutMs);
-    if (selfWarned.has(backend)) return this.dialNext(this.context.pool.pick(this.tried));
+  private refuseSelf({ backend, pool }: Target): void {
+    pool.failed(backend, 'connect', this.context.connectTimeoutMs);
+    if (selfWarned.has(backend)) return this.dialNext(this.next());
     selfWarned.add(backend);
     this.context.logger.warn({ code: codes.balancerSelfBackend, backend: backend.spec.id }, `backend ${backend.label} is one of loopmesh's own listeners; refused (a connection would loop)`);
-    this.dialNext(this.context.pool.pick(this.tried));
+    this.dialNext(this.next());
   }
 
   /** Destroys with an RST rather than a FIN, where the socket is still open. */
@@ -205,26 +236,27 @@ export class ProxiedConnection implements Cuttable {
     socket.destroy();
   }
 
-  private forward(upstream: Socket, backend: Backend, reads: PooledReads): void {
+  private forward(upstream: Socket, { backend, pool }: Target, reads: PooledReads): void {
     const { client, context } = this;
     this.upstream = upstream;
     this.upstreamClosed = false;
     backend.activeConnections++;
     backend.totalConnections++;
     backend.connections.add(this);
-    context.pool.forwarded(backend);
+    pool.forwarded(backend);
+    if (pool !== context.pool) context.counters.gatewayConnections++;
     context.onForwarded();
     upstream.setNoDelay(true);
     let answered = false;
     // An onread socket emits no 'data' events: the first bytes are told by the pooled reads.
     reads.onFirstBytes(() => {
       answered = true;
-      context.pool.succeeded(backend);
+      pool.succeeded(backend);
     });
     upstream.on('error', (err) => {
       context.logger.debug({ backend: backend.spec.id, code: errorCode(err), err: errorMessage(err) }, 'backend connection error');
       // A reset before the backend said anything is a failure of the backend (passive health).
-      if (!answered) context.pool.failed(backend, 'reset', 0);
+      if (!answered) pool.failed(backend, 'reset', 0);
       // A cut backend stream must reach the client as a reset: a clean close would read as a complete answer.
       this.reset(client);
       this.destroy();
@@ -239,7 +271,7 @@ export class ProxiedConnection implements Cuttable {
       backend.activeConnections--;
       backend.connections.delete(this);
       if (!closedCleanly(upstream)) client.destroy();
-      else if (!answered) context.pool.succeeded(backend);
+      else if (!answered) pool.succeeded(backend);
       this.maybeDone();
     });
     forwardBoth(client, upstream, reads);

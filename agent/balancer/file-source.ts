@@ -6,6 +6,7 @@ import { errorCode, errorMessage } from '../errors.js';
 import { prepareRunDir, readRunDirFile } from '../fs/run-dir.js';
 import type { Logger } from '../log.js';
 import { parseBalancerConfig, type BalancerConfig } from '../contract/balancer-config.js';
+import type { AddressRange } from '../plan/addresses.js';
 
 /** chokidar drops a 'change' that comes within 50 ms of the previous one on the same path. */
 const missedChangeWindowMs = 100;
@@ -30,6 +31,8 @@ export interface BalancerFileSourceOptions {
   onConfig: (config: BalancerConfig) => void | Promise<void>;
   /** How often to check whether the run dir was deleted, recreated or replaced (ms). */
   dirCheckMs?: number;
+  /** A gateway: services listen inside this range (loopback otherwise). */
+  gatewayRange?: AddressRange;
 }
 
 /**
@@ -187,7 +190,7 @@ export class BalancerFileSource {
 
     let config: BalancerConfig;
     try {
-      config = parseBalancerConfig(text.toString('utf8'), this.path);
+      config = parseBalancerConfig(text.toString('utf8'), this.path, { gatewayRange: this.options.gatewayRange });
     } catch (err) {
       this.rejectedText = text;
       this.logger.error({ code: errorCode(err), err: errorMessage(err) }, 'invalid balancer config ignored; the last good config stays in service');

@@ -39,7 +39,9 @@ export class ServiceProxy {
   private current: ServiceListener | undefined;
   private readonly draining = new Map<ServiceListener, Promise<void>>();
   private readonly pool = new BackendPool();
-  private readonly counters: ServiceCounters = { activeConnections: 0, totalConnections: 0, failedConnections: 0, retries: 0 };
+  /** The proxy cluster's addresses for this service: the last resort (see ProxiedConnection). */
+  private readonly gateways = new BackendPool();
+  private readonly counters: ServiceCounters = { activeConnections: 0, totalConnections: 0, failedConnections: 0, retries: 0, gatewayConnections: 0 };
   private readonly admission = new Admission(() => this.effective);
   private effective!: EffectiveLimits;
   private readonly logger: Logger;
@@ -139,6 +141,7 @@ export class ServiceProxy {
 
   async close(): Promise<void> {
     this.pool.close();
+    this.gateways.close();
     const listeners = [...this.draining.keys(), ...(this.current ? [this.current] : [])];
     this.current = undefined;
     this.draining.clear();
@@ -164,6 +167,8 @@ export class ServiceProxy {
       panic: this.pool.panic(now),
       keptLast: this.pool.keptLast,
       backends: this.pool.list().map((b) => b.status(now)),
+      unreachable: this.pool.unreachable(now),
+      gateways: this.gateways.list().map((b) => b.status(now)),
       ...this.counters,
       queuedConnections: this.admission.queued,
       refusedConnections: this.admission.refused,
@@ -191,6 +196,8 @@ export class ServiceProxy {
       drain: limits.drain,
       drainTimeoutMs: limits.drainTimeoutMs,
     });
+    // Gateways: the lowest connect time, each with its own passive health; no split, no drain of their own.
+    this.gateways.update(this.spec.gateways ?? [], { policy: 'p2c-ewma', empty: 'reject', split: [], outlier: { ...defaultOutlier, ...this.spec.outlier }, drain: 'keep', drainTimeoutMs: limits.drainTimeoutMs });
     if (change === 'kept-last') {
       this.logger.warn({ backends: this.pool.list().map((b) => b.spec.id) }, "config gives no backends; 'keep-last' keeps serving the previous ones");
     } else if (change === 'empty') {
@@ -202,6 +209,7 @@ export class ServiceProxy {
     const limits = (): EffectiveLimits => this.limits();
     return {
       pool: this.pool,
+      gateways: this.gateways,
       counters: this.counters,
       admission: this.admission,
       get connectTimeoutMs() {

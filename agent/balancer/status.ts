@@ -75,6 +75,12 @@ export interface ServiceStatus {
   failedConnections: number;
   /** Connect failures that were retried on another backend. */
   retries: number;
+  /** True while every backend is down from here: new connections go through a gateway first. */
+  unreachable: boolean;
+  /** The service's gateways (the proxy cluster), in the order they are tried; empty on a gateway. */
+  gateways: BackendStatus[];
+  /** Client connections forwarded through a gateway because no direct connect worked. */
+  gatewayConnections: number;
   /** Client connections waiting for a slot (maxConnections reached). */
   queuedConnections: number;
   /** Client connections refused by the limit: queue full or waited longer than queueTimeoutMs. */

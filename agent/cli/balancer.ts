@@ -19,12 +19,14 @@ const handoverTimeoutMs = 15_000;
 
 /** The data plane alone, from the rendered files: what keeps serving when the control plane is gone. */
 export async function runBalancer(argv: string[], makeLogger: (level: LogOptions['level']) => Logger): Promise<number> {
-  const flags = parseFlags(argv, { config: { type: 'string' } }, ['run-dir', 'dns', 'hosts-file', 'suffix', 'log-level', 'drain-timeout', 'connect-timeout', 'idle-timeout', 'max-connections', 'queue', 'queue-timeout', 'backend-drain', 'admin', 'admin-public', 'workers']);
+  const flags = parseFlags(argv, { config: { type: 'string' } }, ['run-dir', 'dns', 'hosts-file', 'suffix', 'log-level', 'drain-timeout', 'connect-timeout', 'idle-timeout', 'max-connections', 'queue', 'queue-timeout', 'backend-drain', 'admin', 'admin-public', 'workers', 'gateway-range']);
   if (flags.help) {
     process.stdout.write(usage.balancer);
     return 0;
   }
-  const config = loadConfig(flags, process.env);
+  const loaded = loadConfig(flags, process.env);
+  // A gateway's data plane (its control plane: loopmesh gateway --render-only) has no DNS and no hosts block.
+  const config = loaded.gatewayRange ? { ...loaded, dns: undefined, hostsFile: undefined } : loaded;
   const log = makeLogger(config.logLevel);
   // Whoever can write the run dir decides what this process binds: refuse (exit 2) unless it is ours alone.
   await prepareRunDir(config.runDir);
@@ -34,7 +36,7 @@ export async function runBalancer(argv: string[], makeLogger: (level: LogOptions
   // Started by a running balancer's hot restart (SIGUSR2)? Then take over its sockets and config.
   let inherited: InheritedSockets | undefined;
   try {
-    inherited = await receiveHandover(handoverTimeoutMs);
+    inherited = await receiveHandover(handoverTimeoutMs, { gatewayRange: config.gatewayRange });
   } catch (err) {
     log.fatal({ code: errorCode(err) }, errorMessage(err));
     await reportHandover({ started: false, message: errorMessage(err) });
@@ -102,7 +104,7 @@ export function balancerReport(plane: DataPlane): StatusReport {
 }
 
 /** The predecessor closes its admin once it has our report; until then the port is taken. */
-async function startAdminAfterPredecessor(admin: AdminServer, log: Logger): Promise<void> {
+export async function startAdminAfterPredecessor(admin: AdminServer, log: Logger): Promise<void> {
   const deadline = Date.now() + handoverTimeoutMs;
   for (;;) {
     try {

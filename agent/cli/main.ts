@@ -1,53 +1,102 @@
 #!/usr/bin/env node
 import { Agent } from '../agent.js';
-import { ConfigError, errorCode, errorMessage } from '../errors.js';
+import { ConfigError, codes, errorCode, errorMessage } from '../errors.js';
+import type { AgentConfig } from '../config/config.js';
+import { receiveHandover, reportHandover, type InheritedSockets } from '../hot-restart/handover.js';
+import { SignalLife } from '../signals.js';
 import { createLogger, type Logger } from '../log.js';
 import { loadConfig, parseFlags, tokenInArgv, UsageError } from './args.js';
 import { settings } from '../config/config.js';
 import { renderDryRun } from './render.js';
 import { printStatus } from './status.js';
-import { runBalancer } from './balancer.js';
+import { runBalancer, startAdminAfterPredecessor } from './balancer.js';
 import { usage } from './usage.js';
 
 function logger(level: Parameters<typeof createLogger>[0]['level']): Logger {
   return createLogger({ level, pretty: process.stderr.isTTY === true && process.env.LOOPMESH_LOG_FORMAT !== 'json' });
 }
 
-/** Stops on SIGINT/SIGTERM; a second signal exits at once. */
-function onSignal(stop: () => Promise<void>): void {
-  let stopping = false;
-  const handler = (): void => {
-    if (stopping) process.exit(1);
-    stopping = true;
-    void stop().then(() => process.exit(0));
-  };
-  process.on('SIGINT', handler);
-  process.on('SIGTERM', handler);
-}
+/** How long a successor gets to take over the sockets and serve (hot restart). */
+const handoverTimeoutMs = 15_000;
+/** Flags only `loopmesh gateway` takes. */
+const gatewayOnly = ['gateway-range', 'gateway-id', 'gateway-check'];
 
-async function runAgent(argv: string[]): Promise<number> {
+/**
+ * `loopmesh agent` (a node) and `loopmesh gateway` (the proxy cluster): control plane and data plane
+ * in one process. SIGUSR2 is a hot restart: a new process of the same command line takes over every
+ * listening socket (and the gateway's registration), then this one stops its control plane and drains.
+ */
+async function runAgent(argv: string[], mode: 'agent' | 'gateway'): Promise<number> {
   // --workers is the balancer's: the agent serves in one process (--render-only + loopmesh balancer --workers N).
-  const flags = parseFlags(argv, { config: { type: 'string' } }, settings.map((s) => s.flag).filter((f) => f !== 'workers'));
-  if (flags.help) return help(usage.agent());
-  const config = loadConfig(flags, process.env);
+  // A gateway has no DNS responder and no hosts block: nobody on its node connects by name through it.
+  const allowed = settings.map((s) => s.flag).filter((f) => f !== 'workers' && (mode === 'gateway' ? f !== 'dns' && f !== 'hosts-file' : !gatewayOnly.includes(f)));
+  const flags = parseFlags(argv, { config: { type: 'string' } }, allowed);
+  if (flags.help) return help(mode === 'gateway' ? usage.gateway() : usage.agent());
+  const config = gatewayConfig(loadConfig(flags, process.env), mode);
   const log = logger(config.logLevel);
   const exposed = tokenInArgv(flags);
   if (exposed) log.warn({ code: exposed.code }, exposed.message);
-  const agent = new Agent(config, log);
+  // Started by a running agent's hot restart? Then take over its sockets and routes.
+  let inherited: InheritedSockets | undefined;
   try {
-    await agent.start();
+    inherited = await receiveHandover(handoverTimeoutMs, { gatewayRange: config.gatewayRange });
+  } catch (err) {
+    log.fatal({ code: errorCode(err) }, errorMessage(err));
+    await reportHandover({ started: false, message: errorMessage(err) });
+    return 1;
+  }
+  const agent = new Agent(config, log, inherited);
+  const life: SignalLife = new SignalLife({
+    hotRestart: () => {
+      const plane = agent.dataPlane;
+      if (!plane) return log.warn('SIGUSR2: with --render-only there is no data plane here to hand over; restart this process instead');
+      log.info(`SIGUSR2: handing the listening sockets over to a new ${mode} process`);
+      plane.handOver({ timeoutMs: handoverTimeoutMs }).then(
+        (pid) => {
+          log.info({ successor: pid }, `${mode} process ${pid} serves now; this one stops its control plane and drains`);
+          life.stop({ handedOver: true });
+        },
+        (err: unknown) => log.error({ code: errorCode(err) }, errorMessage(err)),
+      );
+    },
+    stop: (options) => {
+      log.info({ drainTimeoutMs: config.drainTimeoutMs }, 'stopping: listeners closed, open connections drain');
+      void agent.stop({ drain: true, handedOver: options?.handedOver === true }).then(() => process.exit(0));
+    },
+    stopNow: () => process.exit(1),
+  });
+  try {
+    // After a hot restart the predecessor holds the admin port until it has handed over: taken below.
+    await agent.start({ admin: !inherited });
   } catch (err) {
     await agent.stop().catch(() => undefined);
+    await reportHandover({ started: false, message: errorMessage(err) });
     if (err instanceof ConfigError) throw err;
     log.fatal({ code: errorCode(err) }, errorMessage(err));
     return 1;
   }
-  log.info({ consul: config.consul, runDir: config.runDir, dns: config.dns, admin: agent.adminUrl(), hostsFile: config.hostsFile, suffix: config.suffix }, 'loopmesh agent started');
-  onSignal(async () => {
-    log.info({ drainTimeoutMs: config.drainTimeoutMs }, 'stopping: listeners closed, open connections drain');
-    await agent.stop({ drain: true });
-  });
+  log.info(
+    { consul: config.consul, runDir: config.runDir, dns: config.dns, admin: agent.adminUrl(), hostsFile: config.hostsFile, suffix: config.suffix, gatewayRange: config.gatewayRange?.cidr, hotRestart: inherited !== undefined },
+    `loopmesh ${mode} started`,
+  );
+  await reportHandover({ started: true });
+  const admin = agent.adminServer();
+  if (inherited && admin) void startAdminAfterPredecessor(admin, log);
+  life.listenForStop();
+  life.serving();
   return new Promise<number>(() => undefined);
+}
+
+/** A gateway: --gateway-range required, Consul's check needs a URL; DNS and hosts are off. A node: no gateway flags. */
+function gatewayConfig(config: AgentConfig, mode: 'agent' | 'gateway'): AgentConfig {
+  if (mode === 'agent') {
+    if (config.gatewayRange) throw new ConfigError(codes.configInvalid, `--gateway-range (LOOPMESH_GATEWAY_RANGE) is "${config.gatewayRange.cidr}", but it is for 'loopmesh gateway' only; expected it unset for 'loopmesh agent'`);
+    return config;
+  }
+  if (!config.gatewayRange) throw new ConfigError(codes.configInvalid, "loopmesh gateway: --gateway-range (LOOPMESH_GATEWAY_RANGE) is required; expected the CIDR range, reachable from the other nodes, on which this gateway serves every service (for example 10.77.77.128/27)");
+  if (!config.gatewayService) throw new ConfigError(codes.configInvalid, 'loopmesh gateway: --gateway-service is "off"; expected the Consul service name the gateway registers as (default loopmesh-gateway)');
+  if (!config.admin && !config.gatewayCheck) throw new ConfigError(codes.configInvalid, "loopmesh gateway: --admin is off and no --gateway-check is given; expected one of them: Consul's HTTP check of the gateway asks --admin's /health/live, or the --gateway-check URL");
+  return { ...config, dns: undefined, hostsFile: undefined };
 }
 
 function help(text: string): number {
@@ -65,7 +114,9 @@ export async function main(argv: string[]): Promise<number> {
       case 'help':
         return help(usage.main);
       case 'agent':
-        return await runAgent(rest);
+        return await runAgent(rest, 'agent');
+      case 'gateway':
+        return await runAgent(rest, 'gateway');
       case 'status':
         return await printStatus(rest);
       case 'render': {
@@ -77,7 +128,7 @@ export async function main(argv: string[]): Promise<number> {
       case 'balancer':
         return await runBalancer(rest, logger);
       default:
-        throw new UsageError(`unknown command "${command}"; expected agent, status, render or balancer`);
+        throw new UsageError(`unknown command "${command}"; expected agent, gateway, status, render or balancer`);
     }
   } catch (err) {
     if (err instanceof ConfigError) {

@@ -88,6 +88,21 @@ export function ejectionTable(report: StatusReport): string | undefined {
   return lines.length > 0 ? lines.join('\n') : undefined;
 }
 
+/** Each route's gateways (the proxy cluster) and how many connections went through them. Undefined without any. */
+export function gatewayTable(report: StatusReport): string | undefined {
+  const rows = [['SERVICE', 'GATEWAY', 'ADDRESS:PORT', 'CONNECTIONS', 'STATE']];
+  const notes: string[] = [];
+  for (const r of report.routes) {
+    if (r.unreachable === true) notes.push(`unreachable ${printable(r.service)}: every backend is down from this node; new connections go through a gateway first`);
+    for (const g of Array.isArray(r.gateways) ? r.gateways : []) {
+      if (!isRecord(g)) continue;
+      rows.push([printable(r.service), printable(g.id), printable(`${String(g.address)}:${String(g.port)}`), printable(g.totalConnections ?? 0), typeof g.ejectedUntil === 'string' ? `ejected until ${printable(g.ejectedUntil)}` : 'ok']);
+    }
+  }
+  const lines = [...(rows.length > 1 ? [formatTable(rows)] : []), ...notes];
+  return lines.length > 0 ? lines.join('\n') : undefined;
+}
+
 export function statusTable(report: StatusReport): string {
   const rows = [['SERVICE', 'NAME', 'ADDRESS:PORT', 'POLICY', 'BACKENDS', 'LISTENING']];
   for (const r of report.routes) rows.push([printable(r.service), printable(r.fqdn), printable(`${r.address}:${r.port}`), typeof r.policy === 'string' ? printable(r.policy) : '-', printable(r.healthyBackends), r.listening === null ? '(balancer process)' : r.listening ? 'yes' : 'NO']);
@@ -97,7 +112,8 @@ export function statusTable(report: StatusReport): string {
   const verdict = printable(report.health.status);
   const health = verdict === 'ok' ? 'health ok' : verdict === 'unknown' ? 'health unknown (this agent does not report it)' : `health ${verdict.toUpperCase()}: ${report.health.reasons.map((r) => r.code).join(', ')}`;
   const ejected = ejectionTable(report);
-  return [`node ${printable(report.node)}, consul ${consul}`, health, '', formatTable(rows), ...(split ? ['', split] : []), ...(ejected ? ['', ejected] : []), ...(problems.length ? ['', ...problems] : [])].join('\n');
+  const gateways = gatewayTable(report);
+  return [`node ${printable(report.node)}, consul ${consul}`, health, '', formatTable(rows), ...(split ? ['', split] : []), ...(ejected ? ['', ejected] : []), ...(gateways ? ['', gateways] : []), ...(problems.length ? ['', ...problems] : [])].join('\n');
 }
 
 export async function printStatus(argv: string[]): Promise<number> {

@@ -16,6 +16,7 @@ Usage: loopmesh COMMAND [flags]
 
 Commands:
   agent      watch Consul, render configs, serve NAME.local on this node
+  gateway    serve every service on addresses other nodes reach (the proxy cluster nodes fall back to)
   status     show the routes a running agent serves (service, name, address:port, backends)
   render     render the templates once from Consul's catalog; --dry-run prints instead of writing
   balancer   run only the data plane (balancer, DNS, hosts) from the files in --run-dir
@@ -26,13 +27,33 @@ Run 'loopmesh COMMAND --help' for a command's flags.
 
 Watches Consul's catalog (healthy instances only), gives every service a stable 127.x.y.z address,
 renders the templates into --run-dir, and serves NAME.SUFFIX:PORT with the built-in TCP balancer,
-a DNS responder and a block in the hosts file.
+a DNS responder and a block in the hosts file. SIGUSR2 is a hot restart: a new process of the same
+command line takes over every listening socket, then this one stops and drains.
 
 Consul over TLS: an https:// --consul (or --consul-ssl) with --ca-file, --client-cert and --client-key,
 as Consul's own CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY; never a fallback to plain HTTP.
 The ACL token: --token-file or CONSUL_HTTP_TOKEN (a --token argument shows in the process list).
 
 Flags (a flag beats the environment, which beats --config, which beats the default):
+  --config FILE                      JSON file with the same settings, keys in camelCase
+${flagLines()}
+  --help                             this text
+`,
+  gateway: () => `Usage: loopmesh gateway --gateway-range CIDR [flags]
+
+A member of the proxy cluster: the agent's control plane and data plane on a dedicated node, serving
+every routed service on an address of --gateway-range (at the same offset as its loopback address in
+--range, on the same port), reachable from the other nodes, balancing to the same healthy instances
+with the same policies, passive health, limits and metrics. It registers itself in its local Consul
+agent as --gateway-service (meta loopmesh-gateway-range), with an HTTP check every second on its
+admin's /health/live (or --gateway-check), and deregisters on SIGTERM. Every node then lists each
+service's gateway addresses after its loopback address in the hosts block (so a client that tries
+each address reaches a gateway when the node's loopmesh is down) and uses them as the last resort
+when no instance answers a direct connect. The addresses must be local to this host without being
+on an interface, e.g. \`ip route add local 10.77.77.128/27 dev lo\` (needs root, once).
+No DNS responder and no hosts block here. SIGUSR2 is a hot restart, as for the agent.
+
+Flags (as the agent's, less --dns and --hosts-file):
   --config FILE                      JSON file with the same settings, keys in camelCase
 ${flagLines()}
   --help                             this text
@@ -52,7 +73,7 @@ ${flagLines()}
 `,
   balancer: `Usage: loopmesh balancer [--run-dir DIR] [--dns ADDR:PORT|off] [--hosts-file FILE|off] [--suffix DOMAIN]
                          [--drain-timeout S] [--connect-timeout S] [--log-level LEVEL] [--config FILE]
-                         [--admin ADDR:PORT [--admin-public]] [--workers N|auto]
+                         [--admin ADDR:PORT [--admin-public]] [--workers N|auto] [--gateway-range CIDR]
 
 Runs the data plane alone from the rendered files in --run-dir (balancer.json, hosts), reloading
 when they change: a control plane crash or restart never drops traffic. Pair it with
@@ -76,5 +97,9 @@ sums the workers' counters (/v1/routes lists each worker: pid, alive, started); 
 when all N workers serve and each is healthy. With workers, SIGUSR2 replaces the workers one by one
 with new processes started from the code on disk (each new one serves before the old one drains);
 the supervisor itself is not replaced: restart it (SIGTERM, then start) to upgrade it.
+
+--gateway-range CIDR serves the run dir of 'loopmesh gateway --render-only' (a gateway in split
+mode): services listen inside that range, with no DNS and no hosts block. Give the control plane
+--gateway-check http://THIS_ADMIN/health/live so that Consul checks this process.
 `,
 };

@@ -6,7 +6,7 @@ import type { LevelWithSilent } from 'pino';
 import { balancePolicies, drainPolicies, emptyPolicies, type BalancePolicy, type DrainPolicy, type EmptyPolicy } from '../contract/balancer-config.js';
 import { ConfigError, codes } from '../errors.js';
 import { logLevels } from '../log.js';
-import { parseRange, type AddressRange } from '../plan/addresses.js';
+import { parseGatewayRange, parseRange, type AddressRange } from '../plan/addresses.js';
 import { isValidSuffix } from '../plan/names.js';
 import { describe, isRecord, parseHostPort } from '../validate.js';
 
@@ -73,6 +73,14 @@ export interface AgentConfig {
   backendDrain: DrainPolicy;
   /** `loopmesh balancer` processes sharing every listening socket (1: one process, no supervisor). */
   workers: number;
+  /** The Consul service of the proxy cluster; undefined ("off"): no gateways, no fallback. */
+  gatewayService: string | undefined;
+  /** `loopmesh gateway` only: where it serves every service, reachable from the other nodes. */
+  gatewayRange: AddressRange | undefined;
+  /** `loopmesh gateway` only: its service ID in Consul (default loopmesh-gateway-BASE of its range). */
+  gatewayId: string | undefined;
+  /** `loopmesh gateway` only: the URL Consul's HTTP check of the gateway asks (default: its admin /health). */
+  gatewayCheck: string | undefined;
 }
 
 /** Each setting: its flag, its environment variable, its config-file key, and how to read it. */
@@ -120,6 +128,10 @@ export const settings: readonly Setting[] = [
   { key: 'queueTimeout', flag: 'queue-timeout', env: ['LOOPMESH_QUEUE_TIMEOUT'], value: 'SECONDS', default: '5', help: 'how long a queued connection waits before it is refused' },
   { key: 'backendDrain', flag: 'backend-drain', env: ['LOOPMESH_BACKEND_DRAIN'], value: drainPolicies.join('|'), default: 'keep', help: "open connections of a backend that left the healthy set: keep them, cut them after --drain-timeout, or reset them at once" },
   { key: 'workers', flag: 'workers', env: ['LOOPMESH_WORKERS'], value: 'N|auto', default: '1', help: "loopmesh balancer only: worker processes that share every listening socket (1 to 64; auto: one per CPU)" },
+  { key: 'gatewayService', flag: 'gateway-service', env: ['LOOPMESH_GATEWAY_SERVICE'], value: 'NAME|off', default: 'loopmesh-gateway', help: "Consul service of the proxy cluster (loopmesh gateway): each service's last resort, and its names' next addresses after the loopback one" },
+  { key: 'gatewayRange', flag: 'gateway-range', env: ['LOOPMESH_GATEWAY_RANGE'], value: 'CIDR', help: 'loopmesh gateway only: addresses other nodes reach (an AnyIP local route) on which it serves every service, at the same offset as in --range' },
+  { key: 'gatewayId', flag: 'gateway-id', env: ['LOOPMESH_GATEWAY_ID'], value: 'ID', help: "loopmesh gateway only: its service ID in Consul (default loopmesh-gateway-BASE, BASE its range's first address)" },
+  { key: 'gatewayCheck', flag: 'gateway-check', env: ['LOOPMESH_GATEWAY_CHECK'], value: 'URL', help: "loopmesh gateway only: the URL of Consul's HTTP check of it (default: its --admin /health)" },
   { key: 'consulWait', flag: 'consul-wait', env: ['LOOPMESH_CONSUL_WAIT'], value: 'SECONDS', default: '60', help: "how long each blocking query to Consul waits for a change (1 to 600; Consul caps it at 10 minutes); a frozen Consul is noticed after about this plus max(1/8 of it, 5 s)" },
 ];
 
@@ -211,6 +223,40 @@ function workers(value: string): number {
   const n = Number(value);
   if (value.trim() === '' || !Number.isInteger(n) || n < 1 || n > 64) throw invalid(`--workers: expected a whole number from 1 to 64, or "auto" (one per CPU), got "${value}"`);
   return n;
+}
+
+const consulName = /^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?$/;
+
+function gatewayService(value: string): string | undefined {
+  if (value === 'off') return undefined;
+  if (!consulName.test(value)) throw invalid(`--gateway-service: expected a Consul service name (letters, digits, "-", "_", ".", at most 128) or "off", got "${value}"`);
+  return value;
+}
+
+function gatewayRange(value: string | undefined): AddressRange | undefined {
+  if (value === undefined) return undefined;
+  try {
+    return parseGatewayRange(value);
+  } catch (err) {
+    throw invalid(`--gateway-range: ${(err as Error).message}`);
+  }
+}
+
+function gatewayId(value: string | undefined): string | undefined {
+  if (value !== undefined && !consulName.test(value)) throw invalid(`--gateway-id: expected a Consul service ID (letters, digits, "-", "_", ".", at most 128), got "${value}"`);
+  return value;
+}
+
+function gatewayCheck(value: string | undefined): string | undefined {
+  if (value === undefined) return undefined;
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    throw invalid(`--gateway-check: expected an http:// or https:// URL such as http://127.0.0.1:9190/health, got "${value}"`);
+  }
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') throw invalid(`--gateway-check: expected an http:// or https:// URL, got "${value}"`);
+  return url.href;
 }
 
 function bool(value: string, flag: string): boolean {
@@ -392,5 +438,9 @@ export function resolveConfig(...layers: RawConfig[]): AgentConfig {
     queueTimeoutMs: Math.max(1, seconds(get('queueTimeout'), 'queue-timeout')),
     backendDrain,
     workers: workers(get('workers')),
+    gatewayService: gatewayService(get('gatewayService')),
+    gatewayRange: gatewayRange(opt('gatewayRange')),
+    gatewayId: gatewayId(opt('gatewayId')),
+    gatewayCheck: gatewayCheck(opt('gatewayCheck')),
   };
 }

@@ -164,14 +164,15 @@ export interface ServiceSelection {
   services: readonly string[];
   /** Only services carrying this tag; any when undefined. */
   tag: string | undefined;
+  /** Read whatever the two filters say (the gateway service: nodes need its instances). */
+  always?: readonly string[];
 }
 
 /** Which services this node routes: never Consul itself, then the configured names and tag. */
 export function selectServices(all: ReadonlyMap<string, readonly string[]>, selection: ServiceSelection): string[] {
   return [...all.entries()]
     .filter(([name]) => name !== 'consul')
-    .filter(([name]) => selection.services.length === 0 || selection.services.includes(name))
-    .filter(([, tags]) => selection.tag === undefined || tags.includes(selection.tag))
+    .filter(([name, tags]) => selection.always?.includes(name) || ((selection.services.length === 0 || selection.services.includes(name)) && (selection.tag === undefined || tags.includes(selection.tag))))
     .map(([name]) => name)
     .sort();
 }

@@ -72,6 +72,16 @@ export function consulClientOptions(config: Pick<AgentConfig, 'consul' | 'consul
  * A thin, typed shell over the `consul` npm client: every call goes through `read` or `write`, so
  * timeouts, cancellation, token, TLS and error classification live in one place.
  */
+/** A service this process registers in its local Consul agent (a gateway), with one HTTP check. */
+export interface ServiceRegistration {
+  name: string;
+  id: string;
+  address: string;
+  port: number;
+  meta: Record<string, string>;
+  check: { name: string; http: string; interval: string; timeout: string; deregisterAfter: string };
+}
+
 export class ConsulClient {
   private readonly consul: Consul;
   readonly url: string;
@@ -145,6 +155,22 @@ export class ConsulClient {
       throw new ConsulError(codes.consulInvalidData, `agent/self: expected a non-empty string Config.NodeName, got ${describe(name)}`);
     }
     return name;
+  }
+
+  /** PUT /v1/agent/service/register on the local agent: idempotent, the same ID replaces itself. */
+  async registerService(service: ServiceRegistration): Promise<void> {
+    await this.call(`agent.service.register(${service.id})`, (o) => this.consul.agent.service.register(o as never), {
+      name: service.name,
+      id: service.id,
+      address: service.address,
+      port: service.port,
+      meta: service.meta,
+      check: { name: service.check.name, http: service.check.http, interval: service.check.interval, timeout: service.check.timeout, deregistercriticalserviceafter: service.check.deregisterAfter },
+    }, {});
+  }
+
+  async deregisterService(id: string): Promise<void> {
+    await this.call(`agent.service.deregister(${id})`, (o) => this.consul.agent.service.deregister(o as never), { id }, {});
   }
 
   async leader(): Promise<string> {

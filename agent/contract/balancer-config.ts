@@ -1,5 +1,5 @@
 import { BalancerError, codes } from '../errors.js';
-import { reservedAddresses } from '../plan/addresses.js';
+import { inRange, reservedAddresses, type AddressRange } from '../plan/addresses.js';
 import { describe, expectArray, expectInteger, expectOneOf, expectRecord, expectString, ipv4ToInt, isHostAddress, isIPv4 } from '../validate.js';
 
 /**
@@ -89,7 +89,16 @@ export interface ServiceSpec {
   split?: SubsetSpec[];
   limits?: LimitsSpec;
   outlier?: OutlierSpec;
+  /**
+   * The proxy cluster's addresses for this service (`loopmesh gateway`), in the order to try: the
+   * last resort when no direct connect to a backend works, and the hosts block's lines after the
+   * loopback one. Absent or empty on a gateway itself (a gateway never forwards to a gateway).
+   */
+  gateways?: BackendSpec[];
 }
+
+/** Most gateways a service lists: more would only make a failing connect take longer. */
+export const maxGateways = 16;
 
 export interface BalancerConfig {
   version: 1;
@@ -115,6 +124,19 @@ function listenAddressProblem(address: string): string | undefined {
   if (n >>> 24 !== 127) return 'expected a loopback address inside 127.0.0.0/8 (anything else would be reachable from other hosts or not this node\'s)';
   if ((n & 0xffffff) === 0 || (n & 0xffffff) === 0xffffff) return 'expected a host address of 127.0.0.0/8, not its network or broadcast address';
   if (reservedAddresses.includes(address)) return `expected an address other software does not own (not ${reservedAddresses.join(', ')})`;
+  return undefined;
+}
+
+/** A gateway process listens only inside its --gateway-range: the run dir cannot make it bind anything else. */
+function gatewayListenProblem(address: string, range: AddressRange): string | undefined {
+  return inRange(range, address) ? undefined : `expected an address inside this gateway's range ${range.cidr}`;
+}
+
+/** A gateway is another host: an IPv4 address outside 127/8, 0/8 and multicast. */
+function gatewayAddressProblem(address: string): string | undefined {
+  if (!isIPv4(address)) return 'expected an IPv4 address';
+  const first = ipv4ToInt(address) >>> 24;
+  if (first === 127 || first === 0 || first >= 224) return 'expected a unicast address of another host (not 0/8, 127/8, multicast or reserved)';
   return undefined;
 }
 
@@ -189,19 +211,41 @@ export function parseOutlier(value: unknown, where: string): OutlierSpec {
   });
 }
 
-function parseService(value: unknown, where: string): ServiceSpec {
+function parseGateways(value: unknown, where: string): BackendSpec[] {
+  const list = expectArray(value, where);
+  if (list.length > maxGateways) throw new TypeError(`${where}: ${list.length} gateways; expected at most ${maxGateways}`);
+  return list.map((v, i) => {
+    const gateway = parseBackend(v, `${where}[${i}]`);
+    const wrong = gatewayAddressProblem(gateway.address);
+    if (wrong) throw new TypeError(`${where}[${i}].address: ${wrong}, got ${describe(gateway.address)}`);
+    return gateway;
+  });
+}
+
+function parseGatewaysHere(value: unknown, where: string, options: ParseOptions): BackendSpec[] {
+  const gateways = parseGateways(value, where);
+  if (options.gatewayRange && gateways.length > 0) throw new TypeError(`${where}: a gateway's config lists ${gateways.length} gateways; expected none (a gateway never forwards to another gateway)`);
+  return gateways;
+}
+
+/** Where this process may listen: loopback (a node), or inside its --gateway-range (a gateway). */
+export interface ParseOptions {
+  gatewayRange?: AddressRange;
+}
+
+function parseService(value: unknown, where: string, options: ParseOptions): ServiceSpec {
   const raw = expectRecord(value, where);
   const service = expectText(raw.service, `${where}.service`);
   try {
-    return parseServiceFields(raw, service, where);
+    return parseServiceFields(raw, service, where, options);
   } catch (err) {
     throw new TypeError(`${(err as Error).message} (service ${JSON.stringify(service)})`, { cause: err });
   }
 }
 
-function parseServiceFields(raw: Record<string, unknown>, service: string, where: string): ServiceSpec {
+function parseServiceFields(raw: Record<string, unknown>, service: string, where: string, options: ParseOptions): ServiceSpec {
   const address = expectString(raw.address, `${where}.address`);
-  const wrongAddress = listenAddressProblem(address);
+  const wrongAddress = options.gatewayRange ? gatewayListenProblem(address, options.gatewayRange) : listenAddressProblem(address);
   if (wrongAddress) throw new TypeError(`${where}.address: ${wrongAddress}, got ${describe(address)}`);
   const name = expectString(raw.name, `${where}.name`);
   if (!dnsLabelPattern.test(name)) throw new TypeError(`${where}.name: expected a DNS label (letters, digits and inner "-", at most 63), got ${describe(name)}`);
@@ -219,6 +263,7 @@ function parseServiceFields(raw: Record<string, unknown>, service: string, where
     ...(raw.split === undefined ? {} : { split: parseSplit(raw.split, `${where}.split`) }),
     ...(raw.limits === undefined ? {} : { limits: parseLimits(raw.limits, `${where}.limits`) }),
     ...(raw.outlier === undefined ? {} : { outlier: parseOutlier(raw.outlier, `${where}.outlier`) }),
+    ...(raw.gateways === undefined ? {} : { gateways: parseGatewaysHere(raw.gateways, `${where}.gateways`, options) }),
   };
 }
 
@@ -229,7 +274,7 @@ function dialed(address: string): string {
 }
 
 /** Parses and checks a rendered balancer.json; throws a BalancerError naming the bad value. */
-export function parseBalancerConfig(text: string, source = 'balancer.json'): BalancerConfig {
+export function parseBalancerConfig(text: string, source = 'balancer.json', options: ParseOptions = {}): BalancerConfig {
   let json: unknown;
   try {
     json = JSON.parse(text);
@@ -239,7 +284,7 @@ export function parseBalancerConfig(text: string, source = 'balancer.json'): Bal
   try {
     const raw = expectRecord(json, source);
     if (raw.version !== 1) throw new TypeError(`${source}.version: expected 1, got ${JSON.stringify(raw.version)}`);
-    const services = expectArray(raw.services, `${source}.services`).map((s, i) => parseService(s, `${source}.services[${i}]`));
+    const services = expectArray(raw.services, `${source}.services`).map((s, i) => parseService(s, `${source}.services[${i}]`, options));
     const seen = new Map<string, string>();
     for (const s of services) {
       const key = `${s.address}:${s.port}`;

@@ -10,6 +10,7 @@ import { DataPlaneError, codes, errorCode, errorMessage, type Problem } from '..
 import { handOver, type HandOverOptions, type InheritedSockets, type ListeningSocket } from '../hot-restart/handover.js';
 import { readRunDirFileIfExists } from '../fs/run-dir.js';
 import type { Logger } from '../log.js';
+import type { AddressRange } from '../plan/addresses.js';
 import { Retry } from '../retry.js';
 import { balancerFile, hostsFile as renderedHostsFile } from '../contract/files.js';
 
@@ -28,8 +29,20 @@ export interface DataPlaneOptions {
   queue?: number;
   queueTimeoutMs?: number;
   backendDrain?: DrainPolicy;
+  /** A gateway: services listen inside this range, reachable from other nodes (loopback otherwise). */
+  gatewayRange?: AddressRange;
   /** From a predecessor process (hot restart): its sockets, and its config, served before the file. */
   inherited?: InheritedSockets;
+}
+
+/** Name -> its gateway addresses in the served config: the only non-loopback addresses a hosts line may hold. */
+function gatewaysByName(config: BalancerConfig | undefined): Map<string, Set<string>> {
+  const out = new Map<string, Set<string>>();
+  for (const s of config?.services ?? []) {
+    if (!s.gateways?.length) continue;
+    out.set(s.fqdn.toLowerCase(), new Set(s.gateways.map((g) => g.address)));
+  }
+  return out;
 }
 
 /** Dropped hosts lines shown one by one in hostsProblems(); the rest are counted. */
@@ -76,6 +89,7 @@ export class DataPlane {
       path: join(options.runDir, balancerFile),
       logger: logger.child({ stage: 'balancer' }),
       onConfig: (config) => this.apply(config),
+      gatewayRange: options.gatewayRange,
     });
   }
 
@@ -161,7 +175,7 @@ export class DataPlane {
     }
     if (rendered === undefined) return;
     // The run dir is untrusted: only loopback addresses under the suffix may reach the hosts file.
-    const checked = checkHostsLines(rendered, { suffix: this.options.suffix });
+    const checked = checkHostsLines(rendered, { suffix: this.options.suffix, gateways: gatewaysByName(this.config()) });
     this.hostsLineProblems = checked.dropped.map((d) => d.problem);
     const current = new Set(checked.dropped.map((d) => d.line));
     for (const line of this.loggedHostsLines) if (!current.has(line)) this.loggedHostsLines.delete(line);

@@ -136,7 +136,14 @@ function clip(line: string): string {
   return line.length > 200 ? `${line.slice(0, 200)}...` : line;
 }
 
-function lineFault(line: string, suffix: string | undefined): string | undefined {
+/** What a line may hold besides loopback addresses: each name's gateway addresses (from the served balancer.json). */
+export interface HostsLineRules {
+  suffix?: string;
+  /** Lower-case name -> the gateway addresses it may also resolve to, after its loopback line. */
+  gateways?: ReadonlyMap<string, ReadonlySet<string>>;
+}
+
+function lineFault(line: string, rules: HostsLineRules, named: Set<string>): string | undefined {
   // Tab is a field separator in hosts files; every other control character is refused.
   if (/[\u0000-\u0008\u000a-\u001f\u007f]/.test(line)) return 'it holds a control character';
   const trimmed = line.trim();
@@ -144,37 +151,46 @@ function lineFault(line: string, suffix: string | undefined): string | undefined
   if (/^#\s*(BEGIN|END) loopmesh/i.test(trimmed)) return 'it is a loopmesh marker line, which would split the block';
   if (trimmed.startsWith('#')) return undefined;
   const [address = '', ...names] = trimmed.split(/[ \t]+/);
-  if (!isLoopbackIPv4(address)) return `address ${JSON.stringify(clip(address))} is not an IPv4 address inside 127.0.0.0/8`;
+  const loopback = isLoopbackIPv4(address);
+  if (!loopback && !ipv4Pattern.test(address)) return `address ${JSON.stringify(clip(address))} is not an IPv4 address`;
   if (names.length === 0) return 'it has an address and no name';
   for (const name of names) {
     if (!isHostName(name)) return `name ${JSON.stringify(clip(name))} is not a DNS host name`;
-    if (suffix && !name.toLowerCase().endsWith(`.${suffix.toLowerCase()}`)) return `name ${JSON.stringify(name)} is not under .${suffix}`;
+    if (rules.suffix && !name.toLowerCase().endsWith(`.${rules.suffix.toLowerCase()}`)) return `name ${JSON.stringify(name)} is not under .${rules.suffix}`;
+    if (loopback) continue;
+    // A gateway line: only an address the served config gives the name, and only after its loopback
+    // line (so that the node's own data plane is always tried first).
+    if (!rules.gateways?.get(name.toLowerCase())?.has(address)) return `address ${JSON.stringify(clip(address))} is outside 127.0.0.0/8 and not a gateway of ${name} in the served balancer.json`;
+    if (!named.has(name.toLowerCase())) return `gateway address ${address} comes before the loopback line of ${name}`;
   }
+  if (loopback) for (const name of names) named.add(name.toLowerCase());
   return undefined;
 }
 
 /**
  * Keeps the lines of a rendered hosts file (the run dir's `hosts`, untrusted: whoever can write the
  * run dir would otherwise write /etc/hosts as root) that are comments, blank, or `ADDRESS NAME
- * [NAME...]` with ADDRESS in 127.0.0.0/8 and each NAME a host name (under `suffix` when given).
+ * [NAME...]` with ADDRESS in 127.0.0.0/8 and each NAME a host name (under `suffix` when given), and
+ * after a name's loopback line, lines that give it one of its gateway addresses (`gateways`).
  * Every other line is dropped, with an LM_ERR_HOSTS_INVALID_LINE problem naming it.
  */
-export function checkHostsLines(rendered: string, options: { suffix?: string } = {}): HostsLinesCheck {
+export function checkHostsLines(rendered: string, options: HostsLineRules = {}): HostsLinesCheck {
   const kept: string[] = [];
   const dropped: HostsLinesCheck['dropped'] = [];
   const under = options.suffix ? ` under .${options.suffix}` : '';
+  const named = new Set<string>();
   const lines = rendered.split('\n');
   if (lines[lines.length - 1] === '') lines.pop();
   lines.forEach((raw, i) => {
     const line = raw.endsWith('\r') ? raw.slice(0, -1) : raw;
-    const fault = lineFault(line, options.suffix);
+    const fault = lineFault(line, options, named);
     if (fault === undefined) {
       kept.push(line);
       return;
     }
     const message =
       `rendered hosts file, line ${i + 1}: ${JSON.stringify(clip(line))} dropped (${fault}); expected a comment, a blank line ` +
-      `or "ADDRESS NAME [NAME...]" with ADDRESS an IPv4 address inside 127.0.0.0/8 and each NAME a DNS host name (RFC 1123: ` +
+      `or "ADDRESS NAME [NAME...]" with ADDRESS an IPv4 address inside 127.0.0.0/8 (or, after that, one of the name's gateways) and each NAME a DNS host name (RFC 1123: ` +
       `letters, digits and hyphens, labels of at most 63 characters, at most 253 in all)${under}`;
     dropped.push({ line, problem: { code: codes.hostsInvalidLine, message } });
   });

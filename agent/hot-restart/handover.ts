@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process';
 import type { RemoteInfo, Socket as UdpSocket } from 'node:dgram';
 import type { Server, Socket } from 'node:net';
-import { parseBalancerConfig, type BalancerConfig } from '../contract/balancer-config.js';
+import { parseBalancerConfig, type BalancerConfig, type ParseOptions } from '../contract/balancer-config.js';
 import { DataPlaneError, codes, errorMessage } from '../errors.js';
 import { describe, isRecord } from '../validate.js';
 
@@ -206,7 +206,7 @@ export function handOver(options: HandOverOptions): Promise<number> {
  * Successor side: in a process started by `handOver`, receives the sockets and the predecessor's
  * config; resolves undefined in any other process.
  */
-export function receiveHandover(timeoutMs: number): Promise<InheritedSockets | undefined> {
+export function receiveHandover(timeoutMs: number, options: ParseOptions = {}): Promise<InheritedSockets | undefined> {
   if (!process.env[handoverEnv] || !process.send) return Promise.resolve(undefined);
   delete process.env[handoverEnv];
   isSuccessor = true;
@@ -229,7 +229,7 @@ export function receiveHandover(timeoutMs: number): Promise<InheritedSockets | u
           if (pending.length !== message.sockets) {
             throw new DataPlaneError(codes.handover, `handover: got ${pending.length} sockets, the predecessor sent ${message.sockets}`);
           }
-          const inherited = new InheritedSockets(message.config === null ? undefined : parseBalancerConfig(message.config, 'the predecessor\'s config'));
+          const inherited = new InheritedSockets(message.config === null ? undefined : parseBalancerConfig(message.config, 'the predecessor\'s config', options));
           for (const s of pending) inherited.add(s.kind, s.key, s.handle);
           done(undefined, inherited);
         }

@@ -23,6 +23,37 @@ export function parseRange(cidr: string): AddressRange {
   return { cidr, first: base + 1, last: base + size - 2 };
 }
 
+/**
+ * A gateway's range (--gateway-range): addresses reachable from the other nodes on which a
+ * `loopmesh gateway` serves every service. Not loopback, multicast, 0/8 or the broadcast address;
+ * its first and last address are left out as in a range of 127/8.
+ */
+export function parseGatewayRange(cidr: string): AddressRange {
+  const match = /^(\d+\.\d+\.\d+\.\d+)\/(\d{1,2})$/.exec(cidr);
+  const prefix = match ? Number(match[2]) : NaN;
+  if (!match || !match[1] || !isIPv4(match[1]) || !(prefix >= 8 && prefix <= 30)) {
+    throw new TypeError(`expected an IPv4 CIDR range with a prefix from /8 to /30 (for example 10.77.77.128/27), got "${cidr}"`);
+  }
+  const size = 2 ** (32 - prefix);
+  const base = ipv4ToInt(match[1]) - (ipv4ToInt(match[1]) % size);
+  const first = base >>> 24;
+  if (first === 127 || first === 0 || first >= 224) {
+    throw new TypeError(`expected a range of unicast addresses other nodes can reach (not 0/8, 127/8, multicast or reserved), got "${cidr}"`);
+  }
+  return { cidr: `${intToIPv4(base)}/${prefix}`, first: base + 1, last: base + size - 2 };
+}
+
+/**
+ * The address in `to` that mirrors `address` of `from`: the same offset from the first address.
+ * A gateway serves the service of 127.77.0.5 (offset 4 in 127.77.0.0/16) at 10.77.77.133 with
+ * --gateway-range 10.77.77.128/27. undefined when the offset is past the end of `to`.
+ */
+export function mirrorAddress(from: AddressRange, to: AddressRange, address: string): string | undefined {
+  if (!inRange(from, address)) return undefined;
+  const n = to.first + (ipv4ToInt(address) - from.first);
+  return n <= to.last ? intToIPv4(n) : undefined;
+}
+
 export function inRange(range: AddressRange, address: string): boolean {
   if (!isIPv4(address)) return false;
   const n = ipv4ToInt(address);

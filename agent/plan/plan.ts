@@ -2,7 +2,8 @@ import { balancePolicies, defaultBalancePolicy, type BackendSpec, type BalancePo
 import { emptyTrafficDoc, type TrafficDoc } from '../contract/traffic.js';
 import type { Catalog, Instance } from '../consul/catalog.js';
 import { codes } from '../errors.js';
-import { addressOf, inRange, type AddressRange, type AddressTable } from './addresses.js';
+import { addressOf, inRange, mirrorAddress, type AddressRange, type AddressTable } from './addresses.js';
+import { gatewayBackends, type Gateway } from './gateways.js';
 import { describe, isHostAddress } from '../validate.js';
 import { dnsLabel } from './names.js';
 import { choosePort } from './ports.js';
@@ -10,7 +11,7 @@ import { choosePort } from './ports.js';
 const controlCharacter = /[\u0000-\u001f\u007f]/;
 
 /** A route is what the data plane serves for one service; its shape is balancer.json's, every field set. */
-export type Route = ServiceSpec & Required<Pick<ServiceSpec, 'split' | 'limits' | 'outlier'>>;
+export type Route = ServiceSpec & Required<Pick<ServiceSpec, 'split' | 'limits' | 'outlier' | 'gateways'>>;
 
 /** Instance meta that chooses a service's balancing policy (the KV traffic document overrides it). */
 export const policyMetaKey = 'loopmesh-lb';
@@ -30,6 +31,15 @@ export interface PlanOptions {
   policy?: BalancePolicy;
   /** Consul service name -> its traffic document from KV (split, policy, limits, outlier). */
   traffic?: ReadonlyMap<string, TrafficDoc>;
+  /** A node: the proxy cluster, each service's last resort (needs `range`). */
+  gateways?: readonly Gateway[];
+  /**
+   * A gateway (`loopmesh gateway`): every service listens at the mirror of its loopback address in
+   * this range instead (needs `range`); a service past the range's end is reported and not served.
+   */
+  gatewayRange?: AddressRange;
+  /** Consul services that are not routed (the gateway service: nodes use it, nobody connects to it by name). */
+  skip?: ReadonlySet<string>;
 }
 
 /**
@@ -110,7 +120,7 @@ export function plan(
   previous: readonly Route[],
   options: PlanOptions,
 ): { routes: Route[]; problems: PlanProblem[] } {
-  const { labels, problems } = planLabels([...catalog.keys()]);
+  const { labels, problems } = planLabels([...catalog.keys()].filter((s) => !options.skip?.has(s)));
   const previousByService = new Map(previous.map((r) => [r.service, r]));
   const routes: Route[] = [];
   // The table is reconciled to be unique; this guard keeps a table that is not from ever making two
@@ -132,6 +142,15 @@ export function plan(
       continue;
     }
     if (addressOwner.get(address) !== service) continue;
+    let listen = address;
+    if (options.gatewayRange && options.range) {
+      const mirrored = mirrorAddress(options.range, options.gatewayRange, address);
+      if (mirrored === undefined) {
+        problems.push({ service, code: codes.gatewayNoAddress, message: `service "${service}" has the address ${address}, whose place in ${options.range.cidr} is past the end of this gateway's range ${options.gatewayRange.cidr}; not served here (expected a larger --gateway-range)` });
+        continue;
+      }
+      listen = mirrored;
+    }
     const port = choosePort(instances, previousByService.get(service)?.port);
     if (!port.ok) {
       problems.push({ service, code: codes.planNoPort, message: `service "${service}": ${port.reason}` });
@@ -145,6 +164,10 @@ export function plan(
         problems.push({ service, code: codes.consulInvalidInstance, message: `service "${service}": instance ${JSON.stringify(i.id)} has the address ${JSON.stringify(i.address)}; expected an IP address or a host name; refused` });
         continue;
       }
+      if (options.gatewayRange && inRange(options.gatewayRange, i.address)) {
+        problems.push({ service, code: codes.planSelfBackend, message: `service "${service}": instance ${i.id} has the address ${i.address}:${i.port}, inside this gateway's range ${options.gatewayRange.cidr}; refused (a connection would loop through loopmesh)` });
+        continue;
+      }
       if (options.range && inRange(options.range, i.address)) {
         problems.push({ service, code: codes.planSelfBackend, message: `service "${service}": instance ${i.id} has the address ${i.address}:${i.port}, inside loopmesh's own range ${options.range.cidr}; refused (a connection would loop through loopmesh)` });
         continue;
@@ -155,13 +178,14 @@ export function plan(
       service,
       name: label,
       fqdn: `${label}.${options.suffix}`,
-      address,
+      address: listen,
       port: port.port,
       policy: traffic.policy ?? metaPolicy(service, instances, problems) ?? options.policy ?? defaultBalancePolicy,
       empty: options.empty,
       split: splitSubsets(traffic),
       limits: traffic.limits,
       outlier: traffic.outlier,
+      gateways: options.gateways && options.range && !options.gatewayRange ? gatewayBackends(options.gateways, options.range, service, address, port.port) : [],
       backends,
     });
   }

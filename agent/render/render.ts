@@ -1,5 +1,5 @@
 import { join } from 'node:path';
-import { parseBalancerConfig } from '../contract/balancer-config.js';
+import { parseBalancerConfig, type ParseOptions } from '../contract/balancer-config.js';
 import { balancerFile } from '../contract/files.js';
 import { RenderError, codes, errorMessage } from '../errors.js';
 import { writeFileAtomic } from '../fs/atomic-write.js';
@@ -11,10 +11,10 @@ export interface RenderedFile {
 }
 
 /** Files the data plane loads are checked before they can replace a working one. */
-function check(output: string, text: string, file: string): void {
+function check(output: string, text: string, file: string, options: ParseOptions): void {
   if (output === balancerFile) {
     try {
-      parseBalancerConfig(text, file);
+      parseBalancerConfig(text, file, options);
     } catch (cause) {
       throw new RenderError(codes.renderTemplate, `${file} rendered a balancer.json that does not load: ${errorMessage(cause)}`, { cause });
     }
@@ -25,6 +25,8 @@ function check(output: string, text: string, file: string): void {
 export function renderAll(
   templates: readonly Template[],
   context: RenderContext,
+  /** A gateway's balancer.json listens inside its range: checked as its data plane will. */
+  options: ParseOptions = {},
 ): { files: RenderedFile[]; errors: RenderError[]; failed: string[] } {
   const files: RenderedFile[] = [];
   const errors: RenderError[] = [];
@@ -32,7 +34,7 @@ export function renderAll(
   for (const t of templates) {
     try {
       const text = t.render(context);
-      check(t.output, text, t.file);
+      check(t.output, text, t.file, options);
       files.push({ output: t.output, text });
     } catch (err) {
       failed.push(t.output);

@@ -59,6 +59,7 @@ function zeroed(value: object): Fields {
 interface Totals {
   route: Fields;
   backends: Map<string, Fields>;
+  gateways: Map<string, Fields>;
   split: Map<string, Fields>;
 }
 
@@ -76,6 +77,7 @@ function addKeyed(into: Map<string, Fields>, key: string, fields: Fields, counte
 function addRoute(into: Totals, r: RouteReport, countersOnly: boolean): void {
   addNumbers(into.route, r as unknown as Fields, countersOnly);
   for (const b of r.backends) addKeyed(into.backends, b.id, b as unknown as Fields, countersOnly);
+  for (const g of r.gateways ?? []) addKeyed(into.gateways, g.id, g as unknown as Fields, countersOnly);
   for (const p of r.split ?? []) addKeyed(into.split, p.name, p as unknown as Fields, countersOnly);
 }
 
@@ -89,7 +91,7 @@ export class RetiredTotals {
 
   add(report: StatusReport): void {
     for (const r of report.routes) {
-      const t = this.routes.get(r.service) ?? { route: {}, backends: new Map<string, Fields>(), split: new Map<string, Fields>() };
+      const t = this.routes.get(r.service) ?? { route: {}, backends: new Map<string, Fields>(), gateways: new Map<string, Fields>(), split: new Map<string, Fields>() };
       addRoute(t, r, true);
       this.routes.set(r.service, t);
     }
@@ -131,13 +133,14 @@ export function mergeReports(node: string, workers: readonly WorkerView[], retir
     for (const r of report.routes) {
       const known = totals.get(r.service);
       if (!known) {
-        totals.set(r.service, { route: zeroed({ ...r, backends: [], split: undefined }), backends: new Map(), split: new Map() });
+        totals.set(r.service, { route: zeroed({ ...r, backends: [], gateways: [], split: undefined }), backends: new Map(), gateways: new Map(), split: new Map() });
         continue;
       }
       const route = known.route as unknown as RouteReport;
       route.listening = route.listening === null || r.listening === null ? null : route.listening && r.listening;
       route.healthyBackends = Math.max(route.healthyBackends, r.healthyBackends);
       if ('panic' in r && r.panic === true) (known.route as { panic?: boolean }).panic = true;
+      if (r.unreachable === true) (known.route as { unreachable?: boolean }).unreachable = true;
     }
   }
   for (const report of all) {
@@ -161,7 +164,7 @@ export function mergeReports(node: string, workers: readonly WorkerView[], retir
       }
     }
     const { split: _split, ...route } = t.route;
-    routes.push({ ...(route as unknown as RouteReport), backends: [...t.backends.values()] as unknown as BackendReport[], ...(t.split.size > 0 ? { split: [...t.split.values()] as unknown as NonNullable<RouteReport['split']> } : {}) });
+    routes.push({ ...(route as unknown as RouteReport), backends: [...t.backends.values()] as unknown as BackendReport[], gateways: [...t.gateways.values()] as unknown as BackendReport[], ...(t.split.size > 0 ? { split: [...t.split.values()] as unknown as NonNullable<RouteReport['split']> } : {}) });
   }
 
   const workerProblems = workers.flatMap((w) => (w.problem ? [w.problem] : []));

@@ -17,8 +17,8 @@ test('the rendered haproxy.cfg is accepted by a real HAProxy and routes to the b
   const b = await startIdServer('h-b');
   const port = await freePort();
   const routes: Route[] = [
-    { service: 'web', name: 'web', fqdn: 'web.local', address: '127.79.0.1', port, policy: 'round-robin', empty: 'reject', split: [], limits: {}, outlier: {}, backends: [{ id: 'n/a', address: '127.0.0.1', port: a.port, weight: 1, subset: '' }, { id: 'n/b', address: '127.0.0.1', port: b.port, weight: 1, subset: '' }] },
-    { service: 'idle', name: 'idle', fqdn: 'idle.local', address: '127.79.0.2', port, policy: 'p2c-ewma', empty: 'reject', split: [], limits: {}, outlier: {}, backends: [] },
+    { service: 'web', name: 'web', fqdn: 'web.local', address: '127.79.0.1', port, policy: 'round-robin', empty: 'reject', split: [], limits: {}, outlier: {}, gateways: [], backends: [{ id: 'n/a', address: '127.0.0.1', port: a.port, weight: 1, subset: '' }, { id: 'n/b', address: '127.0.0.1', port: b.port, weight: 1, subset: '' }] },
+    { service: 'idle', name: 'idle', fqdn: 'idle.local', address: '127.79.0.2', port, policy: 'p2c-ewma', empty: 'reject', split: [], limits: {}, outlier: {}, gateways: [], backends: [] },
   ];
   const { templates } = await loadTemplates([builtinTemplatesDir()]);
   const cfg = renderAll(templates, { routes, suffix: 'local' }).files.find((f) => f.output === 'haproxy.cfg');

@@ -103,7 +103,7 @@ const lineCases: Array<{ what: string; line: string; kept: boolean; reason?: Reg
   { what: 'a 63-character label', line: `127.1.0.1 ${'a'.repeat(63)}.local`, kept: true },
   { what: 'a comment', line: '# routes rendered by loopmesh', kept: true },
   { what: 'a blank line', line: ' \t', kept: true },
-  { what: 'an address outside 127/8', line: '0.0.0.0 web.local', kept: false, reason: /address "0\.0\.0\.0" is not an IPv4 address inside 127\.0\.0\.0\/8/ },
+  { what: 'an address outside 127/8', line: '0.0.0.0 web.local', kept: false, reason: /address "0\.0\.0\.0" is outside 127\.0\.0\.0\/8 and not a gateway of web\.local/ },
   { what: 'an off-host address', line: '10.1.2.3 web.local', kept: false, reason: /address "10\.1\.2\.3"/ },
   { what: 'IPv6 loopback', line: '::1 web.local', kept: false, reason: /address "::1"/ },
   { what: 'an octet over 255', line: '127.0.0.256 web.local', kept: false, reason: /address "127\.0\.0\.256"/ },
@@ -144,6 +144,27 @@ for (const c of lineCases) {
     assert.match(problem.message, /expected a comment, a blank line or "ADDRESS NAME \[NAME\.\.\.\]" with ADDRESS an IPv4 address inside 127\.0\.0\.0\/8/);
   });
 }
+
+test('checkHostsLines: a gateway line passes only after the name\'s loopback line and only with a gateway address the served config gives that name', () => {
+  const gateways = new Map([['web.local', new Set(['10.77.77.129', '10.77.77.161'])]]);
+  const rendered = [
+    '10.77.77.161 web.local', // before the loopback line: the local data plane must be tried first
+    '127.77.0.1 web.local',
+    '10.77.77.129 web.local',
+    '10.77.77.161 WEB.local',
+    '10.77.77.130 web.local', // not one of web's gateways
+    '127.77.0.2 db.local',
+    '10.77.77.129 db.local', // db has no gateways in the config
+    '10.77.77.129 web.local db.local', // one name of the line is not allowed: the whole line goes
+  ].join('\n');
+  const checked = checkHostsLines(rendered, { suffix, gateways });
+  assert.equal(checked.text, '127.77.0.1 web.local\n10.77.77.129 web.local\n10.77.77.161 WEB.local\n127.77.0.2 db.local\n');
+  assert.deepEqual(checked.dropped.map((d) => d.line), ['10.77.77.161 web.local', '10.77.77.130 web.local', '10.77.77.129 db.local', '10.77.77.129 web.local db.local']);
+  assert.match(checked.dropped[0]?.problem.message ?? '', /gateway address 10\.77\.77\.161 comes before the loopback line of web\.local/);
+  assert.match(checked.dropped[1]?.problem.message ?? '', /"10\.77\.77\.130" is outside 127\.0\.0\.0\/8 and not a gateway of web\.local/);
+  // Without a served config, nothing but loopback passes.
+  assert.equal(checkHostsLines('127.77.0.1 web.local\n10.77.77.129 web.local\n', { suffix }).text, '127.77.0.1 web.local\n');
+});
 
 test('checkHostsLines: keeps the good lines in order around the bad ones, names each bad one by its line number; CRLF lines are read as lines', () => {
   const rendered = '# head\r\n127.77.0.2 web.local\r\n0.0.0.0 evil.local\n\n127.77.0.3 redis.local\n# END loopmesh\n10.0.0.1 db.local';

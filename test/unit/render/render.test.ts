@@ -10,8 +10,8 @@ import { builtinTemplatesDir, compileTemplate, loadTemplates } from '../../../ag
 import type { Route } from '../../../agent/plan/plan.js';
 
 const routes: Route[] = [
-  { service: 'web', name: 'web', fqdn: 'web.local', address: '127.77.0.2', port: 80, policy: 'round-robin', empty: 'reject', split: [], limits: {}, outlier: {}, backends: [{ id: 'n1/w1', address: '10.0.0.1', port: 8080, weight: 1, subset: '' }, { id: 'n2/w"2', address: '10.0.0.2', port: 8080, weight: 1, subset: '' }] },
-  { service: 'redis', name: 'redis', fqdn: 'redis.local', address: '127.77.0.3', port: 6379, policy: 'round-robin', empty: 'keep-last', split: [], limits: {}, outlier: {}, backends: [] },
+  { service: 'web', name: 'web', fqdn: 'web.local', address: '127.77.0.2', port: 80, policy: 'round-robin', empty: 'reject', split: [], limits: {}, outlier: {}, gateways: [], backends: [{ id: 'n1/w1', address: '10.0.0.1', port: 8080, weight: 1, subset: '' }, { id: 'n2/w"2', address: '10.0.0.2', port: 8080, weight: 1, subset: '' }] },
+  { service: 'redis', name: 'redis', fqdn: 'redis.local', address: '127.77.0.3', port: 6379, policy: 'round-robin', empty: 'keep-last', split: [], limits: {}, outlier: {}, gateways: [], backends: [] },
 ];
 
 test('the built-in templates render a balancer.json that loads back to the same routes, and a hosts block', async () => {
