@@ -23,6 +23,11 @@ export interface GatewayRegistrationOptions {
   checkUrl: string;
 }
 
+function checkPort(url: string): number {
+  const parsed = new URL(url);
+  return parsed.port ? Number(parsed.port) : parsed.protocol === 'https:' ? 443 : 80;
+}
+
 /** The default service ID of a gateway: one per range, so two gateways on one node do not clash. */
 export function defaultGatewayId(range: AddressRange): string {
   return `loopmesh-gateway-${intToIPv4(range.first - 1)}`;
@@ -51,7 +56,8 @@ export class GatewayRegistration {
       name: service,
       id: this.id,
       address: intToIPv4(range.first),
-      port: 0,
+      // Consul's catalog (and loopmesh's parser) wants a port: the one of its check (its admin).
+      port: checkPort(checkUrl),
       meta: { [gatewayRangeMeta]: range.cidr, [mirroredRangeMeta]: mirrored.cidr },
       check: { name: `loopmesh gateway ${this.id}`, http: checkUrl, interval: '1s', timeout: '1s', deregisterAfter: '10m' },
     };

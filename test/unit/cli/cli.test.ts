@@ -10,6 +10,11 @@ const cli = (...args: string[]) => execa('node', ['--import', 'tsx', main, ...ar
 test('bad flags and values: one line naming them, exit status 2', async () => {
   const cases: [string[], RegExp][] = [
     [['agent', '--colour', 'blue'], /^loopmesh: unknown flag --colour; expected one of --help, --config, --consul/],
+    [['agent', '--gateway-range', '10.77.77.128/27'], /^loopmesh: unknown flag --gateway-range; expected one of/],
+    [['gateway'], /^loopmesh: loopmesh gateway: --gateway-range \(LOOPMESH_GATEWAY_RANGE\) is required; expected the CIDR range/],
+    [['gateway', '--gateway-range', '10.77.77.128/27', '--admin', 'off'], /^loopmesh: loopmesh gateway: --admin is off and no --gateway-check is given; expected one of them/],
+    [['gateway', '--gateway-range', '10.77.77.128/27', '--dns', '127.0.0.1:53'], /^loopmesh: unknown flag --dns; expected one of/],
+    [['gateway', '--gateway-range', '127.1.0.0/24'], /^loopmesh: --gateway-range: expected a range of unicast addresses other nodes can reach .*"127\.1\.0\.0\/24"$/],
     [['agent', '--dns', 'nowhere'], /^loopmesh: --dns: expected ADDRESS:PORT .* got "nowhere", or "off"$/],
     [['agent', '--range', '192.168.0.0/16'], /^loopmesh: --range: expected a CIDR range inside 127\.0\.0\.0\/8 .*"192\.168\.0\.0\/16"$/],
     [['agent', '--log-level', 'chatty'], /^loopmesh: --log-level: expected one of .* got "chatty"$/],
@@ -38,7 +43,8 @@ test('--help everywhere, exit 0, naming the flags', async () => {
     [['agent', '--help'], /--consul URL[\s\S]*CONSUL_HTTP_ADDR[\s\S]*--token-file[\s\S]*--hosts-file[\s\S]*--dns[\s\S]*--admin[\s\S]*--suffix[\s\S]*--range[\s\S]*--log-level/],
     [['status', '--help'], /Usage: loopmesh status/],
     [['render', '--help'], /--dry-run/],
-    [['balancer', '--help'], /--run-dir/],
+    [['balancer', '--help'], /--run-dir[\s\S]*--gateway-range CIDR/],
+    [['gateway', '--help'], /Usage: loopmesh gateway --gateway-range CIDR[\s\S]*ip route add local[\s\S]*--gateway-check URL/],
   ];
   await Promise.all(
     cases.map(async ([args, pattern]) => {
