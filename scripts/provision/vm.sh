@@ -14,5 +14,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/vm-base.sh"
 bash "$here/vm-consul.sh" "$1" "$2" "$3" "$4"
 bash "$here/vm-loopmesh.sh"
+# The proxy cluster: a gateway on the server VM, on the top /27 of the private network's /24.
+if [ "$1" = server ]; then bash "$here/vm-gateway.sh" "${3%.*}.128/27"; fi
 bash "$here/vm-demo.sh" "$2" "$3" "$5" "$6"
-echo "vm.sh: $2 ($3) is provisioned: consul, loopmesh-balancer, loopmesh$( [ "$5" -gt 0 ] && printf ', demo services: %s' "$(. "$here/lib.sh"; lm_demo_role "$5" "$6")")"
+echo "vm.sh: $2 ($3) is provisioned: consul, loopmesh-balancer, loopmesh$( [ "$1" = server ] && printf ', loopmesh-gateway')$( [ "$5" -gt 0 ] && printf ', demo services: %s' "$(. "$here/lib.sh"; lm_demo_role "$5" "$6")")"

@@ -65,7 +65,7 @@ describe('the Vagrant lab (vagrant/Vagrantfile, scripts/provision)', { timeout: 
   });
 
   test('systemd accepts the loopmesh units (systemd-analyze verify), which run unprivileged with only CAP_NET_BIND_SERVICE', async (t) => {
-    const units = ['loopmesh.service', 'loopmesh-balancer.service'].map((u) => join(provision, 'systemd', u));
+    const units = ['loopmesh.service', 'loopmesh-balancer.service', 'loopmesh-gateway.service'].map((u) => join(provision, 'systemd', u));
     const text = await Promise.all(units.map((u) => execa('cat', [u]).then((r) => r.stdout)));
     for (const unit of text) {
       assert.match(unit, /^User=loopmesh$/m);
@@ -77,6 +77,10 @@ describe('the Vagrant lab (vagrant/Vagrantfile, scripts/provision)', { timeout: 
     assert.match(text[1] ?? '', /^CapabilityBoundingSet=CAP_NET_BIND_SERVICE$/m);
     assert.match(text[1] ?? '', /^ReadWritePaths=\/etc\/hosts$/m);
     assert.match(text[0] ?? '', /^CapabilityBoundingSet=$/m);
+    // The gateway: unprivileged too; only its route (AnyIP, the range made local) is added as root before the start.
+    assert.match(text[2] ?? '', /^CapabilityBoundingSet=CAP_NET_BIND_SERVICE$/m);
+    assert.match(text[2] ?? '', /^ExecStartPre=\+\/sbin\/ip route replace local \$\{LOOPMESH_GATEWAY_RANGE\} dev lo$/m);
+    assert.match(text[2] ?? '', /^ExecStart=.* gateway$/m);
     if ((await execa('systemd-analyze', ['--version'], { reject: false })).exitCode !== 0) {
       t.diagnostic('systemd-analyze is not installed: unit files checked by content only');
       return;
