@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The multi-node lab on one Linux host, as root, with network namespaces: a bridge, one namespace
 # per node with its own address, a Consul server and Consul client agents, loopmesh on every node,
-# and per-node /etc (hosts, resolv.conf, nsswitch.conf) through /etc/netns/NODE/.
+# and per-node /etc (hosts, resolv.conf, nsswitch.conf) through /etc/netns/NODE/. The server node
+# also runs the proxy cluster: `loopmesh gateway` processes (gateway1, gateway2) that serve every
+# service at addresses the nodes reach when their own loopmesh is down or cut off.
 #
 #   scripts/lab.sh up                         build it (idempotent) and wait until it works
 #   scripts/lab.sh down                       remove everything it made (also after a failed up)
@@ -10,13 +12,18 @@
 #   scripts/lab.sh stop|start|restart NODE COMPONENT
 #                                             COMPONENT: consul, loopmesh (the control plane,
 #                                             `agent --render-only`), balancer (the data plane;
-#                                             restart is a hot restart, SIGUSR2), web, redis
+#                                             restart is a hot restart, SIGUSR2), web, redis, and
+#                                             on server gateway1, gateway2 (restart: hot, SIGUSR2)
+#   scripts/lab.sh kill NODE COMPONENT        SIGKILL: a crash (the process, its children and any
+#                                             predecessor still draining); `start` brings it back
 #   scripts/lab.sh spawn NODE NAME CMD...     a background process on NODE that `down` stops
 #
 # Environment: LAB_NODES (client nodes, default 3), LAB_PREFIX (default lm: namespaces lm-server,
 # lm-node1..., bridge lm-br0), LAB_SUBNET (a /24, default 10.77.77.0/24: server .10, nodeN .10+N),
 # LAB_STATE (pids, logs, data; default /run/loopmesh-lab, or /run/loopmesh-lab-PREFIX for another
-# prefix). Another prefix and subnet give a second, independent lab (the tests use lmt, 10.77.78.0/24).
+# prefix). Another prefix and subnet give a second, independent lab (the tests use lmt, 10.77.78.0/24,
+# and lmg, 10.77.79.0/24). LAB_GATEWAYS (0 to 4, default 2): gateway processes on the server node;
+# gatewayK serves at SUBNET.(96 + 32K)/27 (.128/27, .160/27, ...), admin 127.0.0.1:919K.
 set -euo pipefail
 CALLER_PWD=$PWD
 cd "$(dirname "$0")/.."
@@ -38,6 +45,8 @@ if [ "$LAB_PREFIX" = lm ]; then LAB_STATE=${LAB_STATE:-/run/loopmesh-lab}; else 
 [[ $LAB_SUBNET =~ ^(10|172|192)\.([0-9]{1,3})\.([0-9]{1,3})\.0/24$ ]] || die "LAB_SUBNET must be a private /24 such as 10.77.77.0/24; got '$LAB_SUBNET'"
 NET=${LAB_SUBNET%.0/24}
 [[ $LAB_STATE == /* && $LAB_STATE != / ]] || die "LAB_STATE must be an absolute path other than /; got '$LAB_STATE'"
+LAB_GATEWAYS=${LAB_GATEWAYS:-2}
+[[ $LAB_GATEWAYS =~ ^[0-4]$ ]] || die "LAB_GATEWAYS must be a number from 0 to 4; got '$LAB_GATEWAYS'"
 
 # loopmesh runs unprivileged, as on the VMs: the balancer with CAP_NET_BIND_SERVICE only (ports 80 and
 # 53), the control plane with no capability. LAB_LOOPMESH_USER=root runs both as root instead.
@@ -73,6 +82,11 @@ stage_app() {
 FORWARD_RULE=(FORWARD -i "$BRIDGE" -o "$BRIDGE" -m comment --comment "loopmesh-lab $LAB_PREFIX" -j ACCEPT)
 
 nodes() { echo "$SERVER"; local i; for i in $(seq 1 "$LAB_NODES"); do echo "$LAB_PREFIX-node$i"; done; }
+# The proxy cluster, on the server node: gatewayK serves at gateway_range K, admin on gateway_admin K.
+gateways() { local k; for k in $(seq 1 "$LAB_GATEWAYS"); do echo "gateway$k"; done; }
+gateway_base() { echo $((96 + 32 * $1)); } # last octet: 128, 160, 192, 224
+gateway_range() { echo "$NET.$(gateway_base "$1")/27"; }
+gateway_admin() { echo "127.0.0.1:$((9190 + $1))"; }
 clients() { local i; for i in $(seq 1 "$LAB_NODES"); do echo "$LAB_PREFIX-node$i"; done; }
 index_of() { case $1 in "$SERVER") echo 0 ;; *) echo "${1##*-node}" ;; esac; }
 addr_of() { local i; i=$(index_of "$1"); echo "$NET.$((10 + i))"; }
@@ -89,7 +103,7 @@ node_name() {
 ns_exists() { ip netns list | awk '{print $1}' | grep -x -- "$1" >/dev/null; }
 # Every namespace of this prefix, whatever LAB_NODES was when it was made.
 lab_namespaces() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^$LAB_PREFIX-(server|node[0-9]+)$" || true; }
-roles_of() { local i; i=$(index_of "$1"); [ "$i" -eq 0 ] && return 0; lm_demo_role "$i" "$LAB_NODES"; }
+roles_of() { local i; i=$(index_of "$1"); if [ "$i" -eq 0 ]; then echo $(gateways); return 0; fi; lm_demo_role "$i" "$LAB_NODES"; }
 
 require_root() { [ "$(id -u)" -eq 0 ] || die "the lab makes network namespaces and a bridge: run it as root (sudo bash scripts/lab.sh $*)"; }
 
@@ -132,13 +146,14 @@ stop_proc() {
 }
 
 register_in() { LM_EXEC=(ip netns exec "$1"); lm_register http://127.0.0.1:8500 "$2"; LM_EXEC=(); }
-# The data plane's restart is a hot restart: SIGUSR2 makes the running balancer start a successor
-# (same command line, user and capabilities) that takes over its listening sockets, then the old one
-# stops accepting and drains its open connections (up to LOOPMESH_DRAIN_TIMEOUT) in the background.
-# No new connection is refused. If the successor fails, the old one keeps serving and this says so.
-hot_restart_balancer() {
-  local node=$1 f pid successor end
-  f=$(pidfile "$node" balancer)
+# The data plane's restart is a hot restart: SIGUSR2 makes the running balancer (or gateway) start a
+# successor (same command line, user and capabilities) that takes over its listening sockets, then the
+# old one stops accepting and drains its open connections (up to LOOPMESH_DRAIN_TIMEOUT) in the
+# background. No new connection is refused. If the successor fails, the old one keeps serving and
+# this says so.
+hot_restart() {
+  local node=$1 comp=$2 f pid successor end
+  f=$(pidfile "$node" "$comp")
   pid=$(cat "$f")
   kill -USR2 "$pid"
   end=$((SECONDS + 20))
@@ -149,18 +164,49 @@ hot_restart_balancer() {
        && ! in_ns "$node" ss -lntupH 2>/dev/null | grep -F "pid=$pid," >/dev/null; then
       break
     fi
-    [ $SECONDS -lt $end ] || die "the hot restart of the balancer on $node did not finish within 20 s; the old process (pid $pid) keeps serving; see $LAB_STATE/$node/balancer.log"
+    if [ -z "$successor" ] && ! kill -0 "$pid" 2>/dev/null; then
+      rm -f "$f"
+      die "the $comp on $node exited on SIGUSR2 without starting a successor (no hot restart in this build?); start it again: lab.sh start ${node#"$LAB_PREFIX"-} $comp; see $LAB_STATE/$node/$comp.log"
+    fi
+    [ $SECONDS -lt $end ] || die "the hot restart of the $comp on $node did not finish within 20 s; the old process (pid $pid) keeps serving; see $LAB_STATE/$node/$comp.log"
     if [ -n "$successor" ] && ! kill -0 "$successor" 2>/dev/null; then
-      die "the new balancer on $node exited during the hot restart; the old process (pid $pid) keeps serving; see $LAB_STATE/$node/balancer.log"
+      die "the new $comp on $node exited during the hot restart; the old process (pid $pid) keeps serving; see $LAB_STATE/$node/$comp.log"
     fi
     sleep 0.05
   done
   echo "$successor" >"$f"
-  echo "$pid" >"$LAB_STATE/$node/balancer-draining-$pid.pid"
-  say "balancer on $node: process $successor took over the sockets of $pid, which drains"
+  echo "$pid" >"$LAB_STATE/$node/$comp-draining-$pid.pid"
+  say "$comp on $node: process $successor took over the sockets of $pid, which drains"
+}
+
+# kill_component NODE COMPONENT: SIGKILL, as a crash would: the recorded process, its descendants
+# (a successor being started, workers) and predecessors still draining after a hot restart.
+descendants() { local c; for c in $(pgrep -P "$1" 2>/dev/null || true); do echo "$c"; descendants "$c"; done; }
+kill_component() {
+  local node=$1 comp=$2 main f pid pids=()
+  main=$(pidfile "$node" "$comp")
+  for f in "$main" "$LAB_STATE/$node/$comp"-draining-*.pid; do
+    [ -f "$f" ] || continue
+    pid=$(cat "$f")
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && ip netns pids "$node" 2>/dev/null | grep -x -- "$pid" >/dev/null; then
+      # shellcheck disable=SC2207
+      pids+=("$pid" $(descendants "$pid"))
+    fi
+    [ "$f" = "$main" ] || rm -f "$f"
+  done
+  rm -f "$main"
+  if [ ${#pids[@]} -eq 0 ]; then say "$comp on $node does not run"; return 0; fi
+  kill -KILL "${pids[@]}" 2>/dev/null || true
+  local end=$((SECONDS + 10))
+  for pid in "${pids[@]}"; do
+    # Gone, or a zombie its parent has not reaped yet.
+    while [ -e "/proc/$pid" ] && [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ] && [ $SECONDS -lt $end ]; do sleep 0.02; done
+  done
+  say "$comp on $node killed (SIGKILL): ${pids[*]}"
 }
 
 loopmesh_env() { mapfile -t LOOPMESH_ENV <"$LAB_STATE/$1/loopmesh.env"; }
+gateway_env() { mapfile -t LOOPMESH_ENV <"$LAB_STATE/$1/$2.env"; }
 
 start_component() {
   local node=$1 comp=$2 addr; addr=$(addr_of "$node")
@@ -182,7 +228,12 @@ start_component() {
       local args; mapfile -t args < <(lm_redis_args "$addr")
       start_proc "$node" redis redis-server "${args[@]}"
       register_in "$node" "$(lm_redis_service_json "$node" "$addr")" ;;
-    *) die "unknown component '$comp'; expected consul, loopmesh, balancer, web or redis" ;;
+    gateway[1-4])
+      # Like the balancer: unprivileged, with CAP_NET_BIND_SERVICE only (web is served on port 80).
+      gateway_env "$node" "$comp"
+      start_proc "$node" "$comp" "${AS_USER[@]}" --inh-caps=-all,+net_bind_service --ambient-caps=-all,+net_bind_service --bounding-set=-all,+net_bind_service \
+        env "${LOOPMESH_ENV[@]}" node "$MAIN" "${LM_GATEWAY_ARGS[@]}" ;;
+    *) die "unknown component '$comp'; expected consul, loopmesh, balancer, web, redis or gateway1..$LAB_GATEWAYS" ;;
   esac
 }
 
@@ -202,6 +253,14 @@ wait_for() { # SECONDS WHAT CMD...: until CMD succeeds
 has_leader() { local l; l=$(consul_api "$SERVER" /v1/status/leader) && [ -n "$l" ] && [ "$l" != '""' ]; }
 members_alive() { [ "$(consul_api "$SERVER" /v1/agent/members | grep -o '"Status":1' | wc -l)" -ge $((LAB_NODES + 1)) ]; }
 loopmesh_healthy() { in_ns "$1" curl -sf --max-time 2 http://127.0.0.1:9190/health | grep -F '"status":"ok"' >/dev/null; }
+gateway_healthy() { in_ns "$SERVER" curl -sf --max-time 2 "http://$(gateway_admin "${1#gateway}")/health" | grep -F '"status":"ok"' >/dev/null; }
+# gateway_in_hosts NODE K: NODE's hosts file gives web.local an address of gatewayK's range too.
+gateway_in_hosts() {
+  local base; base=$(gateway_base "$2")
+  awk -v net="$NET." -v lo="$base" -v hi="$((base + 31))" '
+    { for (i = 2; i <= NF; i++) if ($i == "web.local" && index($1, net) == 1) { o = substr($1, length(net) + 1) + 0; if (o > lo && o <= hi) found = 1 } }
+    END { exit found ? 0 : 1 }' "/etc/netns/$1/hosts"
+}
 web_by_name() { in_ns "$LAB_PREFIX-node1" curl -sf --max-time 2 http://web.local/ | grep -F 'hello from' >/dev/null; }
 web_backends() { # COUNT: node1's loopmesh routes web to COUNT instances
   in_ns "$LAB_PREFIX-node1" curl -sf --max-time 2 http://127.0.0.1:9190/v1/routes \
@@ -250,6 +309,11 @@ network() {
     in_ns "$node" ip link set eth0 up
     etc_files "$node"
   done
+  # The proxy cluster's addresses: every address of each gateway's range is the server node's own
+  # ("AnyIP": a local route, no address on an interface), so a gateway can bind them and the node
+  # answers ARP for them on the bridge. They go with the namespace.
+  local k
+  for k in $(seq 1 "$LAB_GATEWAYS"); do in_ns "$SERVER" ip route replace local "$(gateway_range "$k")" dev lo; done
 }
 
 up() {
@@ -267,7 +331,7 @@ up() {
   say "network: bridge $BRIDGE, $LAB_SUBNET, nodes $(nodes | tr '\n' ' ')"
   network
 
-  local node addr comp
+  local node addr comp k
   for node in $(nodes); do
     addr=$(addr_of "$node")
     mkdir -p "$LAB_STATE/$node/consul-data" "$LAB_STATE/$node/run"
@@ -283,6 +347,14 @@ up() {
     chown -R "$LM_UID:$LM_GID" "$LAB_STATE/$node/run" "/etc/netns/$node/hosts"
     # loopmesh refuses a run dir (or a file in it) that group or others may write, whatever root's umask was.
     chmod -R go-w "$LAB_STATE/$node/run"
+    if [ "$node" = "$SERVER" ]; then
+      for k in $(seq 1 "$LAB_GATEWAYS"); do # each gateway: a run dir and an admin port of its own
+        mkdir -p "$LAB_STATE/$node/gateway$k-run"
+        lm_gateway_env "$LAB_STATE/$node/gateway$k-run" "$(gateway_admin "$k")" "$(gateway_range "$k")" >"$LAB_STATE/$node/gateway$k.env"
+        chown -R "$LM_UID:$LM_GID" "$LAB_STATE/$node/gateway$k-run"
+        chmod -R go-w "$LAB_STATE/$node/gateway$k-run"
+      done
+    fi
     start_component "$node" consul
   done
   say "waiting for Consul: a leader and $((LAB_NODES + 1)) members"
@@ -297,8 +369,29 @@ up() {
   local web_nodes; web_nodes=$(for n in $(clients); do case " $(roles_of "$n") " in *" web "*) echo "$n" ;; esac; done | wc -l)
   wait_for 60 "all $web_nodes web instances healthy in node1's routes" web_backends "$web_nodes"
   if [ "$LAB_NODES" -ge 1 ]; then wait_for 60 "redis.local:6379 from $LAB_PREFIX-node1" redis_by_name; fi
+  if [ "$LAB_GATEWAYS" -ge 1 ]; then
+    say "waiting for the proxy cluster: $(gateways | tr '\n' ' ')healthy, and their addresses for web.local in $LAB_PREFIX-node1's hosts"
+    for k in $(seq 1 "$LAB_GATEWAYS"); do
+      wait_for 60 "gateway$k healthy on $SERVER (admin $(gateway_admin "$k"))" gateway_healthy "gateway$k"
+      wait_for 60 "a gateway$k address ($(gateway_range "$k")) for web.local in $LAB_PREFIX-node1's hosts file" gateway_in_hosts "$LAB_PREFIX-node1" "$k"
+    done
+  fi
   local lab="bash scripts/lab.sh"
-  [ "$LAB_PREFIX" = lm ] || lab="LAB_PREFIX=$LAB_PREFIX LAB_SUBNET=$LAB_SUBNET LAB_NODES=$LAB_NODES bash scripts/lab.sh"
+  [ "$LAB_PREFIX" = lm ] || lab="LAB_PREFIX=$LAB_PREFIX LAB_SUBNET=$LAB_SUBNET LAB_NODES=$LAB_NODES LAB_GATEWAYS=$LAB_GATEWAYS bash scripts/lab.sh"
+  local failover=""
+  if [ "$LAB_GATEWAYS" -ge 2 ]; then
+    failover=$(cat <<TXT
+  Fail over to the proxy cluster ($(echo $(gateways)) on $SERVER, at $(echo $(for k in $(seq 1 "$LAB_GATEWAYS"); do gateway_range "$k"; done))):
+    $lab exec node1 getent ahosts web.local | grep STREAM   # the loopback address, then each gateway's
+    $lab kill node1 balancer; $lab kill node1 loopmesh       # node1's loopmesh crashes; its hosts block stays
+    $lab exec node1 curl -s http://web.local/                # 127.77.0.x refused at once: a gateway answers
+    $lab exec node1 redis-cli -h redis.local ping            # refused: redis-cli tries the first address only
+    $lab kill server gateway1                                # a gateway crashes: the next address answers
+    $lab start server gateway1; $lab start node1 balancer; $lab start node1 loopmesh
+TXT
+)
+    failover+=$'\n'
+  fi
   cat <<TXT
 
   loopmesh lab is up: $SERVER ($SERVER_ADDR, Consul server) and $LAB_NODES client nodes on $BRIDGE ($LAB_SUBNET).
@@ -314,7 +407,7 @@ up() {
     $lab spawn $(clients | tail -n 1 | sed "s/^$LAB_PREFIX-//") echo socat TCP-LISTEN:7000,bind=$(addr_of "$(clients | tail -n 1)"),fork,reuseaddr EXEC:cat
     $lab exec $(clients | tail -n 1 | sed "s/^$LAB_PREFIX-//") curl -X PUT http://127.0.0.1:8500/v1/agent/service/register -d '{"Name":"echo","Address":"$(addr_of "$(clients | tail -n 1)")","Port":7000}'
     echo hi | $lab exec node1 socat - TCP:echo.local:7000
-  Break things: $lab stop $(clients | tail -n 1 | sed "s/^$LAB_PREFIX-//") consul | $lab restart node1 loopmesh | $lab restart server consul
+${failover}  Break things: $lab stop $(clients | tail -n 1 | sed "s/^$LAB_PREFIX-//") consul | $lab restart node1 loopmesh | $lab restart server consul
   Look:         $lab status        (logs: $LAB_STATE/NODE/*.log)
   Tear down:    $lab down
 TXT
@@ -384,6 +477,16 @@ status() {
   echo
   echo "Routes on $LAB_PREFIX-node1:"
   in_ns "$LAB_PREFIX-node1" node "$MAIN" status --admin 127.0.0.1:9190 2>&1 | sed 's/^/  /' || true
+  if [ "$LAB_GATEWAYS" -ge 1 ] && ns_exists "$SERVER"; then
+    local k
+    echo
+    echo "Proxy cluster on $SERVER (loopmesh-gateway in Consul: $(consul_api "$SERVER" /v1/health/service/loopmesh-gateway?passing | grep -o '"Service":{"ID":"[^"]*"' | wc -l) passing):"
+    for k in $(seq 1 "$LAB_GATEWAYS"); do
+      echo "  gateway$k: $(gateway_range "$k"), admin $(gateway_admin "$k"): $(in_ns "$SERVER" curl -s --max-time 2 "http://$(gateway_admin "$k")/health" 2>/dev/null || echo 'no answer')"
+    done
+    echo "  $LAB_PREFIX-node1's hosts block:"
+    sed -n '/^# BEGIN loopmesh/,/^# END loopmesh/p' "/etc/netns/$LAB_PREFIX-node1/hosts" 2>/dev/null | grep -v '^#' | sed 's/^/    /' || true
+  fi
 }
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -401,17 +504,18 @@ case $cmd in
     ns_exists "$node" || die "node $node has no namespace; run 'bash scripts/lab.sh up' first"
     cd "$CALLER_PWD"
     exec ip netns exec "$node" "$@" ;;
-  stop|start|restart)
-    [ $# -eq 2 ] || die "usage: lab.sh $cmd NODE COMPONENT (consul, loopmesh, balancer, web, redis)"
+  stop|start|restart|kill)
+    [ $# -eq 2 ] || die "usage: lab.sh $cmd NODE COMPONENT (consul, loopmesh, balancer, web, redis; on server gateway1..$LAB_GATEWAYS)"
     require_root "$cmd"
     node=$(node_name "$1") comp=$2
     case " $(components_of "$node") " in *" $comp "*) ;; *) die "$node has no component '$comp'; it has: $(components_of "$node")" ;; esac
     ns_exists "$node" || die "node $node has no namespace; run 'bash scripts/lab.sh up' first"
-    case "$cmd:$comp" in start:loopmesh|start:balancer|restart:loopmesh|restart:balancer) stage_app ;; esac
-    if [ "$cmd" = restart ] && [ "$comp" = balancer ] && alive "$node" balancer; then
-      hot_restart_balancer "$node"
-      exit 0
-    fi
+    if [ "$cmd" = kill ]; then kill_component "$node" "$comp"; exit 0; fi
+    case "$cmd:$comp" in start:loopmesh|start:balancer|start:gateway*|restart:loopmesh|restart:balancer|restart:gateway*) stage_app ;; esac
+    case $comp in
+      balancer|gateway*)
+        if [ "$cmd" = restart ] && alive "$node" "$comp"; then hot_restart "$node" "$comp"; exit 0; fi ;;
+    esac
     if [ "$cmd" != start ]; then
       stop_proc "$node" "$comp"
     fi
@@ -428,5 +532,5 @@ case $cmd in
     (cd "$CALLER_PWD" && start_proc "$node" "$name" "$@")
     cat "$(pidfile "$node" "$name")" ;;
   -h|--help|help) usage ;;
-  *) usage >&2; die "expected a command: up, down, status, exec, stop, start, restart or spawn; got '${cmd}'" ;;
+  *) usage >&2; die "expected a command: up, down, status, exec, stop, start, restart, kill or spawn; got '${cmd}'" ;;
 esac

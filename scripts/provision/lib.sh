@@ -65,6 +65,27 @@ ENV
 LM_BALANCER_ARGS=(balancer)
 LM_AGENT_ARGS=(agent --render-only)
 
+# lm_gateway_env RUN_DIR ADMIN GATEWAY_RANGE
+# The settings of one `loopmesh gateway` of the proxy cluster, as environment lines: it serves every
+# routed service at GATEWAY_RANGE's base + the service's offset in --range (127.77.0.N -> base + N),
+# on the service's own port, and registers itself in the local Consul agent as `loopmesh-gateway`.
+# No DNS responder and no hosts block (a gateway has neither). ADMIN must differ per gateway process.
+# The addresses of GATEWAY_RANGE need not be on an interface, but the node must accept them as its
+# own: an "AnyIP" local route, `ip route add local GATEWAY_RANGE dev lo`.
+lm_gateway_env() {
+  local run=$1 admin=$2 range=$3
+  cat <<ENV
+LOOPMESH_CONSUL=http://127.0.0.1:8500
+LOOPMESH_RUN_DIR=$run
+LOOPMESH_ADMIN=$admin
+LOOPMESH_GATEWAY_RANGE=$range
+LOOPMESH_CONNECT_TIMEOUT=1
+LOOPMESH_DRAIN_TIMEOUT=15
+LOOPMESH_LOG_LEVEL=info
+ENV
+}
+LM_GATEWAY_ARGS=(gateway)
+
 # Demo services. web: HTTP, reached as http://web.local/ (port 80 through the loopmesh-port meta;
 # each instance listens on WEB_BACKEND_PORT on its node's address). redis: TCP on 6379.
 WEB_BACKEND_PORT=8080
