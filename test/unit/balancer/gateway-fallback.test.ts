@@ -1,5 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { prometheusText } from '../../../agent/admin/metrics.js';
+import { routeReport } from '../../../agent/admin/report.js';
 import { blackHoleBackend, config, deadBackend, freePort, service, servedBy, startBackend, startBalancer, status } from './tcp.js';
 
 // The proxy cluster as the last resort: real sockets, a "gateway" here is any listener (the contract
@@ -12,7 +14,8 @@ test('every backend refuses: the connection goes through a gateway, after the re
   const address = '127.66.9.1';
   const port = await freePort(address);
   const balancer = startBalancer(t);
-  await balancer.apply(config(service('web', address, port, [dead1, dead2], { gateways: [{ ...gateway.spec, id: 'gw' }] })));
+  const spec = service('web', address, port, [dead1, dead2], { gateways: [{ ...gateway.spec, id: 'gw' }] });
+  await balancer.apply(config(spec));
 
   assert.equal(await servedBy(t, address, port), 'gw');
   const web = status(balancer, 'web');
@@ -20,6 +23,12 @@ test('every backend refuses: the connection goes through a gateway, after the re
   assert.equal(web.retries, 2, 'both backends were tried before the gateway');
   assert.deepEqual(web.backends.map((b) => b.failedConnects), [1, 1]);
   assert.deepEqual(web.gateways.map((g) => [g.id, g.totalConnections]), [['gw', 1]]);
+  // What the admin shows: /v1/routes lists the gateways, /metrics counts the connections.
+  const report = routeReport({ node: 'n1', consul: null, lastRenderAt: undefined, specs: [spec], served: balancer.snapshot(), problems: [], health: { status: 'ok', reasons: [] }, dns: undefined });
+  assert.deepEqual(report.routes[0]?.gateways.map((g) => [g.id, g.totalConnections]), [['gw', 1]]);
+  const metrics = prometheusText(report);
+  assert.match(metrics, /^loopmesh_route_gateway_connections_total\{service="web"\} 1$/m);
+  assert.match(metrics, /^loopmesh_route_unreachable\{service="web"\} 0$/m);
 });
 
 test('while every backend is down (a partition), new connections go to a gateway first, without paying the connect timeouts', async (t) => {

@@ -56,3 +56,24 @@ test('status: ejected backends with reason, until when and how often; a route in
   assert.match(text, /^panic web: too few usable backends/m);
   assert.doesNotMatch(statusTable(report([{}])), /EJECTED/, 'nothing ejected: no table');
 });
+
+test('status: each service\'s gateways with their connections and state; a service that goes through them says so', () => {
+  const text = statusTable(
+    report([
+      {
+        unreachable: true,
+        gatewayConnections: 7,
+        gateways: [
+          { id: 'gw/loopmesh-gateway-10.77.77.128', address: '10.77.77.129', port: 80, totalConnections: 7 },
+          { id: 'gw/loopmesh-gateway-10.77.77.160', address: '10.77.77.161', port: 80, totalConnections: 0, ejectedUntil: '2026-11-24T01:00:05.000Z' },
+        ],
+      },
+      { service: 'api', fqdn: 'api.local', address: '127.77.0.2', gateways: [] },
+    ]),
+  );
+  assert.match(text, /^SERVICE\s+GATEWAY\s+ADDRESS:PORT\s+CONNECTIONS\s+STATE$/m);
+  assert.match(text, /^web\s+gw\/loopmesh-gateway-10\.77\.77\.128\s+10\.77\.77\.129:80\s+7\s+ok$/m);
+  assert.match(text, /^web\s+gw\/loopmesh-gateway-10\.77\.77\.160\s+10\.77\.77\.161:80\s+0\s+ejected until 2026-11-24T01:00:05\.000Z$/m);
+  assert.match(text, /^unreachable web: every backend is down from this node; new connections go through a gateway first$/m);
+  assert.doesNotMatch(statusTable(report([{}])), /GATEWAY/, 'no gateways (a gateway, or an older agent): no table');
+});
