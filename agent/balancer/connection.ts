@@ -181,6 +181,8 @@ export class ProxiedConnection implements Cuttable {
       // A failure weighs at least a connect timeout in the latency p2c-ewma compares.
       pool.failed(backend, timedOut ? 'timeout' : 'connect', Math.max(performance.now() - started, connectTimeoutMs));
       const next = this.next();
+      // Every backend failed for this connection and a gateway is next: the service is cut off from here.
+      if (pool === this.context.pool && next && next.pool !== pool) pool.sweptDown();
       this.context.logger.debug(
         { backend: backend.spec.id, code: errorCode(err), err: errorMessage(err), retry: next?.backend.spec.id },
         'backend connect failed',
