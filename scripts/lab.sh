@@ -322,7 +322,13 @@ up() {
     ip netns add "$SERVER" 2>/dev/null \
       || die "this host cannot create network namespaces ('ip netns add' failed); the lab needs root on Linux with netns support"
   fi
-  ensure_packages ip:iproute2 curl:curl getent:libc-bin redis-server:redis-server redis-cli:redis-tools iptables:iptables
+  ensure_packages ip:iproute2 curl:curl getent:libc-bin redis-server:redis-server redis-cli:redis-tools iptables:iptables python3:python3
+  # The failover examples (and test/lab/gateway.test.ts) use Python's requests, a client that tries every address.
+  if ! python3 -c 'import requests' >/dev/null 2>&1; then
+    say "installing python3-requests"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-requests; } >/dev/null 2>&1 \
+      || say "could not install python3-requests (apt-get install python3-requests); the lab works without it"
+  fi
   ensure_node_modules
   ensure_consul
   mkdir -p "$LAB_STATE"
@@ -377,7 +383,7 @@ up() {
     done
   fi
   local lab="bash scripts/lab.sh"
-  [ "$LAB_PREFIX" = lm ] || lab="LAB_PREFIX=$LAB_PREFIX LAB_SUBNET=$LAB_SUBNET LAB_NODES=$LAB_NODES LAB_GATEWAYS=$LAB_GATEWAYS bash scripts/lab.sh"
+  [ "$LAB_PREFIX" = lm ] || lab="LAB_PREFIX=$LAB_PREFIX LAB_SUBNET=$LAB_SUBNET LAB_NODES=$LAB_NODES$( [ "$LAB_GATEWAYS" = 2 ] || echo " LAB_GATEWAYS=$LAB_GATEWAYS") bash scripts/lab.sh"
   local failover=""
   if [ "$LAB_GATEWAYS" -ge 2 ]; then
     failover=$(cat <<TXT

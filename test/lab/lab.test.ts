@@ -4,6 +4,7 @@ import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { eventually } from '../support/net.js';
+import { cannotMakeNamespaces, labHarness } from '../support/lab.js';
 
 // The multi-node lab end to end: scripts/lab.sh brings up a lab of its own (prefix lmt, 10.77.78.0/24,
 // state in /run/loopmesh-lab-lmt), so a user's lab (lm, 10.77.77.0/24) is never touched. Real network
@@ -17,31 +18,8 @@ const labEnv = { LAB_PREFIX: prefix, LAB_SUBNET: `${net}.0/24`, LAB_NODES: '3', 
 const node = (n: string): string => `${prefix}-${n}`;
 const addr = { server: `${net}.10`, node1: `${net}.11`, node2: `${net}.12`, node3: `${net}.13` };
 
-/** Whether this host can make network namespaces (root on Linux); otherwise the suite is skipped. */
-async function canMakeNamespaces(): Promise<string | undefined> {
-  if (process.platform !== 'linux') return `network namespaces need Linux (this is ${process.platform})`;
-  const probe = `${prefix}-probe${process.pid}`;
-  const r = await execa('ip', ['netns', 'add', probe], { reject: false });
-  if (r.exitCode !== 0) return `this host cannot create network namespaces ('ip netns add' failed: ${String(r.stderr || r.message).trim()}); the lab tests need root on Linux`;
-  await execa('ip', ['netns', 'del', probe], { reject: false });
-  return undefined;
-}
-const skip = await canMakeNamespaces();
-
-function lab(args: string[], timeoutMs = 180_000) {
-  return execa('bash', [join(repo, 'scripts', 'lab.sh'), ...args], { env: labEnv, reject: false, timeout: timeoutMs, all: true });
-}
-
-/** CMD inside a lab node, like `lab.sh exec` but without a bash in between. */
-function inNode(n: string, cmd: string[], timeoutMs = 30_000) {
-  return execa('ip', ['netns', 'exec', node(n), ...cmd], { reject: false, timeout: timeoutMs, cwd: repo });
-}
-
-async function must(p: ReturnType<typeof inNode> | ReturnType<typeof lab>, what: string): Promise<string> {
-  const r = await p;
-  if (r.exitCode !== 0) throw new Error(`${what}: exit ${r.exitCode}: ${String(r.stderr ?? '')}${String(r.stdout ?? '')}`.slice(0, 2000));
-  return String(r.stdout ?? '').trim();
-}
+const skip = await cannotMakeNamespaces(prefix);
+const { lab, inNode, must } = labHarness(prefix, labEnv);
 
 async function getent(n: string, name: string): Promise<string | undefined> {
   const r = await inNode(n, ['getent', 'hosts', name], 5000);

@@ -23,6 +23,9 @@ function route(service: string, total: number, active: number, listening = true)
     queuedConnections: 0,
     refusedConnections: 3,
     panic: false,
+    unreachable: false,
+    gatewayConnections: 1,
+    gateways: [{ id: 'gw', address: '10.77.77.129', port: 8080, weight: 1, subset: '', activeConnections: 0, totalConnections: 1, failedConnects: 0, resetsBeforeFirstByte: 0, ejectionsTotal: 0 }],
     backends: [
       { id: 'a', address: '127.0.0.1', port: 1, weight: 1, subset: '', activeConnections: active, totalConnections: total - 1, failedConnects: 1, resetsBeforeFirstByte: 0, ejectionsTotal: 0 },
       { id: 'b', address: '127.0.0.1', port: 2, weight: 1, subset: '', activeConnections: 0, totalConnections: 1, failedConnects: 0, resetsBeforeFirstByte: 0, ejectionsTotal: 0 },
@@ -55,6 +58,10 @@ test('merge: counters summed per service and per backend; ports and weights kept
   assert.equal(web.port, 8080);
   assert.equal(web.healthyBackends, 2);
   assert.deepEqual(web.backends.map((b) => [b.id, b.totalConnections, b.port, b.weight]), [['a', 28, 1, 1], ['b', 2, 2, 1]]);
+  assert.equal(web.gatewayConnections, 2, 'connections through gateways add up over the workers');
+  assert.deepEqual(web.gateways.map((g) => [g.id, g.totalConnections, g.address]), [['gw', 2, '10.77.77.129']]);
+  assert.equal(web.unreachable, false);
+  assert.equal(mergeReports('n', [view(0, 10, report([{ ...route('web', 1, 0), unreachable: true }])), view(1, 11, report([route('web', 1, 0)]))], new RetiredTotals(), 2).routes[0]?.unreachable, true, 'unreachable in one worker shows');
   assert.equal(m.dns?.answered, 12);
   assert.equal(m.dns?.tcpOpen, 2);
   assert.equal(m.health.status, 'ok');
