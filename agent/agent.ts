@@ -37,6 +37,7 @@ export class Agent {
   /** `loopmesh gateway`: its registration in Consul (undefined on a node). */
   readonly registration: GatewayRegistration | undefined;
   private gateways: Gateway[] = [];
+  private registrationStarted = false;
   private gatewayProblems: GatewayProblem[] = [];
   private templates: Template[] = [];
   private templateErrors: RenderError[] = [];
@@ -136,7 +137,6 @@ export class Agent {
     this.addresses.start();
     this.traffic.start();
     this.watcher.start();
-    this.registration?.start();
   }
 
   /** With `drain` (a signal), open connections may finish before the process goes; see DataPlane.close. */
@@ -314,6 +314,12 @@ export class Agent {
     if (written.changed.length > 0) this.logger.debug({ files: written.changed }, 'rendered');
     // Also when nothing changed but the data plane is behind: its last read of these files may have failed.
     if (written.changed.length > 0 || this.dataPlaneBehind()) await this.dataPlane?.reload();
+    // A gateway enters the nodes' sets only once it serves what it rendered (a node would otherwise
+    // try it, be refused and go on to the next address, for nothing).
+    if (this.registration && !this.registrationStarted) {
+      this.registrationStarted = true;
+      this.registration.start();
+    }
   }
 
   /** Each problem is logged once while it lasts, not on every change. */
