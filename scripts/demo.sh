@@ -16,6 +16,9 @@ cleanup() {
   trap '' INT TERM HUP
   trap - EXIT
   log "stopping the demo"
+  # A hot-restarted agent (kill -USR2) is a new process with a new pid: found by its run dir.
+  mapfile -t successors < <(pgrep -f -- "--run-dir $demo/run" 2>/dev/null || true)
+  pids+=("${successors[@]}")
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   # Bounded: a process that does not stop within 10 s is killed, so the hosts block is always removed.
   for _ in $(seq 1 50); do
@@ -26,6 +29,8 @@ cleanup() {
   done
   for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # Not a child of this shell: wait for it by polling, so that it cannot write the block again after.
+  for _ in $(seq 1 50); do pgrep -f -- "--run-dir $demo/run" >/dev/null 2>&1 || break; sleep 0.2; done
   if [ -n "${HOSTS_FILE:-}" ] && [ -d "$demo/run" ]; then
     # Leave the hosts file as we found it: only the demo agent's own block goes (another agent's stays).
     # In a session of its own, so that another Ctrl-C from the terminal does not reach it.
