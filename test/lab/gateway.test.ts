@@ -4,7 +4,7 @@ import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { eventually } from '../support/net.js';
-import { cannotMakeNamespaces, labHarness } from '../support/lab.js';
+import { cannotMakeNamespaces, labHarness, labPids } from '../support/lab.js';
 import { clientKinds, curlArgv, curlLoopArgv, holdArgv, parseCurlLoop, type ClientResult, type LoopRequest } from '../support/lab-clients.js';
 
 // The proxy cluster (`loopmesh gateway`) in the namespace lab: scripts/lab.sh brings up a lab of its
@@ -34,7 +34,7 @@ const gatewayOf = (address: string): GatewayName | undefined => {
 };
 
 const skip = await cannotMakeNamespaces(prefix);
-const { lab, inNode, must } = labHarness(prefix, labEnv);
+const { lab, inNode, must, freshUp } = labHarness(prefix, labEnv);
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
@@ -135,23 +135,6 @@ const median = (xs: number[]): number => {
   return s.length === 0 ? NaN : (s[Math.floor((s.length - 1) / 2)] ?? NaN);
 };
 
-/** Every process a lab ran: the recorded pids and whatever is in its namespaces. */
-async function labPids(): Promise<Set<number>> {
-  const pids = new Set<number>();
-  if (existsSync(state)) {
-    for (const dir of readdirSync(state)) {
-      const d = join(state, dir);
-      if (!dir.startsWith(`${prefix}-`) || !existsSync(d)) continue;
-      for (const f of readdirSync(d).filter((x) => x.endsWith('.pid'))) pids.add(Number(readFileSync(join(d, f), 'utf8')));
-    }
-  }
-  const list = String((await execa('ip', ['netns', 'list'], { reject: false })).stdout).split('\n').map((l) => l.split(' ')[0] ?? '');
-  for (const ns of list.filter((n) => n.startsWith(`${prefix}-`))) {
-    const r = await execa('ip', ['netns', 'pids', ns], { reject: false });
-    for (const p of String(r.stdout).split('\n').filter(Boolean)) pids.add(Number(p));
-  }
-  return pids;
-}
 
 const figures: string[] = [];
 function figure(t: TestContext, text: string): void {
@@ -164,17 +147,14 @@ describe('the proxy cluster in the lab (loopmesh gateway; scripts/lab.sh, networ
   let upOk = false;
 
   before(async () => {
-    await lab(['down'], 60_000);
-    const started = Date.now();
-    const up = await lab(['up'], 240_000);
-    if (up.exitCode !== 0) throw new Error(`lab.sh up failed (exit ${up.exitCode}):\n${String(up.all).slice(-3000)}`);
+    const ms = await freshUp();
     upOk = true;
-    process.stderr.write(`# gateway lab up in ${Date.now() - started} ms\n`);
+    process.stderr.write(`# gateway lab up in ${ms} ms\n`);
   });
 
   after(async () => {
     await inNode('node1', ['iptables', '-F'], 10_000).catch(() => undefined);
-    const pids = await labPids();
+    const pids = await labPids(prefix, state);
     const down = await lab(['down'], 90_000);
     process.stderr.write(`# gateway lab suite, up to down: ${Math.round((Date.now() - suiteStart) / 1000)} s\n`);
     for (const f of figures) process.stderr.write(`gateway figure: ${f}\n`);

@@ -4,7 +4,7 @@ import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { eventually } from '../support/net.js';
-import { cannotMakeNamespaces, labHarness } from '../support/lab.js';
+import { cannotMakeNamespaces, labHarness, labPids } from '../support/lab.js';
 
 // The multi-node lab end to end: scripts/lab.sh brings up a lab of its own (prefix lmt, 10.77.78.0/24,
 // state in /run/loopmesh-lab-lmt), so a user's lab (lm, 10.77.77.0/24) is never touched. Real network
@@ -19,7 +19,7 @@ const node = (n: string): string => `${prefix}-${n}`;
 const addr = { server: `${net}.10`, node1: `${net}.11`, node2: `${net}.12`, node3: `${net}.13` };
 
 const skip = await cannotMakeNamespaces(prefix);
-const { lab, inNode, must } = labHarness(prefix, labEnv);
+const { lab, inNode, must, freshUp } = labHarness(prefix, labEnv);
 
 async function getent(n: string, name: string): Promise<string | undefined> {
   const r = await inNode(n, ['getent', 'hosts', name], 5000);
@@ -71,23 +71,6 @@ function percentile(sorted: number[], p: number): number {
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-/** Every process a lab ran: the recorded pids and whatever is in its namespaces. */
-async function labPids(labPrefix: string, labState: string): Promise<Set<number>> {
-  const pids = new Set<number>();
-  if (existsSync(labState)) {
-    for (const dir of readdirSync(labState)) {
-      const d = join(labState, dir);
-      if (!dir.startsWith(`${labPrefix}-`) || !existsSync(d)) continue;
-      for (const f of readdirSync(d).filter((x) => x.endsWith('.pid'))) pids.add(Number(readFileSync(join(d, f), 'utf8')));
-    }
-  }
-  const list = String((await execa('ip', ['netns', 'list'], { reject: false })).stdout).split('\n').map((l) => l.split(' ')[0] ?? '');
-  for (const ns of list.filter((n) => n.startsWith(`${labPrefix}-`))) {
-    const r = await execa('ip', ['netns', 'pids', ns], { reject: false });
-    for (const p of String(r.stdout).split('\n').filter(Boolean)) pids.add(Number(p));
-  }
-  return pids;
-}
 
 /** After `lab.sh down`: no namespace, link, process, /etc/netns dir, state dir or iptables rule of the lab. */
 async function assertNothingLeft(labPrefix: string, labState: string, pids: Set<number>): Promise<void> {
@@ -136,13 +119,9 @@ describe('the multi-node lab (scripts/lab.sh, network namespaces, real Consul)',
   let upOk = false;
 
   before(async () => {
-    // A lab left over by an interrupted run goes first.
-    await lab(['down'], 60_000);
-    const started = Date.now();
-    const up = await lab(['up'], 240_000);
-    if (up.exitCode !== 0) throw new Error(`lab.sh up failed (exit ${up.exitCode}):\n${String(up.all).slice(-3000)}`);
+    const ms = await freshUp();
     upOk = true;
-    process.stderr.write(`# lab up in ${Date.now() - started} ms\n`);
+    process.stderr.write(`# lab up in ${ms} ms\n`);
   });
 
   after(async () => {

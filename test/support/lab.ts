@@ -1,3 +1,4 @@
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { execa } from 'execa';
 
@@ -23,6 +24,8 @@ export interface LabHarness {
   inNode(n: string, cmd: string[], timeoutMs?: number): ReturnType<typeof execa>;
   /** The trimmed stdout of a command that must succeed; otherwise an error with its output. */
   must(p: ReturnType<typeof execa>, what: string): Promise<string>;
+  /** `lab.sh down` (a lab left over by an interrupted run goes first), then `up`: its time in ms. */
+  freshUp(): Promise<number>;
 }
 
 export function labHarness(prefix: string, env: Record<string, string>): LabHarness {
@@ -33,5 +36,30 @@ export function labHarness(prefix: string, env: Record<string, string>): LabHarn
     if (r.exitCode !== 0) throw new Error(`${what}: exit ${r.exitCode}: ${String(r.stderr ?? '')}${String(r.stdout ?? '')}${'all' in r ? String(r.all ?? '') : ''}`.slice(0, 3000));
     return String(r.stdout ?? '').trim();
   };
-  return { lab, inNode, must };
+  const freshUp = async (): Promise<number> => {
+    await lab(['down'], 60_000);
+    const started = Date.now();
+    const up = await lab(['up'], 240_000);
+    if (up.exitCode !== 0) throw new Error(`lab.sh up failed (exit ${up.exitCode}):\n${String(up.all).slice(-3000)}`);
+    return Date.now() - started;
+  };
+  return { lab, inNode, must, freshUp };
+}
+
+/** Every process a lab ran: the recorded pids and whatever is in its namespaces. */
+export async function labPids(labPrefix: string, labState: string): Promise<Set<number>> {
+  const pids = new Set<number>();
+  if (existsSync(labState)) {
+    for (const dir of readdirSync(labState)) {
+      const d = join(labState, dir);
+      if (!dir.startsWith(`${labPrefix}-`) || !existsSync(d)) continue;
+      for (const f of readdirSync(d).filter((x) => x.endsWith('.pid'))) pids.add(Number(readFileSync(join(d, f), 'utf8')));
+    }
+  }
+  const list = String((await execa('ip', ['netns', 'list'], { reject: false })).stdout).split('\n').map((l) => l.split(' ')[0] ?? '');
+  for (const ns of list.filter((n) => n.startsWith(`${labPrefix}-`))) {
+    const r = await execa('ip', ['netns', 'pids', ns], { reject: false });
+    for (const p of String(r.stdout).split('\n').filter(Boolean)) pids.add(Number(p));
+  }
+  return pids;
 }
