@@ -4,6 +4,7 @@ import { ConsulError, codes, errorCode, errorMessage } from '../errors.js';
 import { BlockingQuery, backoffDelay, retryBaseMs, retryMaxMs } from './blocking-query.js';
 import type { ConsulClient } from './client.js';
 import {
+  changedRegistrationFilters,
   parseCatalogServices,
   parseHealthService,
   parseHealthState,
@@ -15,8 +16,16 @@ import {
   type HealthFilter,
   type HealthServiceAnswer,
   type Instance,
+  type Registration,
   type ServiceSelection,
 } from './catalog.js';
+
+/** How long a list change waits for the check list to explain it before every service is read. */
+const sweepDelayMs = 100;
+
+function sameTags(a: readonly string[], b: readonly string[]): boolean {
+  return a.length === b.length && a.every((t, i) => t === b[i]);
+}
 
 export interface ConsulStatus {
   connected: boolean;
@@ -25,10 +34,18 @@ export interface ConsulStatus {
   lastError: { code: string; message: string; at: number } | undefined;
   /** Failed calls since start, by error code. */
   errors: Record<string, number>;
+  /** The X-Consul-Index of the service list last read (loopmesh_consul_catalog_index). */
+  catalogIndex?: number;
+  /** Reads of one service's instances (/v1/health/service/NAME) since start: what changes cost. */
+  serviceReads?: number;
+  /** Changes no list or check explained, found by reading every selected service (see CatalogWatcher). */
+  sweeps?: number;
+  /** Filtered service-list queries that looked for registrations other than the known ones. */
+  probes?: number;
 }
 
 /** The reads the watcher makes: a ConsulClient. */
-export type CatalogReader = Pick<ConsulClient, 'url' | 'catalogServices' | 'healthState' | 'healthService'>;
+export type CatalogReader = Pick<ConsulClient, 'url' | 'catalogServices' | 'healthState' | 'healthService'> & Partial<Pick<ConsulClient, 'catalogServicesFiltered'>>;
 
 export interface CatalogWatcherOptions {
   client: CatalogReader;
@@ -68,6 +85,16 @@ export class CatalogWatcher {
   /** Services served from an older read because their last read failed: retried until one succeeds. */
   private readonly staleServices = new Map<string, CatalogProblem>();
   private retryTimer: NodeJS.Timeout | undefined;
+  /** The newest service-list index no read has explained yet (see servicesChanged). */
+  private unexplained: bigint | undefined;
+  /** Service -> the X-Consul-Index of its last good read (Consul keeps an index per service). */
+  private readonly serviceIndex = new Map<string, bigint>();
+  private sweepTimer: NodeJS.Timeout | undefined;
+  private sweepNext = false;
+  /** The unexplained index a probe already ran for. */
+  private probed: bigint | undefined;
+  /** Service -> every registration of it (healthy or not) from its last good read: what a probe compares with. */
+  private readonly registered = new Map<string, readonly Registration[]>();
   private catalogSeen = false;
   private flushing: Promise<void> | undefined;
   private retryAttempt = 0;
@@ -85,7 +112,7 @@ export class CatalogWatcher {
       ...common,
       name: 'catalog/services',
       fetch: (index, signal) => client.catalogServices({ index, waitMs, signal }),
-      onChange: (result) => this.servicesChanged(result.body),
+      onChange: (result) => this.servicesChanged(result.body, result.index),
     });
     this.checks = new BlockingQuery({
       ...common,
@@ -106,6 +133,7 @@ export class CatalogWatcher {
     this.stopped.abort();
     this.refresh.cancel();
     clearTimeout(this.retryTimer);
+    clearTimeout(this.sweepTimer);
     await Promise.all([this.services.stop(), this.checks.stop()]);
     await this.flushing;
   }
@@ -151,8 +179,20 @@ export class CatalogWatcher {
     this.contact();
   }
 
-  /** Throws on a wrong-shaped answer: the BlockingQuery keeps the last good one and asks again. */
-  private servicesChanged(body: unknown): void {
+  /**
+   * Throws on a wrong-shaped answer: the BlockingQuery keeps the last good one and asks again.
+   *
+   * What changed costs what changed: a new service, or one whose tags changed, is read; a removed one
+   * is dropped; a health change comes through the check list (checksChanged). A change the list and
+   * the checks cannot show (an instance re-registered with a new address, port, meta or weight and
+   * the same tags and checks, or an instance without a check) moves only the list's index: it is
+   * explained once a service read returns an index at least as new. If none does, a probe asks
+   * Consul which services have a registration (node, ID, address, port) other than the known ones
+   * (/v1/catalog/services with a filter, a few requests whatever the catalog size), and those are
+   * read. Only when that finds nothing either (a meta or weight change, an instance without a check
+   * removed) is every selected service read (a sweep), and only those whose index moved taken again.
+   */
+  private servicesChanged(body: unknown, index: bigint | undefined): void {
     this.recovered();
     let all: Map<string, string[]>;
     try {
@@ -160,10 +200,19 @@ export class CatalogWatcher {
     } catch (err) {
       throw new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err });
     }
+    if (index !== undefined) this.statusValue.catalogIndex = Number(index);
+    const previous = this.known;
     this.known = new Map(selectServices(all, this.options.selection).map((name) => [name, all.get(name) ?? []]));
-    // The list does not say which service's instances moved, so every selected one is read again.
-    for (const name of this.known.keys()) this.dirty.add(name);
-    for (const map of [this.instances, this.nodes, this.problems, this.staleServices]) {
+    let explained = previous.size !== this.known.size && this.catalogSeen;
+    for (const [name, tags] of this.known) {
+      const before = previous.get(name);
+      if (before !== undefined && sameTags(before, tags)) continue;
+      this.dirty.add(name);
+      explained = true;
+    }
+    for (const name of previous.keys()) if (!this.known.has(name)) explained = true;
+    if (!explained && this.catalogSeen && index !== undefined && (this.unexplained === undefined || index > this.unexplained)) this.unexplained = index;
+    for (const map of [this.instances, this.nodes, this.problems, this.staleServices, this.serviceIndex, this.registered]) {
       for (const name of [...map.keys()]) if (!this.known.has(name)) map.delete(name);
     }
     this.catalogSeen = true;
@@ -183,7 +232,7 @@ export class CatalogWatcher {
     const affected = servicesAffectedByChecks(this.checkStates, next, nodesOf, [...this.known.keys()]);
     this.checkStates = next;
     for (const name of affected) if (this.known.has(name)) this.dirty.add(name);
-    if (this.dirty.size > 0) this.refresh();
+    if (this.dirty.size > 0 || this.unexplained !== undefined) this.refresh();
   }
 
   private flush(): Promise<void> {
@@ -199,17 +248,27 @@ export class CatalogWatcher {
   private async readDirty(): Promise<void> {
     const batch = [...this.dirty];
     this.dirty.clear();
+    const sweep = this.sweepNext;
+    this.sweepNext = false;
+    // The newest service index this flush saw: it explains a list change at or below it.
+    let newest = 0n;
     let failures = 0;
     const queue = [...batch];
     const worker = async (): Promise<void> => {
       for (let name = queue.shift(); name !== undefined; name = queue.shift()) {
         if (this.stopped.signal.aborted) return;
         let answer: HealthServiceAnswer;
+        let index: bigint | undefined;
         try {
           const result = await this.options.client.healthService(name, { signal: this.stopped.signal });
+          this.statusValue.serviceReads = (this.statusValue.serviceReads ?? 0) + 1;
           // Any answer means Consul is back: the long polls may block for a minute with nothing new,
           // and health must not stay "degraded" that long after one failed read.
           this.recovered();
+          index = result.index;
+          if (index !== undefined && index > newest) newest = index;
+          // A sweep reads every service: one whose index did not move is unchanged, nothing to redo.
+          if (sweep && index !== undefined && this.serviceIndex.get(name) === index && this.instances.has(name) && !this.staleServices.has(name)) continue;
           answer = parseHealthService(name, result.body, this.options.filter);
         } catch (err) {
           if (this.stopped.signal.aborted) return;
@@ -221,6 +280,8 @@ export class CatalogWatcher {
           continue;
         }
         if (!this.known.has(name)) continue;
+        if (index !== undefined) this.serviceIndex.set(name, index);
+        this.registered.set(name, answer.registered);
         this.instances.set(name, answer.instances);
         this.nodes.set(name, answer.nodes);
         this.problems.set(name, answer.problems);
@@ -229,7 +290,9 @@ export class CatalogWatcher {
     };
     await Promise.all(Array.from({ length: Math.min(this.options.concurrency ?? 8, batch.length) }, worker));
     if (this.stopped.signal.aborted) return;
+    if (this.unexplained !== undefined && (sweep || newest >= this.unexplained)) this.unexplained = undefined;
     this.emit();
+    if (this.unexplained !== undefined) this.scheduleSweep();
     if (this.staleServices.size === 0) {
       this.retryAttempt = 0;
       clearTimeout(this.retryTimer);
@@ -244,6 +307,55 @@ export class CatalogWatcher {
         this.refresh();
       }, backoffDelay(this.retryAttempt, retryBaseMs, retryMaxMs, Math.random));
     }
+  }
+
+  /**
+   * A list change nothing explained yet: the check list may still bring it (its long poll returns on
+   * its own), so wait a moment; then read every selected service once.
+   */
+  private scheduleSweep(): void {
+    if (this.sweepTimer !== undefined) return;
+    this.sweepTimer = setTimeout(() => {
+      this.sweepTimer = undefined;
+      const target = this.unexplained;
+      if (this.stopped.signal.aborted || target === undefined) return;
+      // One probe per unexplained index: if reading what it found did not explain it, sweep.
+      if (this.probed === target) return this.sweep();
+      this.probed = target;
+      void this.probe().then(
+        (found) => {
+          if (this.stopped.signal.aborted) return;
+          if (found.length === 0) return this.sweep();
+          for (const name of found) this.dirty.add(name);
+          this.refresh();
+        },
+        (err: unknown) => {
+          this.options.logger.debug({ code: errorCode(err) }, `probe for changed registrations failed: ${errorMessage(err)}; reading every service`);
+          this.sweep();
+        },
+      );
+    }, sweepDelayMs);
+  }
+
+  /** The known services with a registration Consul holds and this watcher does not know. */
+  private async probe(): Promise<string[]> {
+    const filtered = this.options.client.catalogServicesFiltered?.bind(this.options.client);
+    if (!filtered) return [];
+    const found = new Set<string>();
+    for (const filter of changedRegistrationFilters(this.registered)) {
+      this.statusValue.probes = (this.statusValue.probes ?? 0) + 1;
+      const result = await filtered(filter, { signal: this.stopped.signal });
+      for (const name of parseCatalogServices(result.body).keys()) if (this.known.has(name)) found.add(name);
+    }
+    return [...found];
+  }
+
+  private sweep(): void {
+    if (this.stopped.signal.aborted || this.unexplained === undefined) return;
+    this.statusValue.sweeps = (this.statusValue.sweeps ?? 0) + 1;
+    this.sweepNext = true;
+    for (const name of this.known.keys()) this.dirty.add(name);
+    this.refresh();
   }
 
   private markStale(service: string, err: unknown): void {

@@ -34,6 +34,17 @@ export interface HealthServiceAnswer {
   nodes: string[];
   /** Instances skipped one by one (LM_ERR_CONSUL_INVALID_INSTANCE): the others still route. */
   problems: CatalogProblem[];
+  /** Every registration of the service as Consul holds it (healthy or not): what a later change is compared with. */
+  registered: Registration[];
+}
+
+/** One instance's registration, raw: a change of any of these is a change of the service. */
+export interface Registration {
+  node: string;
+  id: string;
+  /** The service's own address ("" when it uses the node's). */
+  address: string;
+  port: number;
 }
 
 const statusRank: Record<string, number> = { passing: 0, warning: 1, critical: 2, maintenance: 3 };
@@ -91,6 +102,7 @@ export function parseHealthService(service: string, body: unknown, filter: Healt
   const problems: CatalogProblem[] = [];
   const nodes = new Set<string>();
   const instances: Instance[] = [];
+  const registered: Registration[] = [];
   const skip = (id: string, node: string, what: string, got: unknown, expected: string): void => {
     problems.push({
       service,
@@ -117,6 +129,7 @@ export function parseHealthService(service: string, body: unknown, filter: Healt
     // Every node with an instance, healthy or not: a node-level check there (serfHealth) turning
     // passing again must bring this service's instances back, so the watcher has to know of them.
     nodes.add(nodeName);
+    registered.push({ node: nodeName, id, address: typeof svc.Address === 'string' ? svc.Address : '', port: typeof svc.Port === 'number' ? svc.Port : 0 });
     const address = svc.Address === undefined || svc.Address === '' ? node.Address : svc.Address;
     if (typeof address !== 'string' || !isHostAddress(address)) {
       skip(id, nodeName, 'the address', address, 'an IP address (IPv4, or IPv6 without a zone) or a host name (RFC 1123: at most 253 characters, labels of 1 to 63 letters, digits and inner hyphens)');
@@ -146,7 +159,42 @@ export function parseHealthService(service: string, body: unknown, filter: Healt
     });
   }
   instances.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
-  return { instances, nodes: [...nodes].sort(), problems };
+  return { instances, nodes: [...nodes].sort(), problems, registered };
+}
+
+/** A filter expression (Consul's bexpr) string: JSON's quoting, which bexpr reads the same way. */
+function quote(value: string): string {
+  return JSON.stringify(value);
+}
+
+/**
+ * Filters for /v1/catalog/services that list the services with a registration other than the ones
+ * known (a new address or port, a new instance): one expression per group of services, each at most
+ * about maxChars long, so that a URL stays well under what Consul's HTTP server takes.
+ */
+export function changedRegistrationFilters(known: ReadonlyMap<string, readonly Registration[]>, maxChars = 24_000): string[] {
+  const filters: string[] = [];
+  let names: string[] = [];
+  let clauses: string[] = [];
+  let size = 0;
+  const flush = (): void => {
+    if (names.length === 0) return;
+    const scope = names.map((n) => `ServiceName == ${quote(n)}`).join(' or ');
+    filters.push(clauses.length > 0 ? `(${scope}) and not (${clauses.join(' or ')})` : `(${scope})`);
+    names = [];
+    clauses = [];
+    size = 0;
+  };
+  for (const [service, list] of known) {
+    const mine = list.map((r) => `(Node == ${quote(r.node)} and ServiceID == ${quote(r.id)} and ServiceAddress == ${quote(r.address)} and ServicePort == ${r.port})`);
+    const cost = service.length + 20 + mine.reduce((sum, c) => sum + c.length + 4, 0);
+    if (size > 0 && size + cost > maxChars) flush();
+    names.push(service);
+    clauses.push(...mine);
+    size += cost;
+  }
+  flush();
+  return filters;
 }
 
 /** /v1/catalog/services -> service name -> tags. */

@@ -41,6 +41,19 @@ export interface ConsulClientOptions {
   datacenter?: string;
   /** CA, client certificate and server name for an https:// url; refused with http://. */
   tls?: ConsulTls;
+  /** Told of every call that was not canceled, when it ends (the agent's /metrics). */
+  onCall?: (call: ConsulCall) => void;
+}
+
+/** One call to Consul as ConsulClient.call() saw it. */
+export interface ConsulCall {
+  /** The call's name without its argument: 'health.service', 'catalog.service.list', 'kv.get'. */
+  endpoint: string;
+  seconds: number;
+  /** A blocking query (a long poll): its time is mostly Consul waiting for a change. */
+  blocking: boolean;
+  /** The error code (LM_ERR_CONSUL_*) of a failed call; undefined when it succeeded. */
+  code: string | undefined;
 }
 
 interface HttpResponseLike {
@@ -88,6 +101,7 @@ export class ConsulClient {
   private readonly token: string | TokenSource | undefined;
   private readonly datacenter: string | undefined;
   private readonly tls: ConsulTls | undefined;
+  private readonly onCall: ((call: ConsulCall) => void) | undefined;
 
   constructor(options: ConsulClientOptions) {
     const url = new URL(options.url);
@@ -95,6 +109,7 @@ export class ConsulClient {
     this.token = options.token;
     this.datacenter = options.datacenter;
     this.tls = options.tls;
+    this.onCall = options.onCall;
     const secure = url.protocol === 'https:';
     // Never a silent fallback to plain HTTP: TLS settings with an http:// address are a mistake.
     if (options.tls && !secure && (options.tls.ca || options.tls.cert || options.tls.serverName)) {
@@ -121,6 +136,11 @@ export class ConsulClient {
 
   catalogServices(opts: ReadOptions = {}): Promise<QueryResult> {
     return this.read('catalog.service.list', (o) => this.consul.catalog.service.list(o as never), {}, opts);
+  }
+
+  /** /v1/catalog/services?filter=EXPR: the services with a registration the expression matches. */
+  catalogServicesFiltered(filter: string, opts: ReadOptions = {}): Promise<QueryResult> {
+    return this.read('catalog.service.list(filter)', (o) => this.consul.catalog.service.list(o as never), { filter }, opts);
   }
 
   healthService(service: string, opts: ReadOptions = {}): Promise<QueryResult> {
@@ -202,6 +222,8 @@ export class ConsulClient {
     const token = typeof this.token === 'string' ? this.token : await this.token?.current();
     if (token) request.token = token;
     if (this.datacenter) request.dc = this.datacenter;
+    const started = performance.now();
+    let code: string | undefined;
     try {
       const out = await fn(request);
       const [res, body] = Array.isArray(out) ? (out as [HttpResponseLike, unknown]) : [undefined, out];
@@ -216,11 +238,13 @@ export class ConsulClient {
       return { body, index, knownLeader: res?.headers['x-consul-knownleader'] !== 'false' };
     } catch (cause) {
       const err = classify(name, this.url, this.tls, cause);
+      code = err.code;
       if (httpStatus(err) === 403 && typeof this.token === 'object') this.token.rejected();
       throw err;
     } finally {
       ctx.finished = true;
       opts.signal?.removeEventListener('abort', onAbort);
+      if (this.onCall && !ctx.canceled) this.onCall({ endpoint: name.replace(/\(.*$/s, ''), seconds: (performance.now() - started) / 1000, blocking: params.index !== undefined, code });
     }
   }
 

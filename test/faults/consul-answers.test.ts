@@ -45,6 +45,7 @@ describe('answers from Consul that cannot be trusted: a real Consul, behind Wron
   let node: Awaited<ReturnType<typeof startAgent>>;
   const servers: IdServer[] = [];
   let webPort: number;
+  const webPorts: Record<string, number> = {};
 
   const serve = async (id: string): Promise<IdServer> => {
     const s = await startIdServer(id);
@@ -57,7 +58,8 @@ describe('answers from Consul that cannot be trusted: a real Consul, behind Wron
     proxy = await WrongShapeConsulProxy.start(consul.url);
     webPort = await freePort();
     for (const id of ['web-a', 'web-b']) {
-      await consul.register({ id, name: 'web', port: (await serve(id)).port, meta: { 'loopmesh-port': String(webPort) }, ttlCheck: { passing: true } });
+      webPorts[id] = (await serve(id)).port;
+      await consul.register({ id, name: 'web', port: webPorts[id], meta: { 'loopmesh-port': String(webPort) }, ttlCheck: { passing: true } });
     }
     await consul.register({ id: 'db-a', name: 'db', port: (await serve('db-a')).port, meta: { 'loopmesh-port': String(await freePort()) }, ttlCheck: { passing: true } });
     node = await startAgent(proxy.url);
@@ -77,7 +79,8 @@ describe('answers from Consul that cannot be trusted: a real Consul, behind Wron
       const webBefore = backends(node.agent, 'web');
       const dbBefore = backends(node.agent, 'db');
       proxy.wrongShape('web', shape);
-      // A new service changes the service list, so every service is read again: web with the fault.
+      // web's tags change, so web is read again (with the fault); a new service is read on its own.
+      await consul.register({ id: 'web-a', name: 'web', port: webPorts['web-a'] ?? 0, tags: [`seen-${shape}`], meta: { 'loopmesh-port': String(webPort) }, ttlCheck: { passing: true } });
       const late = `late-${shape}`;
       await consul.register({ id: late, name: late, port: (await serve(late)).port, meta: { 'loopmesh-port': String(await freePort()) }, ttlCheck: { passing: true } });
       t.after(() => consul.deregister(late));

@@ -1,0 +1,112 @@
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { ConsulClient } from '../../agent/consul/client.js';
+import { CatalogWatcher } from '../../agent/consul/catalog-watcher.js';
+import type { Catalog } from '../../agent/consul/catalog.js';
+import { silentLogger } from '../../agent/log.js';
+import { TestConsul } from '../support/consul.js';
+import { eventually } from '../support/net.js';
+
+// What one change costs the watcher, with a real Consul: reads of the services the change touched,
+// not of the catalog. Every kind of change the issue names must be seen; the kinds Consul's service
+// list and check list cannot show (an address, port or meta change with the same tags and checks)
+// are found by one sweep, and the test says so by counting it.
+
+const services = 30;
+
+describe('catalog watcher: one change costs the services it touched', { timeout: 120_000 }, () => {
+  let consul: TestConsul;
+  let client: ConsulClient;
+  let watcher: CatalogWatcher;
+  let catalog: Catalog = new Map();
+
+  before(async () => {
+    consul = await TestConsul.start();
+    for (let i = 0; i < services; i++) await consul.register({ id: `svc${i}-1`, name: `svc${i}`, port: 8000 + i, ttlCheck: { passing: true } });
+    client = new ConsulClient({ url: consul.url });
+    watcher = new CatalogWatcher({ client, logger: silentLogger(), selection: { services: [], tag: undefined }, filter: { allowWarning: false }, waitMs: 30_000, onCatalog: (c) => (catalog = c) });
+    watcher.start();
+    await eventually(() => (catalog.size === services && [...catalog.values()].every((i) => i.length === 1) ? true : undefined), 20_000, 'the first full sync');
+  });
+
+  after(async () => {
+    await watcher?.stop();
+    client?.close();
+    await consul?.close();
+  });
+
+  /** Runs a change, waits until the catalog shows it, and returns the reads and sweeps it cost. */
+  async function cost(what: string, change: () => Promise<void>, seen: (c: Catalog) => boolean): Promise<{ reads: number; sweeps: number; probes: number }> {
+    // Quiet first: nothing else in flight.
+    await new Promise((r) => setTimeout(r, 300));
+    const before = watcher.status();
+    await change();
+    await eventually(() => (seen(catalog) ? true : undefined), 10_000, what);
+    await new Promise((r) => setTimeout(r, 300));
+    const now = watcher.status();
+    const spent = { reads: (now.serviceReads ?? 0) - (before.serviceReads ?? 0), sweeps: (now.sweeps ?? 0) - (before.sweeps ?? 0), probes: (now.probes ?? 0) - (before.probes ?? 0) };
+    process.stdout.write(`# watch cost: ${what}: ${spent.reads} service reads, ${spent.probes} filtered list queries, ${spent.sweeps} sweeps (${services} services)\n`);
+    return spent;
+  }
+
+  test('a new service: one read', async () => {
+    const c = await cost('new service', () => consul.register({ id: 'fresh-1', name: 'fresh', port: 9100, ttlCheck: { passing: true } }), (x) => x.get('fresh')?.length === 1);
+    assert.ok(c.reads <= 2, `${c.reads} reads`);
+    assert.equal(c.sweeps, 0);
+  });
+
+  test('a service deregistered: no read of the others', async () => {
+    const c = await cost('service deregistered', () => consul.deregister('fresh-1'), (x) => !x.has('fresh'));
+    assert.ok(c.reads <= 1, `${c.reads} reads`);
+    assert.equal(c.sweeps, 0);
+  });
+
+  test('a health flip: one read', async () => {
+    const c = await cost('health flip (check fails)', () => consul.setCheck('svc3-1', 'fail'), (x) => x.get('svc3')?.length === 0);
+    assert.ok(c.reads <= 2, `${c.reads} reads`);
+    assert.equal(c.sweeps, 0);
+    await consul.setCheck('svc3-1', 'pass');
+    await eventually(() => (catalog.get('svc3')?.length === 1 ? true : undefined), 10_000, 'svc3 passing again');
+  });
+
+  test('a new instance of an existing service (with a check): one read', async () => {
+    const c = await cost('new instance with a check', () => consul.register({ id: 'svc4-2', name: 'svc4', port: 9104, ttlCheck: { passing: true } }), (x) => x.get('svc4')?.length === 2);
+    assert.ok(c.reads <= 2, `${c.reads} reads`);
+    assert.equal(c.sweeps, 0);
+  });
+
+  test('a tag change: one read', async () => {
+    const c = await cost('tag change', () => consul.register({ id: 'svc5-1', name: 'svc5', port: 8005, tags: ['v2'], ttlCheck: { passing: true } }), (x) => x.get('svc5')?.[0]?.tags.includes('v2') === true);
+    assert.ok(c.reads <= 2, `${c.reads} reads`);
+    assert.equal(c.sweeps, 0);
+  });
+
+  test('an address change with the same tags and check (invisible to both lists): found by one filtered list query, one read', async () => {
+    const c = await cost('address change (re-registration, same tags and check)', () => consul.register({ id: 'svc6-1', name: 'svc6', port: 8006, address: '127.0.0.9', ttlCheck: { passing: true } }), (x) => x.get('svc6')?.[0]?.address === '127.0.0.9');
+    assert.equal(c.sweeps, 0);
+    assert.equal(c.probes, 1);
+    assert.ok(c.reads <= 2, `${c.reads} reads`);
+  });
+
+  test('a port change and a new instance without a check: found the same way', async () => {
+    const port = await cost('port change', () => consul.register({ id: 'svc8-1', name: 'svc8', port: 9808, ttlCheck: { passing: true } }), (x) => x.get('svc8')?.[0]?.port === 9808);
+    assert.equal(port.sweeps, 0);
+    assert.ok(port.reads <= 2, `${port.reads} reads`);
+    const bare = await cost('new instance without a check', () => consul.register({ id: 'svc9-2', name: 'svc9', port: 9909 }), (x) => x.get('svc9')?.length === 2);
+    assert.equal(bare.sweeps, 0);
+    assert.ok(bare.reads <= 2, `${bare.reads} reads`);
+  });
+
+  test('a meta change (same tags, check, address and port): the probe finds nothing, one sweep finds it', async () => {
+    const c = await cost('meta change', () => consul.register({ id: 'svc7-1', name: 'svc7', port: 8007, meta: { version: '2' }, ttlCheck: { passing: true } }), (x) => x.get('svc7')?.[0]?.meta.version === '2');
+    assert.equal(c.sweeps, 1);
+    assert.ok(c.reads >= services && c.reads <= services + 3, `${c.reads} reads: one per service, once`);
+  });
+
+  test('a node-level check (node maintenance): the services on that node are read', async () => {
+    const c = await cost('node maintenance on', () => consul.api('PUT', '/v1/agent/maintenance?enable=true&reason=test').then(() => undefined), (x) => [...x.values()].every((i) => i.length === 0));
+    assert.equal(c.sweeps, 0);
+    await consul.api('PUT', '/v1/agent/maintenance?enable=false');
+    await eventually(() => (catalog.get('svc1')?.length === 1 ? true : undefined), 10_000, 'maintenance off');
+  });
+});
