@@ -22,6 +22,8 @@ import {
 
 /** How long a list change waits for the check list to explain it before every service is read. */
 const sweepDelayMs = 100;
+/** Above this many known registrations an unexplained change is a sweep, not a probe. */
+const maxProbedRegistrations = 1000;
 
 function sameTags(a: readonly string[], b: readonly string[]): boolean {
   return a.length === b.length && a.every((t, i) => t === b[i]);
@@ -91,6 +93,7 @@ export class CatalogWatcher {
   private readonly serviceIndex = new Map<string, bigint>();
   private sweepTimer: NodeJS.Timeout | undefined;
   private sweepNext = false;
+  private checksSeen = false;
   /** The unexplained index a probe already ran for. */
   private probed: bigint | undefined;
   /** Service -> every registration of it (healthy or not) from its last good read: what a probe compares with. */
@@ -118,7 +121,7 @@ export class CatalogWatcher {
       ...common,
       name: 'health/state/any',
       fetch: (index, signal) => client.healthState({ index, waitMs, signal }),
-      onChange: (result) => this.checksChanged(result.body),
+      onChange: (result) => this.checksChanged(result.body, result.index),
     });
     // A deregistration touches the service list and the checks within milliseconds: one read for both.
     this.refresh = debounce(() => void this.flush(), 15, 150);
@@ -220,7 +223,7 @@ export class CatalogWatcher {
   }
 
   /** Throws on a wrong-shaped answer: the BlockingQuery keeps the last good one and asks again. */
-  private checksChanged(body: unknown): void {
+  private checksChanged(body: unknown, index: bigint | undefined): void {
     this.recovered();
     let next: Map<string, CheckState>;
     try {
@@ -229,7 +232,13 @@ export class CatalogWatcher {
       throw new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err });
     }
     const nodesOf = (service: string): readonly string[] => this.nodes.get(service) ?? [];
-    const affected = servicesAffectedByChecks(this.checkStates, next, nodesOf, [...this.known.keys()]);
+    // The first answer says nothing changed: a service read at this index or later is current
+    // already (the first full read is usually on its way), so only the others are read.
+    const first = !this.checksSeen;
+    this.checksSeen = true;
+    const affected = first
+      ? new Set([...this.known.keys()].filter((name) => index === undefined || (this.serviceIndex.get(name) ?? 0n) < index))
+      : servicesAffectedByChecks(this.checkStates, next, nodesOf, [...this.known.keys()]);
     this.checkStates = next;
     for (const name of affected) if (this.known.has(name)) this.dirty.add(name);
     if (this.dirty.size > 0 || this.unexplained !== undefined) this.refresh();
@@ -340,7 +349,10 @@ export class CatalogWatcher {
   /** The known services with a registration Consul holds and this watcher does not know. */
   private async probe(): Promise<string[]> {
     const filtered = this.options.client.catalogServicesFiltered?.bind(this.options.client);
-    if (!filtered) return [];
+    // Consul evaluates a filter against every registration, once per query: past a thousand known
+    // registrations the queries (about 200 each) cost the servers more than reading every service.
+    const registrations = [...this.registered.values()].reduce((n, list) => n + list.length, 0);
+    if (!filtered || registrations > maxProbedRegistrations) return [];
     const found = new Set<string>();
     for (const filter of changedRegistrationFilters(this.registered)) {
       this.statusValue.probes = (this.statusValue.probes ?? 0) + 1;

@@ -29,6 +29,13 @@ describe('catalog watcher: one change costs the services it touched', { timeout:
     await eventually(() => (catalog.size === services && [...catalog.values()].every((i) => i.length === 1) ? true : undefined), 20_000, 'the first full sync');
   });
 
+  test('the first full sync reads each service once (the check list\'s first answer does not read them all again)', async () => {
+    await new Promise((r) => setTimeout(r, 500));
+    const reads = watcher.status().serviceReads ?? 0;
+    process.stdout.write(`# watch cost: first full sync: ${reads} service reads (${services} services)\n`);
+    assert.ok(reads >= services && reads <= services + 2, `${reads} reads`);
+  });
+
   after(async () => {
     await watcher?.stop();
     client?.close();
