@@ -94,6 +94,8 @@ export class CatalogWatcher {
   private sweepTimer: NodeJS.Timeout | undefined;
   private sweepNext = false;
   private checksSeen = false;
+  /** Service -> when its last read started (performance.now()). */
+  private readonly readStartedAt = new Map<string, number>();
   /** The unexplained index a probe already ran for. */
   private probed: bigint | undefined;
   /** Service -> every registration of it (healthy or not) from its last good read: what a probe compares with. */
@@ -121,7 +123,7 @@ export class CatalogWatcher {
       ...common,
       name: 'health/state/any',
       fetch: (index, signal) => client.healthState({ index, waitMs, signal }),
-      onChange: (result) => this.checksChanged(result.body, result.index),
+      onChange: (result) => this.checksChanged(result.body),
     });
     // A deregistration touches the service list and the checks within milliseconds: one read for both.
     this.refresh = debounce(() => void this.flush(), 15, 150);
@@ -215,7 +217,7 @@ export class CatalogWatcher {
     }
     for (const name of previous.keys()) if (!this.known.has(name)) explained = true;
     if (!explained && this.catalogSeen && index !== undefined && (this.unexplained === undefined || index > this.unexplained)) this.unexplained = index;
-    for (const map of [this.instances, this.nodes, this.problems, this.staleServices, this.serviceIndex, this.registered]) {
+    for (const map of [this.instances, this.nodes, this.problems, this.staleServices, this.serviceIndex, this.registered, this.readStartedAt]) {
       for (const name of [...map.keys()]) if (!this.known.has(name)) map.delete(name);
     }
     this.catalogSeen = true;
@@ -223,7 +225,7 @@ export class CatalogWatcher {
   }
 
   /** Throws on a wrong-shaped answer: the BlockingQuery keeps the last good one and asks again. */
-  private checksChanged(body: unknown, index: bigint | undefined): void {
+  private checksChanged(body: unknown): void {
     this.recovered();
     let next: Map<string, CheckState>;
     try {
@@ -232,12 +234,13 @@ export class CatalogWatcher {
       throw new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err });
     }
     const nodesOf = (service: string): readonly string[] => this.nodes.get(service) ?? [];
-    // The first answer says nothing changed: a service read at this index or later is current
-    // already (the first full read is usually on its way), so only the others are read.
+    // The first answer has nothing to compare with: only services whose read started before it
+    // arrived may be older than it. The others (the first full read, usually on its way) are newer.
     const first = !this.checksSeen;
     this.checksSeen = true;
+    const arrived = performance.now();
     const affected = first
-      ? new Set([...this.known.keys()].filter((name) => index === undefined || (this.serviceIndex.get(name) ?? 0n) < index))
+      ? new Set([...this.known.keys()].filter((name) => (this.readStartedAt.get(name) ?? Infinity) < arrived))
       : servicesAffectedByChecks(this.checkStates, next, nodesOf, [...this.known.keys()]);
     this.checkStates = next;
     for (const name of affected) if (this.known.has(name)) this.dirty.add(name);
@@ -269,6 +272,7 @@ export class CatalogWatcher {
         let answer: HealthServiceAnswer;
         let index: bigint | undefined;
         try {
+          this.readStartedAt.set(name, performance.now());
           const result = await this.options.client.healthService(name, { signal: this.stopped.signal });
           this.statusValue.serviceReads = (this.statusValue.serviceReads ?? 0) + 1;
           // Any answer means Consul is back: the long polls may block for a minute with nothing new,

@@ -44,8 +44,8 @@ const main = join(root, 'dist', 'agent', 'cli', 'main.js');
 const out = (line = ''): void => void (jsonOut ? process.stderr : process.stdout).write(`${line}\n`);
 
 /** A relay between the agent and Consul that counts requests (by request line) and bytes each way. */
-async function countingRelay(target: number): Promise<{ port: number; counts: { requests: number; bytesIn: number; bytesOut: number }; close(): void }> {
-  const counts = { requests: 0, bytesIn: 0, bytesOut: 0 };
+async function countingRelay(target: number): Promise<{ port: number; counts: { requests: number; bytesIn: number; bytesOut: number; paths: Map<string, number> }; close(): void }> {
+  const counts = { requests: 0, bytesIn: 0, bytesOut: 0, paths: new Map<string, number>() };
   const sockets = new Set<Socket>();
   const server: Server = createServer((client) => {
     const upstream = connect(target, '127.0.0.1');
@@ -54,7 +54,10 @@ async function countingRelay(target: number): Promise<{ port: number; counts: { 
       counts.bytesOut += chunk.length;
       // Request lines start a chunk after the previous request ended (keep-alive): count them.
       const text = chunk.toString('latin1');
-      counts.requests += (text.match(/(^|\r\n)(GET|PUT|POST|DELETE) \/v1\//g) ?? []).length;
+      for (const m of text.matchAll(/(?:^|\r\n)(?:GET|PUT|POST|DELETE) (\/v1\/[a-z]+\/[a-z]+)/g)) {
+        counts.requests += 1;
+        counts.paths.set(m[1] ?? '', (counts.paths.get(m[1] ?? '') ?? 0) + 1);
+      }
     });
     upstream.on('data', (chunk: Buffer) => void (counts.bytesIn += chunk.length));
     client.pipe(upstream).pipe(client);
@@ -174,8 +177,11 @@ async function run(): Promise<void> {
     await new Promise((r) => setTimeout(r, 3000));
     const restSeconds = 20;
     const rest0 = { ...relay.counts, ...usage(pid) };
+    const paths0 = new Map(relay.counts.paths);
     await new Promise((r) => setTimeout(r, restSeconds * 1000));
     const rest1 = { ...relay.counts, ...usage(pid) };
+    const restPaths = [...relay.counts.paths].map(([p, n]) => [p, n - (paths0.get(p) ?? 0)] as const).filter(([, n]) => n > 0);
+    if (restPaths.length > 0) out(`requests at rest by path: ${restPaths.map(([p, n]) => `${p} ${n}`).join(', ')}`);
 
     // Churn: N changes, the kinds in turn.
     const kinds = ['register', 'deregister', 'flip', 'address'] as const;
