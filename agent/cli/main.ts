@@ -10,6 +10,7 @@ import { settings } from '../config/config.js';
 import { renderDryRun } from './render.js';
 import { printStatus } from './status.js';
 import { runBalancer, startAdminAfterPredecessor } from './balancer.js';
+import { runDoctorCommand } from './doctor.js';
 import { usage } from './usage.js';
 
 function logger(level: Parameters<typeof createLogger>[0]['level']): Logger {
@@ -127,8 +128,10 @@ export async function main(argv: string[]): Promise<number> {
       }
       case 'balancer':
         return await runBalancer(rest, logger);
+      case 'doctor':
+        return await runDoctorCommand(rest);
       default:
-        throw new UsageError(`unknown command "${command}"; expected agent, gateway, status, render or balancer`);
+        throw new UsageError(`unknown command "${command}"; expected agent, gateway, status, render, balancer or doctor`);
     }
   } catch (err) {
     if (err instanceof ConfigError) {

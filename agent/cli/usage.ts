@@ -20,6 +20,7 @@ Commands:
   status     show the routes a running agent serves (service, name, address:port, backends)
   render     render the templates once from Consul's catalog; --dry-run prints instead of writing
   balancer   run only the data plane (balancer, DNS, hosts) from the files in --run-dir
+  doctor     check this node: names resolve, data plane answers, Consul, token, run dir; says how to fix
 
 Run 'loopmesh COMMAND --help' for a command's flags.
 `,
@@ -57,6 +58,32 @@ Flags (as the agent's, less --dns and --hosts-file):
   --config FILE                      JSON file with the same settings, keys in camelCase
 ${flagLines()}
   --help                             this text
+`,
+  doctor: `Usage: loopmesh doctor [flags]
+
+Checks this node and prints one line per check (ok, warn or FAIL: what was seen) and a fix: line
+for each problem. Exit status 0 when nothing fails (warnings allowed), 1 on a problem, 2 on a usage
+error. It checks:
+  admin       the agent's admin (--admin) answers /v1/routes; every route listens; /health's verdict
+  names       each NAME.SUFFIX resolves through the system resolver (getaddrinfo) to its route's
+              address first; if not, why: /etc/nsswitch.conf's hosts: line (mdns4_minimal
+              [NOTFOUND=return] before files takes .local away; files missing), the hosts file's
+              loopmesh block (missing, without the name, another address), /etc/resolv.conf
+  data plane  a TCP connect to each route's address:port; who holds each port (ss), so another
+              process on a route's port is named
+  gateways    a TCP connect to each gateway of a route (warn when none answers)
+  consul      --consul answers with a leader (TLS as the agent uses it); the token is valid
+              (/v1/acl/token/self; "ACLs off" is fine) and may read the catalog and the KV
+              PREFIX/addresses (and write it) and PREFIX/traffic/
+  run dir     --run-dir exists, is this user's, not writable by group or others; balancer.json parses
+Routes come from the admin's report, or from balancer.json when the admin is off or down.
+Read-only: doctor changes nothing, in Consul or on disk.
+
+Flags (as the agent's; a flag beats the environment, which beats --config):
+  --config FILE, --consul URL, --consul-ssl, --ca-file FILE, --client-cert FILE, --client-key FILE,
+  --tls-server-name NAME, --token-file FILE (or CONSUL_HTTP_TOKEN), --token TOKEN, --datacenter DC,
+  --admin ADDR:PORT, --run-dir DIR, --hosts-file FILE|off, --suffix DOMAIN, --kv-prefix PREFIX,
+  --range CIDR, --gateway-service NAME|off, --help
 `,
   status: `Usage: loopmesh status [--admin ADDR:PORT] [--json]
 

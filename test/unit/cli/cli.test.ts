@@ -21,7 +21,7 @@ test('bad flags and values: one line naming them, exit status 2', async () => {
     [['agent', '--config', '/nonexistent/loopmesh.json'], /^loopmesh: config file \/nonexistent\/loopmesh\.json: cannot read it \(ENOENT\)$/],
     [['agent', 'extra'], /^loopmesh: unexpected argument "extra"; expected only flags$/],
     [['agent', '--consul'], /^loopmesh: flag --consul expects a value$/],
-    [['frobnicate'], /^loopmesh: unknown command "frobnicate"; expected agent, gateway, status, render or balancer$/],
+    [['frobnicate'], /^loopmesh: unknown command "frobnicate"; expected agent, gateway, status, render, balancer or doctor$/],
     [['render'], /^loopmesh: render: expected --dry-run/],
     [['status', '--admin', 'x'], /^loopmesh: --admin: expected ADDRESS:PORT/],
     [['agent', '--dns', '1.2.3:99'], /^loopmesh: --dns: expected an IP address before the port .* got "1\.2\.3" in "1\.2\.3:99"$/],
