@@ -39,6 +39,8 @@ const N = flag('changes', 100);
 const jsonOut = argv.includes('--json');
 /** --agent-log FILE: the agent's log (debug level) goes there, to see where a change's time goes. */
 const agentLog = argv.indexOf('--agent-log') >= 0 ? argv[argv.indexOf('--agent-log') + 1] : undefined;
+/** --agent-profile DIR: a CPU profile of the agent (node --cpu-prof) is written there when it stops. */
+const agentProfile = argv.indexOf('--agent-profile') >= 0 ? argv[argv.indexOf('--agent-profile') + 1] : undefined;
 const root = join(import.meta.dirname, '..', '..');
 const main = join(root, 'dist', 'agent', 'cli', 'main.js');
 const out = (line = ''): void => void (jsonOut ? process.stderr : process.stdout).write(`${line}\n`);
@@ -157,7 +159,7 @@ async function run(): Promise<void> {
     await writeFile(hostsFile, '127.0.0.1 localhost\n');
     const admin = `127.0.0.1:${await freePort()}`;
     const started = performance.now();
-    agent = execa('node', [main, 'agent', '--consul', `http://127.0.0.1:${relay.port}`, '--run-dir', join(dir, 'run'), '--hosts-file', hostsFile, '--dns', 'off', '--admin', admin, '--range', '127.77.0.0/16', '--log-level', agentLog ? 'debug' : 'warn'], { reject: false, stdio: agentLog ? ['ignore', 'ignore', { file: agentLog }] : 'ignore', env: { ...process.env, CONSUL_HTTP_ADDR: '', LOOPMESH_LOG_FORMAT: 'json' } });
+    agent = execa('node', [...(agentProfile ? ['--cpu-prof', `--cpu-prof-dir=${agentProfile}`] : []), main, 'agent', '--consul', `http://127.0.0.1:${relay.port}`, '--run-dir', join(dir, 'run'), '--hosts-file', hostsFile, '--dns', 'off', '--admin', admin, '--range', '127.77.0.0/16', '--log-level', agentLog ? 'debug' : 'warn'], { reject: false, stdio: agentLog ? ['ignore', 'ignore', { file: agentLog }] : 'ignore', env: { ...process.env, CONSUL_HTTP_ADDR: '', LOOPMESH_LOG_FORMAT: 'json' } });
     const pid = agent.pid as number;
     const synced = await until(() => {
       try {
@@ -258,7 +260,8 @@ async function run(): Promise<void> {
     out(`under churn: CPU ${result.churn.cpuPercent}% of a core, RSS ${result.churn.rssMb} MB, ${result.churn.requestsPerChange} requests and ${result.churn.bytesPerChange} bytes from Consul per write`);
     if (jsonOut) process.stdout.write(`${JSON.stringify(result)}\n`);
   } finally {
-    agent?.kill('SIGKILL');
+    // SIGINT lets node write the CPU profile; SIGKILL otherwise.
+    agent?.kill(agentProfile ? 'SIGINT' : 'SIGKILL');
     await agent?.catch(() => undefined);
     relay.close();
     for (const s of ids) await s.close();
