@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-ensure_packages chromium:chromium curl:curl dig:dnsutils getent:libc-bin unshare:util-linux prlimit:util-linux setpriv:util-linux haproxy:haproxy nginx:nginx-light wrk:wrk ip:iproute2 iptables:iptables chattr:e2fsprogs
+ensure_packages chromium:chromium curl:curl dig:dnsutils dnsperf:dnsperf getent:libc-bin unshare:util-linux prlimit:util-linux setpriv:util-linux haproxy:haproxy nginx:nginx-light wrk:wrk ip:iproute2 iptables:iptables chattr:e2fsprogs
 ensure_node_modules
 ensure_consul
 log "consul: $CONSUL_BIN"

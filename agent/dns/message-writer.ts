@@ -25,12 +25,15 @@ export class MessageWriter {
     return at;
   }
 
+  // grow() first: it may replace this.buffer, and `this.buffer.write(x, this.grow(n))` would write to the old one.
   u16(value: number): void {
-    this.buffer.writeUInt16BE(value & 0xffff, this.grow(2));
+    const at = this.grow(2);
+    this.buffer.writeUInt16BE(value & 0xffff, at);
   }
 
   u32(value: number): void {
-    this.buffer.writeUInt32BE(value >>> 0, this.grow(4));
+    const at = this.grow(4);
+    this.buffer.writeUInt32BE(value >>> 0, at);
   }
 
   bytes(values: ArrayLike<number>): void {

@@ -208,10 +208,15 @@ function encode(response: DnsResponse, sections: { answers: DnsRecord[]; authori
  * those); if the answer still does not fit, only the header and question go out, with TC set.
  */
 export function encodeResponse(response: DnsResponse, maxSize = 65535): Buffer {
+  return encodeResponseWhole(response, maxSize).bytes;
+}
+
+/** encodeResponse, and whether the response went out whole (nothing left out to fit `maxSize`). */
+export function encodeResponseWhole(response: DnsResponse, maxSize = 65535): { bytes: Buffer; whole: boolean } {
   const full = encode(response, response, false);
-  if (full.length <= maxSize) return full;
+  if (full.length <= maxSize) return { bytes: full, whole: true };
   const withoutAdditional = encode(response, { ...response, additional: [] }, false);
-  if (withoutAdditional.length <= maxSize) return withoutAdditional;
-  return encode(response, { answers: [], authority: [], additional: [] }, true);
+  if (withoutAdditional.length <= maxSize) return { bytes: withoutAdditional, whole: false };
+  return { bytes: encode(response, { answers: [], authority: [], additional: [] }, true), whole: false };
 }
 

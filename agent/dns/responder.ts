@@ -9,7 +9,7 @@ import {
   type DnsRecord,
   type DnsResponse,
   ednsUdpSize,
-  encodeResponse,
+  encodeResponseWhole,
   headerSize,
   opcodes,
   rcodes,
@@ -29,6 +29,8 @@ export interface DnsReply {
   outcome: Outcome;
   /** Why a message was dropped or refused as malformed. */
   error?: DnsError;
+  /** False when records were left out (or TC set) to fit the transport's size limit. */
+  whole?: boolean;
 }
 
 type Sections = Pick<DnsResponse, 'answers' | 'authority' | 'additional'>;
@@ -75,10 +77,10 @@ export function answerQuery(message: Buffer, zone: Zone, transport: Transport = 
   const header = decodeHeader(message);
   if (header.qr) return { response: null, outcome: 'dropped' };
 
-  const reply = (rcode: number, outcome: Outcome, extra: Partial<DnsResponse> = {}, maxSize = 65535): DnsReply => ({
-    outcome,
-    response: encodeResponse({ id: header.id, opcode: header.opcode, aa: false, rd: header.rd, cd: header.cd, rcode, questions: [], ...noRecords, ...extra }, maxSize),
-  });
+  const reply = (rcode: number, outcome: Outcome, extra: Partial<DnsResponse> = {}, maxSize = 65535): DnsReply => {
+    const { bytes, whole } = encodeResponseWhole({ id: header.id, opcode: header.opcode, aa: false, rd: header.rd, cd: header.cd, rcode, questions: [], ...noRecords, ...extra }, maxSize);
+    return { outcome, response: bytes, whole };
+  };
   const formerr = (error: DnsError): DnsReply => ({ ...reply(rcodes.FORMERR, 'formerr'), error });
 
   if (header.opcode !== opcodes.QUERY) return reply(rcodes.NOTIMP, 'notimp', { questions: readableQuestions(message, header) });

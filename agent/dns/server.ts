@@ -1,9 +1,11 @@
 import { createSocket, type RemoteInfo, type Socket as UdpSocket } from 'node:dgram';
-import { createServer, isIPv6, type Server, type Socket } from 'node:net';
+import { lookup as dnsLookup } from 'node:dns';
+import { createServer, isIP, isIPv6, type Server, type Socket } from 'node:net';
 import type { ServiceSpec } from '../contract/balancer-config.js';
 import { DnsError, codes, errorCode, errorMessage } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { InheritedSockets, ListeningSocket } from '../hot-restart/handover.js';
+import { AnswerCache, readPlainQuery, replyFromCache, type PlainQuery } from './answer-cache.js';
 import { answerQuery, type Outcome, type Transport } from './responder.js';
 import { FrameReader, frame } from './tcp-frames.js';
 import { normalizeName, zoneFromServices, type Zone } from './zone.js';
@@ -58,9 +60,32 @@ function hostPort(host: string, port: number): string {
   return isIPv6(host) ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
+/** Socket buffers asked for (the kernel caps them at net.core.rmem_max / wmem_max): room for bursts. */
+const udpBufferBytes = 4 << 20;
+
+/**
+ * Replies go to the address a query came from, always an IP literal: no resolver call, and no
+ * deferral to the next tick as dns.lookup makes even for a literal (a name would still be resolved).
+ */
+function literalLookup(address: string, family: unknown, callback: (err: NodeJS.ErrnoException | null, address: string, family: number) => void): void {
+  const version = isIP(address);
+  if (version !== 0) return callback(null, address, version);
+  dnsLookup(address, { family: family === 6 ? 6 : 4 }, callback);
+}
+
+/** Larger socket buffers, best effort: a failure only leaves the kernel's default. */
+function growBuffers(socket: UdpSocket): void {
+  try {
+    if (socket.getRecvBufferSize() < udpBufferBytes) socket.setRecvBufferSize(udpBufferBytes);
+    if (socket.getSendBufferSize() < udpBufferBytes) socket.setSendBufferSize(udpBufferBytes);
+  } catch {
+    // e.g. a socket inherited from another Node version that cannot change them: the defaults serve.
+  }
+}
+
 function bindUdp(host: string, port: number): Promise<UdpSocket> {
   return new Promise((resolve, reject) => {
-    const socket = createSocket({ type: isIPv6(host) ? 'udp6' : 'udp4' });
+    const socket = createSocket({ type: isIPv6(host) ? 'udp6' : 'udp4', lookup: literalLookup });
     socket.once('error', (err) => {
       socket.close();
       reject(err);
@@ -91,6 +116,10 @@ function closeUdp(socket: UdpSocket): Promise<void> {
 /** The DNS responder for the service zone, on UDP and TCP at one address. */
 export class DnsServer {
   private zone: Zone;
+  /** Replies to plain queries for this zone; replaced with the zone. */
+  private cache = new AnswerCache();
+  /** Scratch for readPlainQuery: one per server, as messages are handled one at a time. */
+  private readonly plain: PlainQuery = { questionEnd: 0, edns: false };
   private udp: UdpSocket | undefined;
   private tcp: Server | undefined;
   private readonly connections = new Set<Socket>();
@@ -171,6 +200,7 @@ export class DnsServer {
     udp.on('message', (message, peer) => this.onDatagram(message, peer));
     udp.on('error', (err) => this.log.warn({ code: errorCode(err) }, `DNS UDP socket error: ${err.message}`));
     tcp.on('error', (err) => this.log.warn({ code: errorCode(err) }, `DNS TCP listener error: ${err.message}`));
+    growBuffers(udp);
     this.udp = udp;
     this.tcp = tcp;
   }
@@ -186,6 +216,7 @@ export class DnsServer {
     const left = services.filter((s) => zone.records.get(normalizeName(s.fqdn))?.service !== s.service);
     for (const s of left) this.log.warn({ service: s.service, fqdn: s.fqdn, address: s.address }, `service not published in DNS: "${s.fqdn}" is not a usable name in zone "${zone.suffix}" with an IPv4 address, or another service has it`);
     this.zone = zone;
+    this.cache = new AnswerCache();
   }
 
   stats(): DnsStats {
@@ -201,23 +232,38 @@ export class DnsServer {
   }
 
   /** Answers one message; never throws, whatever the bytes. */
-  private handle(message: Buffer, transport: Transport, peer: string): Buffer | null {
+  private handle(message: Buffer, transport: Transport, peer: () => string): Buffer | null {
     this.counts.queries++;
     try {
+      // The fast path: a plain query (checked as strictly as the full decoder would) answered before.
+      const plain = readPlainQuery(message, this.plain);
+      let key: string | undefined;
+      let edns = false;
+      const cache = this.cache;
+      if (plain) {
+        edns = this.plain.edns;
+        key = AnswerCache.key(message, this.plain.questionEnd);
+        const hit = cache.get(key, edns);
+        if (hit) {
+          this.counts[hit.outcome]++;
+          return replyFromCache(hit, message);
+        }
+      }
       const reply = answerQuery(message, this.zone, transport);
       this.counts[reply.outcome]++;
-      if (reply.error) this.log.debug({ code: reply.error.code, peer, transport, outcome: reply.outcome }, reply.error.message);
-      else if (reply.outcome === 'dropped') this.log.debug({ peer, transport }, 'DNS message dropped: not a query');
+      if (reply.error) this.log.debug({ code: reply.error.code, peer: peer(), transport, outcome: reply.outcome }, reply.error.message);
+      else if (reply.outcome === 'dropped') this.log.debug({ peer: peer(), transport }, 'DNS message dropped: not a query');
+      else if (key !== undefined && reply.response && reply.whole === true) cache.set(key, edns, reply.response, reply.outcome);
       return reply.response;
     } catch (err) {
       this.counts.dropped++;
-      this.log.warn({ code: errorCode(err), peer, transport }, `DNS message dropped, the responder failed: ${errorMessage(err)}`);
+      this.log.warn({ code: errorCode(err), peer: peer(), transport }, `DNS message dropped, the responder failed: ${errorMessage(err)}`);
       return null;
     }
   }
 
   private onDatagram(message: Buffer, peer: RemoteInfo): void {
-    const response = this.handle(message, 'udp', hostPort(peer.address, peer.port));
+    const response = this.handle(message, 'udp', () => hostPort(peer.address, peer.port));
     if (!response || !this.udp) return;
     this.udp.send(response, peer.port, peer.address, (err) => {
       if (err) this.log.debug({ code: errorCode(err), peer: hostPort(peer.address, peer.port) }, `DNS response not sent: ${err.message}`);
@@ -306,7 +352,7 @@ export class DnsServer {
           deadline = undefined;
         }
         for (const message of messages) {
-          const response = this.handle(message, 'tcp', peer);
+          const response = this.handle(message, 'tcp', () => peer);
           // Empty or headerless frames and responses end the connection: the stream is not DNS.
           if (!response) return hangUp(`a ${message.length}-byte frame that is not a query`, true);
           socket.write(frame(response));

@@ -127,3 +127,29 @@ test('too big: the additional section goes first without TC; then only the quest
   assert.deepEqual([truncated.answers.length, truncated.authority.length, truncated.additional.length], [0, 0, 0]);
   assert.deepEqual(truncated.questions, response.questions);
 });
+
+test('a response that grows past 512 bytes at any point encodes whole (the writer grows before it writes)', () => {
+  // Question names and SRV targets (never compressed) of every length in a range: one of these puts
+  // each 2- and 4-byte field of the SRV, the A record and the OPT record right across the first 512 bytes.
+  let over512 = 0;
+  for (let k = 1; k <= 63; k++) {
+    const question = `_x._tcp.${'q'.repeat(63)}.${'r'.repeat(63)}.${'t'.repeat(30)}.${'s'.repeat(k)}.local`;
+    for (const extra of [40, 50, 60]) {
+      const target = [`a${'x'.repeat(extra)}`, 'b'.repeat(63), 'c'.repeat(63), 'd'.repeat(40), 'local'].join('.');
+      const response: DnsResponse = {
+        id: 1, opcode: 0, aa: true, rd: true, cd: false, rcode: 0,
+        questions: [{ name: question, type: 33, class: 1 }],
+        answers: [{ name: question, ttl: 5, type: 'SRV', priority: 0, weight: 1, port: 80, target }],
+        authority: [],
+        additional: [{ name: target, ttl: 5, type: 'A', address: '127.0.0.2' }],
+        edns: { udpSize: 1232 },
+      };
+      const bytes = encodeResponse(response);
+      if (bytes.length > 512) over512++;
+      const parsed = parseResponse(bytes);
+      assert.equal(parsed.answers[0]?.data, `0 1 80 ${target}`);
+      assert.equal(parsed.additional[0]?.data, '127.0.0.2');
+    }
+  }
+  assert.ok(over512 > 30, `many cross 512 bytes (${over512})`);
+});
