@@ -2,6 +2,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { failingCodes, routeReport, servingProblems, type HealthReport, type StatusReport } from './admin/report.js';
 import { AdminServer } from './admin/server.js';
+import { Metrics } from './admin/metrics.js';
 import type { AgentConfig } from './config/config.js';
 import { AddressBook } from './consul/address-book.js';
 import type { Catalog, CatalogProblem } from './consul/catalog.js';
@@ -55,6 +56,8 @@ export class Agent {
   /** The local Consul agent's node name, once it answered (reports fall back to the hostname). */
   nodeName: string | undefined;
   private nodeNameAsked = false;
+  /** /metrics: the control plane's series (Consul calls, renders, reloads) besides the report's. */
+  readonly metrics = new Metrics({ controlPlane: true });
 
   constructor(
     readonly config: AgentConfig,
@@ -62,7 +65,7 @@ export class Agent {
     /** From a predecessor (hot restart, SIGUSR2): its sockets and config. */
     inherited?: InheritedSockets,
   ) {
-    this.client = new ConsulClient(consulClientOptions(config, logger.child({ stage: 'consul' })));
+    this.client = new ConsulClient({ ...consulClientOptions(config, logger.child({ stage: 'consul' })), onCall: (call) => this.metrics.observeConsul(call) });
     this.addresses = new AddressBook({
       client: this.client,
       logger: logger.child({ stage: 'plan' }),
@@ -118,7 +121,7 @@ export class Agent {
           checkUrl: config.gatewayCheck ?? (config.admin ? `http://${config.admin.host.includes(':') ? `[${config.admin.host}]` : config.admin.host}:${config.admin.port}/health/live` : ''),
         })
       : undefined;
-    this.admin = config.admin ? new AdminServer({ endpoint: config.admin, report: () => this.statusReport(), logger: logger.child({ stage: 'admin' }) }) : undefined;
+    this.admin = config.admin ? new AdminServer({ endpoint: config.admin, report: () => this.statusReport(), logger: logger.child({ stage: 'admin' }), metrics: this.metrics }) : undefined;
   }
 
   /** With `admin: false` (a hot restart's successor) the admin HTTP is started later, by the caller. */
@@ -255,6 +258,7 @@ export class Agent {
         } catch (err) {
           threw = true;
           this.logger.error({ code: errorCode(err), err }, 'reconcile failed; the last rendered files stay in service');
+          this.metrics.rendered({ failed: true, reloaded: false });
         }
       } while (this.again);
       this.retryLater(threw || this.renderErrors.some((e) => e.code === codes.renderWrite) || this.planProblems.some((p) => p.code === codes.planNoAddress) || this.dataPlaneBehind());
@@ -313,7 +317,9 @@ export class Agent {
     this.lastRenderAt = Date.now();
     if (written.changed.length > 0) this.logger.debug({ files: written.changed }, 'rendered');
     // Also when nothing changed but the data plane is behind: its last read of these files may have failed.
-    if (written.changed.length > 0 || this.dataPlaneBehind()) await this.dataPlane?.reload();
+    const reload = (written.changed.length > 0 || this.dataPlaneBehind()) && this.dataPlane !== undefined;
+    if (reload) await this.dataPlane?.reload();
+    this.metrics.rendered({ failed: this.renderErrors.length > 0, reloaded: reload });
     // A gateway enters the nodes' sets only once it serves what it rendered (a node would otherwise
     // try it, be refused and go on to the next address, for nothing).
     if (this.registration && !this.registrationStarted) {

@@ -3,6 +3,7 @@ import type { BackendSpec, BalancePolicy, ServiceSpec } from '../contract/balanc
 import type { BackendStatus, ServiceStatus, SubsetStatus } from '../balancer/status.js';
 import type { DnsStats } from '../dns/server.js';
 import { codes, type Problem } from '../errors.js';
+import { emptyLatency } from '../balancer/latency.js';
 
 /** What /health answers and `loopmesh status` shows: ok only when everything that should be served is. */
 export interface HealthReport {
@@ -29,10 +30,14 @@ export const failingCodes: ReadonlySet<string> = new Set([
   codes.hostsOwned,
 ]);
 
-export type BackendReport = Pick<BackendStatus, 'id' | 'address' | 'port' | 'weight' | 'subset' | 'activeConnections' | 'totalConnections' | 'failedConnects' | 'resetsBeforeFirstByte' | 'ejectionsTotal' | 'ejectedUntil' | 'ejectReason'>;
+/** connectTimeouts and bytes are absent from an agent of an older version. */
+export type BackendReport = Pick<BackendStatus, 'id' | 'address' | 'port' | 'weight' | 'subset' | 'activeConnections' | 'totalConnections' | 'failedConnects' | 'resetsBeforeFirstByte' | 'ejectionsTotal' | 'ejectedUntil' | 'ejectReason'> &
+  Partial<Pick<BackendStatus, 'connectTimeouts' | 'bytesIn' | 'bytesOut'>>;
 
 export interface RouteReport
-  extends Pick<ServiceStatus, 'service' | 'name' | 'fqdn' | 'address' | 'port' | 'activeConnections' | 'totalConnections' | 'failedConnections' | 'retries' | 'queuedConnections' | 'refusedConnections' | 'gatewayConnections' | 'unreachable'> {
+  extends Pick<ServiceStatus, 'service' | 'name' | 'fqdn' | 'address' | 'port' | 'activeConnections' | 'totalConnections' | 'failedConnections' | 'retries' | 'queuedConnections' | 'refusedConnections' | 'gatewayConnections' | 'unreachable'>,
+    /** Absent from an agent of an older version. */
+    Partial<Pick<ServiceStatus, 'bytesIn' | 'bytesOut' | 'connectLatency'>> {
   /** True while ejections are ignored because too few backends are usable (panic threshold). */
   panic: boolean;
   /** null with --render-only: the separate `loopmesh balancer` listens, not this process. */
@@ -102,6 +107,9 @@ export function routeReport(inputs: ReportInputs): StatusReport {
       panic: s?.panic ?? false,
       unreachable: s?.unreachable ?? false,
       gatewayConnections: s?.gatewayConnections ?? 0,
+      bytesIn: s?.bytesIn ?? 0,
+      bytesOut: s?.bytesOut ?? 0,
+      connectLatency: s?.connectLatency ?? emptyLatency(),
       backends,
       gateways,
       policy: s?.policy ?? spec.policy,
@@ -121,7 +129,10 @@ function backendReport(b: BackendStatus): BackendReport {
     activeConnections: b.activeConnections,
     totalConnections: b.totalConnections,
     failedConnects: b.failedConnects,
+    connectTimeouts: b.connectTimeouts,
     resetsBeforeFirstByte: b.resetsBeforeFirstByte,
+    bytesIn: b.bytesIn,
+    bytesOut: b.bytesOut,
     ejectionsTotal: b.ejectionsTotal,
     ...(b.ejectedUntil ? { ejectedUntil: b.ejectedUntil, ejectReason: b.ejectReason } : {}),
   };
@@ -129,7 +140,7 @@ function backendReport(b: BackendStatus): BackendReport {
 
 /** A backend as planned, before a balancer in this process counts anything. */
 function plannedBackend(b: BackendSpec): BackendReport {
-  return { id: b.id, address: b.address, port: b.port, weight: b.weight ?? 1, subset: b.subset ?? '', activeConnections: 0, totalConnections: 0, failedConnects: 0, resetsBeforeFirstByte: 0, ejectionsTotal: 0 };
+  return { id: b.id, address: b.address, port: b.port, weight: b.weight ?? 1, subset: b.subset ?? '', activeConnections: 0, totalConnections: 0, failedConnects: 0, connectTimeouts: 0, resetsBeforeFirstByte: 0, bytesIn: 0, bytesOut: 0, ejectionsTotal: 0 };
 }
 
 /** The balancer's split counters, or (when it reports none, e.g. --render-only) the planned split with 0 connections. */

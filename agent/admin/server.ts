@@ -6,13 +6,16 @@ import type { Logger } from '../log.js';
 import { isLoopbackHost } from '../config/config.js';
 import { misdirected } from './host.js';
 import type { StatusReport } from './report.js';
-import { prometheusText } from './metrics.js';
+import { Metrics } from './metrics.js';
+import { prefersHtml, statusPage, statusPageHeaders } from './page.js';
 
 export interface AdminServerOptions {
   endpoint: Endpoint;
   /** Called on every request by whichever process hosts the admin (the agent, or `loopmesh balancer`; with --workers, asynchronously). */
   report: () => StatusReport | Promise<StatusReport>;
   logger: Logger;
+  /** The process's metrics (the agent's has its control-plane series); default: the data plane's and the process's. */
+  metrics?: Metrics;
 }
 
 /** The agent's Consul connection; a `loopmesh balancer` process has none. */
@@ -24,8 +27,10 @@ function consulLine(consul: StatusReport['consul']): string {
 /** Loopback HTTP: /health, /v1/routes (what `loopmesh status` shows), /metrics, and / for people. */
 export class AdminServer {
   private readonly server: Server;
+  private readonly metrics: Metrics;
 
   constructor(private readonly options: AdminServerOptions) {
+    this.metrics = options.metrics ?? new Metrics();
     this.server = createServer((req, res) => {
       this.handle(req, res).catch((err: unknown) => {
         if (!res.headersSent) res.writeHead(500, { 'content-type': 'text/plain' });
@@ -86,8 +91,14 @@ export class AdminServer {
       case '/v1/routes':
         return send(200, 'application/json', `${JSON.stringify(report, null, 2)}\n`);
       case '/metrics':
-        return send(200, 'text/plain; version=0.0.4', prometheusText(report));
+        return send(200, this.metrics.contentType, await this.metrics.text(report));
       case '/': {
+        // A browser (Accept prefers text/html) gets the status page; curl's */* the plain text.
+        res.setHeader('vary', 'accept');
+        if (prefersHtml(req.headers.accept)) {
+          for (const [name, value] of Object.entries(statusPageHeaders)) res.setHeader(name, value);
+          return send(200, 'text/html; charset=utf-8', statusPage(report, Date.now()));
+        }
         const lines = report.routes.map((r) => `${r.fqdn}  ${r.address}:${r.port}  ${r.healthyBackends} backend(s)  ${r.listening ? 'listening' : 'NOT listening'}`);
         return send(200, 'text/plain; charset=utf-8', `loopmesh on ${report.node}: ${consulLine(report.consul)}\n\n${lines.join('\n')}\n${report.problems.map((p) => `\nproblem ${p.code}: ${p.message}`).join('')}\n`);
       }

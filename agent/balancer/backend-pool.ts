@@ -30,6 +30,8 @@ const tieFloorMs = 5;
 /** A connection of a backend that the drain policy may cut. */
 export interface Cuttable {
   cut(): void;
+  /** Bytes so far of an open connection: read from the client (in) and from the backend (out). */
+  bytes?(): { in: number; out: number };
 }
 
 /** One backend as the balancer uses it; open connections hold it even after it leaves the pool. */
@@ -37,7 +39,12 @@ export class Backend {
   activeConnections = 0;
   totalConnections = 0;
   failedConnects = 0;
+  /** Of failedConnects, the timeouts. */
+  connectTimeouts = 0;
   resetsBeforeFirstByte = 0;
+  /** Bytes of this backend's closed connections; open ones are added in status(). */
+  bytesIn = 0;
+  bytesOut = 0;
   /** Failures (connect, timeout, reset before the first byte) since the last success. */
   consecutiveFailures = 0;
   /** Epoch ms until which the backend is skipped (passive health); 0 when not ejected. */
@@ -88,6 +95,15 @@ export class Backend {
   }
 
   status(now = Date.now()): BackendStatus {
+    let bytesIn = this.bytesIn;
+    let bytesOut = this.bytesOut;
+    for (const c of this.connections) {
+      const b = c.bytes?.();
+      if (b) {
+        bytesIn += b.in;
+        bytesOut += b.out;
+      }
+    }
     return {
       id: this.spec.id,
       address: this.spec.address,
@@ -97,7 +113,10 @@ export class Backend {
       activeConnections: this.activeConnections,
       totalConnections: this.totalConnections,
       failedConnects: this.failedConnects,
+      connectTimeouts: this.connectTimeouts,
       resetsBeforeFirstByte: this.resetsBeforeFirstByte,
+      bytesIn,
+      bytesOut,
       consecutiveFailures: this.consecutiveFailures,
       ejectionsTotal: this.ejectionsTotal,
       ...(this.ewmaConnectMs !== undefined ? { ewmaConnectMs: Math.round((this.ewma(now) as number) * 1000) / 1000 } : {}),
@@ -239,6 +258,7 @@ export class BackendPool {
   failed(backend: Backend, kind: FailureKind, elapsedMs: number, now = Date.now()): void {
     if (kind === 'reset') backend.resetsBeforeFirstByte++;
     else backend.failedConnects++;
+    if (kind === 'timeout') backend.connectTimeouts++;
     // A failure costs at least what a connect timeout does in the latency that p2c compares.
     if (kind !== 'reset') backend.sample(elapsedMs, now);
     backend.consecutiveFailures++;

@@ -5,6 +5,7 @@ import { codes, errorCode, errorMessage } from '../errors.js';
 import type { Admission, Ticket } from './admission.js';
 import type { Backend, BackendPool, Cuttable } from './backend-pool.js';
 import { forwardBoth, pooledReads, type PooledReads } from './forward.js';
+import type { LatencyRecorder } from './latency.js';
 
 /** Counters of one service, shared by its current listener and any listener draining after a move. */
 export interface ServiceCounters {
@@ -14,6 +15,9 @@ export interface ServiceCounters {
   retries: number;
   /** Connections forwarded through a gateway (the proxy cluster) because no direct connect worked. */
   gatewayConnections: number;
+  /** Bytes of closed forwarded connections, read from clients (in) and from backends (out); open ones are in `forwarding`. */
+  bytesIn: number;
+  bytesOut: number;
 }
 
 export interface ConnectionContext {
@@ -21,6 +25,10 @@ export interface ConnectionContext {
   /** The service's gateways (the proxy cluster): the last resort, or the first choice while every backend is down. */
   gateways: BackendPool;
   counters: ServiceCounters;
+  /** Connections forwarded to a backend and not closed yet: their bytes so far count in status(). */
+  forwarding: Set<ProxiedConnection>;
+  /** Successful connects by time taken. */
+  latency: LatencyRecorder;
   /** The service's connection limit and queue. */
   admission: Admission;
   /** Read per connection: a KV traffic document may change it. */
@@ -106,6 +114,11 @@ export class ProxiedConnection implements Cuttable {
   }
 
   private admitted = false;
+
+  /** Bytes so far, while forwarding: read from the client, and from the backend. */
+  bytes(): { in: number; out: number } {
+    return { in: this.client.bytesRead, out: this.upstream?.bytesRead ?? 0 };
+  }
 
   /** The drain policy of a removed backend: both sides reset. */
   cut(): void {
@@ -203,7 +216,9 @@ export class ProxiedConnection implements Cuttable {
       socket.off('error', onFailure);
       clearTimeout(timer);
       this.dialing = undefined;
-      pool.connected(backend, performance.now() - started);
+      const elapsedMs = performance.now() - started;
+      pool.connected(backend, elapsedMs);
+      this.context.latency.observe(elapsedMs / 1000);
       this.forward(socket, target, reads);
     };
     socket.once('error', onFailure);
@@ -245,6 +260,7 @@ export class ProxiedConnection implements Cuttable {
     backend.activeConnections++;
     backend.totalConnections++;
     backend.connections.add(this);
+    context.forwarding.add(this);
     pool.forwarded(backend);
     if (pool !== context.pool) context.counters.gatewayConnections++;
     context.onForwarded();
@@ -272,6 +288,14 @@ export class ProxiedConnection implements Cuttable {
       this.upstreamClosed = true;
       backend.activeConnections--;
       backend.connections.delete(this);
+      context.forwarding.delete(this);
+      // Read counts only grow (bytesWritten may drop pending bytes at a destroy): counted once, at close.
+      const bytesIn = client.bytesRead;
+      const bytesOut = upstream.bytesRead;
+      backend.bytesIn += bytesIn;
+      backend.bytesOut += bytesOut;
+      context.counters.bytesIn += bytesIn;
+      context.counters.bytesOut += bytesOut;
       if (!closedCleanly(upstream)) client.destroy();
       else if (!answered) pool.succeeded(backend);
       this.maybeDone();

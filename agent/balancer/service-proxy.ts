@@ -6,6 +6,7 @@ import { Admission } from './admission.js';
 import { BackendPool, defaultOutlier } from './backend-pool.js';
 import type { DrainPolicy, ServiceSpec } from '../contract/balancer-config.js';
 import { ProxiedConnection, type ConnectionContext, type ServiceCounters } from './connection.js';
+import { LatencyRecorder } from './latency.js';
 import { addressKey, ServiceListener } from './listener.js';
 import type { EffectiveLimits, ServiceStatus } from './status.js';
 
@@ -41,7 +42,9 @@ export class ServiceProxy {
   private readonly pool = new BackendPool();
   /** The proxy cluster's addresses for this service: the last resort (see ProxiedConnection). */
   private readonly gateways = new BackendPool();
-  private readonly counters: ServiceCounters = { activeConnections: 0, totalConnections: 0, failedConnections: 0, retries: 0, gatewayConnections: 0 };
+  private readonly counters: ServiceCounters = { activeConnections: 0, totalConnections: 0, failedConnections: 0, retries: 0, gatewayConnections: 0, bytesIn: 0, bytesOut: 0 };
+  private readonly forwarding = new Set<ProxiedConnection>();
+  private readonly latency = new LatencyRecorder();
   private readonly admission = new Admission(() => this.effective);
   private effective!: EffectiveLimits;
   private readonly logger: Logger;
@@ -152,6 +155,13 @@ export class ServiceProxy {
     const { service, name, fqdn, address, port, empty, policy } = this.spec;
     const now = Date.now();
     const split = this.pool.subsetStatus();
+    let bytesIn = this.counters.bytesIn;
+    let bytesOut = this.counters.bytesOut;
+    for (const c of this.forwarding) {
+      const b = c.bytes();
+      bytesIn += b.in;
+      bytesOut += b.out;
+    }
     return {
       service,
       name,
@@ -170,6 +180,9 @@ export class ServiceProxy {
       unreachable: this.pool.unreachable(now),
       gateways: this.gateways.list().map((b) => b.status(now)),
       ...this.counters,
+      bytesIn,
+      bytesOut,
+      connectLatency: this.latency.snapshot(),
       queuedConnections: this.admission.queued,
       refusedConnections: this.admission.refused,
     };
@@ -211,6 +224,8 @@ export class ServiceProxy {
       pool: this.pool,
       gateways: this.gateways,
       counters: this.counters,
+      forwarding: this.forwarding,
+      latency: this.latency,
       admission: this.admission,
       get connectTimeoutMs() {
         return limits().connectTimeoutMs;

@@ -1,6 +1,19 @@
 import type { BalancePolicy, DrainPolicy, EmptyPolicy } from '../contract/balancer-config.js';
 import type { FailureKind } from './backend-pool.js';
 
+/**
+ * Upper bounds (seconds) of the connect-latency histogram's buckets: loopback (a quarter of a
+ * millisecond) to a slow LAN or a connect that nearly timed out (2 s).
+ */
+export const connectLatencyBuckets: readonly number[] = [0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2];
+
+/** Successful backend connects by time taken: `counts[i]` fell in bucket i (not cumulative); the last is above 2 s. */
+export interface LatencyHistogram {
+  counts: number[];
+  count: number;
+  sumSeconds: number;
+}
+
 export interface BackendStatus {
   id: string;
   address: string;
@@ -12,8 +25,14 @@ export interface BackendStatus {
   totalConnections: number;
   /** Connect attempts to this backend that failed (refused, timed out, unreachable). */
   failedConnects: number;
+  /** Of failedConnects, those that timed out (connectTimeoutMs). */
+  connectTimeouts: number;
   /** Connections the backend reset before sending a byte. */
   resetsBeforeFirstByte: number;
+  /** Bytes read from the clients of connections forwarded to this backend (closed ones, and so far of open ones). */
+  bytesIn: number;
+  /** Bytes read from this backend (sent on to the clients). */
+  bytesOut: number;
   /** Failures since the last success; at the outlier threshold (default 3) the backend is ejected. */
   consecutiveFailures: number;
   /** Times passive health ejected this backend. */
@@ -75,6 +94,12 @@ export interface ServiceStatus {
   failedConnections: number;
   /** Connect failures that were retried on another backend. */
   retries: number;
+  /** Bytes read from clients of forwarded connections (closed ones, and so far of open ones). */
+  bytesIn: number;
+  /** Bytes read from backends and gateways (sent on to the clients). */
+  bytesOut: number;
+  /** Successful connects to a backend or gateway, by time taken. */
+  connectLatency: LatencyHistogram;
   /** True while every backend is down from here: new connections go through a gateway first. */
   unreachable: boolean;
   /** The service's gateways (the proxy cluster), in the order they are tried; empty on a gateway. */

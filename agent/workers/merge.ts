@@ -1,6 +1,8 @@
 import type { BackendReport, HealthReport, RouteReport, StatusReport } from '../admin/report.js';
 import type { DnsStats } from '../dns/server.js';
 import type { Problem } from '../errors.js';
+import { addLatency, emptyLatency } from '../balancer/latency.js';
+import type { LatencyHistogram } from '../balancer/status.js';
 
 /** One worker as the supervisor sees it when the admin asks. */
 export interface WorkerView {
@@ -61,6 +63,8 @@ interface Totals {
   backends: Map<string, Fields>;
   gateways: Map<string, Fields>;
   split: Map<string, Fields>;
+  /** The connect-latency histogram: the workers' buckets summed. */
+  latency?: LatencyHistogram;
 }
 
 /** Adds `fields` into the entry `key` of `into`, which starts as a zeroed copy of the first seen. */
@@ -79,6 +83,7 @@ function addRoute(into: Totals, r: RouteReport, countersOnly: boolean): void {
   for (const b of r.backends) addKeyed(into.backends, b.id, b as unknown as Fields, countersOnly);
   for (const g of r.gateways ?? []) addKeyed(into.gateways, g.id, g as unknown as Fields, countersOnly);
   for (const p of r.split ?? []) addKeyed(into.split, p.name, p as unknown as Fields, countersOnly);
+  if (r.connectLatency) into.latency = addLatency(into.latency ?? emptyLatency(), r.connectLatency);
 }
 
 /**
@@ -133,7 +138,7 @@ export function mergeReports(node: string, workers: readonly WorkerView[], retir
     for (const r of report.routes) {
       const known = totals.get(r.service);
       if (!known) {
-        totals.set(r.service, { route: zeroed({ ...r, backends: [], gateways: [], split: undefined }), backends: new Map(), gateways: new Map(), split: new Map() });
+        totals.set(r.service, { route: zeroed({ ...r, backends: [], gateways: [], split: undefined, connectLatency: undefined }), backends: new Map(), gateways: new Map(), split: new Map() });
         continue;
       }
       const route = known.route as unknown as RouteReport;
@@ -162,9 +167,10 @@ export function mergeReports(node: string, workers: readonly WorkerView[], retir
         const known = t.split.get(name);
         if (known) addNumbers(known, p, true);
       }
+      if (gone.latency) t.latency = addLatency(t.latency ?? emptyLatency(), gone.latency);
     }
-    const { split: _split, ...route } = t.route;
-    routes.push({ ...(route as unknown as RouteReport), backends: [...t.backends.values()] as unknown as BackendReport[], gateways: [...t.gateways.values()] as unknown as BackendReport[], ...(t.split.size > 0 ? { split: [...t.split.values()] as unknown as NonNullable<RouteReport['split']> } : {}) });
+    const { split: _split, connectLatency: _latency, ...route } = t.route;
+    routes.push({ ...(route as unknown as RouteReport), ...(t.latency ? { connectLatency: t.latency } : {}), backends: [...t.backends.values()] as unknown as BackendReport[], gateways: [...t.gateways.values()] as unknown as BackendReport[], ...(t.split.size > 0 ? { split: [...t.split.values()] as unknown as NonNullable<RouteReport['split']> } : {}) });
   }
 
   const workerProblems = workers.flatMap((w) => (w.problem ? [w.problem] : []));

@@ -1,6 +1,7 @@
 import type { RouteReport, StatusReport } from '../admin/report.js';
 import { DataPlaneError, codes, type Problem } from '../errors.js';
 import { describe, isRecord } from '../validate.js';
+import { connectLatencyBuckets } from '../balancer/status.js';
 
 /**
  * The IPC between the `loopmesh balancer --workers N` supervisor (cluster primary) and its workers.
@@ -70,6 +71,11 @@ function parseRoute(value: unknown, where: string): RouteReport {
     num(b, 'activeConnections', at);
     num(b, 'totalConnections', at);
   });
+  const latency = value.connectLatency;
+  if (latency !== undefined) {
+    const ok = isRecord(latency) && Array.isArray(latency.counts) && latency.counts.length === connectLatencyBuckets.length + 1 && latency.counts.every((n) => typeof n === 'number' && Number.isFinite(n)) && typeof latency.count === 'number' && typeof latency.sumSeconds === 'number';
+    if (!ok) throw bad(`${where}.connectLatency: expected {counts: ${connectLatencyBuckets.length + 1} numbers, count, sumSeconds}`, latency);
+  }
   if (value.split !== undefined && !(Array.isArray(value.split) && value.split.every((p) => isRecord(p) && typeof p.name === 'string'))) throw bad(`${where}.split: expected an array of {name, weight, connections}`, value.split);
   return value as unknown as RouteReport;
 }

@@ -87,6 +87,8 @@ describe('loopmesh balancer --admin', { timeout: 90_000 }, () => {
       assert.match(metrics, /^loopmesh_route_connections_active\{service="web"\} 3$/m);
       assert.match(metrics, /^loopmesh_route_listening\{service="web"\} 1$/m);
       assert.doesNotMatch(metrics, /loopmesh_consul_connected/);
+      assert.match(metrics, /^loopmesh_route_connect_duration_seconds_count\{service="web"\} [1-9]\d*$/m);
+      assert.match(metrics, /^# TYPE nodejs_eventloop_lag_seconds gauge$/m);
     } finally {
       for (const c of open) c.socket.destroy();
     }

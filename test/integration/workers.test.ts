@@ -165,6 +165,12 @@ describe('loopmesh balancer --workers', { timeout: 180_000 }, () => {
     const metrics = (await get(admin, '/metrics')).body;
     assert.match(metrics, new RegExp(`^loopmesh_route_connections_total\\{service="web"\\} ${report.routes[0]!.totalConnections}$`, 'm'));
     assert.match(metrics, /^loopmesh_healthy 1$/m);
+    // The connect histogram of the workers summed: every forwarded connection once, in whichever worker.
+    const connects = report.routes[0]!.connectLatency;
+    assert.equal(connects?.count, report.routes[0]!.backends[0]!.totalConnections, 'each forwarded connection is in the merged histogram once');
+    assert.match(metrics, new RegExp(`^loopmesh_route_connect_duration_seconds_count\\{service="web"\\} ${connects?.count}$`, 'm'));
+    assert.match(metrics, new RegExp(`^loopmesh_route_connect_duration_seconds_bucket\\{service="web",le="\\+Inf"\\} ${connects?.count}$`, 'm'));
+    assert.match(metrics, /^process_resident_memory_bytes \d+/m);
     t.diagnostic(`spread of 200 connections over 2 workers: ${perWorker.join(' + ')} (cumulative)`);
   });
 

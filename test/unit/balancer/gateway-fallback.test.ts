@@ -26,7 +26,7 @@ test('every backend refuses: the connection goes through a gateway, after the re
   // What the admin shows: /v1/routes lists the gateways, /metrics counts the connections.
   const report = routeReport({ node: 'n1', consul: null, lastRenderAt: undefined, specs: [spec], served: balancer.snapshot(), problems: [], health: { status: 'ok', reasons: [] }, dns: undefined });
   assert.deepEqual(report.routes[0]?.gateways.map((g) => [g.id, g.totalConnections]), [['gw', 1]]);
-  const metrics = prometheusText(report);
+  const metrics = await prometheusText(report);
   assert.match(metrics, /^loopmesh_route_gateway_connections_total\{service="web"\} 1$/m);
   // Both backends failed for one connection: the service counts as cut off from here for a back-off.
   assert.match(metrics, /^loopmesh_route_unreachable\{service="web"\} 1$/m);

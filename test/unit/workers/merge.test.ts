@@ -116,3 +116,22 @@ test('--workers: default 1, N, auto = CPUs; 0, 65, x and 1.5 refused naming the 
     );
   }
 });
+
+test('merge: the connect-latency histogram is the workers\' buckets summed, exited workers included; bytes add up', () => {
+  const h = (counts: number[], sumSeconds: number) => ({ counts: [...counts, ...new Array<number>(14 - counts.length).fill(0)], count: counts.reduce((a, b) => a + b, 0), sumSeconds });
+  const w0 = { ...route('web', 3, 0), bytesIn: 10, bytesOut: 100, connectLatency: h([1, 2], 0.001) };
+  const w1 = { ...route('web', 4, 0), bytesIn: 20, bytesOut: 200, connectLatency: h([0, 1, 3], 0.004) };
+  const retired = new RetiredTotals();
+  retired.add(report([{ ...route('web', 1, 0), bytesIn: 1, bytesOut: 1, connectLatency: h([5], 0.0005) }]));
+  // Through the IPC's check, as the supervisor gets them.
+  const parsed = [w0, w1].map((r) => parseStatusReport(JSON.parse(JSON.stringify(report([r])))));
+  const m = mergeReports('n', [view(0, 10, parsed[0]), view(1, 11, parsed[1])], retired, 2);
+  const web = m.routes[0]!;
+  assert.deepEqual(web.connectLatency?.counts.slice(0, 4), [6, 3, 3, 0]);
+  assert.equal(web.connectLatency?.count, 12);
+  assert.ok(Math.abs((web.connectLatency?.sumSeconds ?? 0) - 0.0055) < 1e-9);
+  assert.equal(web.bytesIn, 31);
+  assert.equal(web.bytesOut, 301);
+  assert.equal(w0.connectLatency.counts[0], 1, 'the workers\' reports are not changed by the merge');
+  assert.throws(() => parseStatusReport(JSON.parse(JSON.stringify(report([{ ...route('web', 1, 0), connectLatency: { counts: [1], count: 1, sumSeconds: 0 } }])))), /report\.routes\[0\]\.connectLatency: expected \{counts: 14 numbers, count, sumSeconds\}/);
+});
