@@ -92,7 +92,7 @@ export interface ServiceRegistration {
   address: string;
   port: number;
   meta: Record<string, string>;
-  check: { name: string; http: string; interval: string; timeout: string; deregisterAfter: string };
+  check: { name: string; http: string; interval: string; timeout: string; deregisterAfter: string; status?: 'passing' | 'critical' };
 }
 
 export class ConsulClient {
@@ -185,7 +185,7 @@ export class ConsulClient {
       address: service.address,
       port: service.port,
       meta: service.meta,
-      check: { name: service.check.name, http: service.check.http, interval: service.check.interval, timeout: service.check.timeout, deregistercriticalserviceafter: service.check.deregisterAfter },
+      check: { name: service.check.name, http: service.check.http, interval: service.check.interval, timeout: service.check.timeout, deregistercriticalserviceafter: service.check.deregisterAfter, ...(service.check.status ? { status: service.check.status } : {}) },
     }, {});
   }
 

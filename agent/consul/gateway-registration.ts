@@ -59,7 +59,9 @@ export class GatewayRegistration {
       // Consul's catalog (and loopmesh's parser) wants a port: the one of its check (its admin).
       port: checkPort(checkUrl),
       meta: { [gatewayRangeMeta]: range.cidr, [mirroredRangeMeta]: mirrored.cidr },
-      check: { name: `loopmesh gateway ${this.id}`, http: checkUrl, interval: '1s', timeout: '1s', deregisterAfter: '10m' },
+      // Registered only once this process serves (see Agent.reconcileOnce), so it starts passing: a
+      // registration again (every 30 s, a hot restart's successor) must not reset it to critical.
+      check: { name: `loopmesh gateway ${this.id}`, http: checkUrl, interval: '1s', timeout: '1s', deregisterAfter: '10m', status: 'passing' },
     };
   }
 
