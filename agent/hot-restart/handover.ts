@@ -87,9 +87,9 @@ export class InheritedSockets {
 
   constructor(readonly config: BalancerConfig | undefined) {}
 
-  add(kind: SocketKind, key: string, handle: Server | UdpSocket): void {
-    if (kind === 'tcp') this.tcp.set(key, new InheritedServer(handle as Server));
-    else this.udp.set(key, new InheritedUdp(handle as UdpSocket));
+  add(key: string, socket: InheritedServer | InheritedUdp): void {
+    if (socket instanceof InheritedServer) this.tcp.set(key, socket);
+    else this.udp.set(key, socket);
   }
 
   takeTcp(key: string): InheritedServer | undefined {
@@ -211,7 +211,9 @@ export function receiveHandover(timeoutMs: number, options: ParseOptions = {}): 
   delete process.env[handoverEnv];
   isSuccessor = true;
   return new Promise((resolve, reject) => {
-    const pending: Array<{ kind: SocketKind; key: string; handle: Server | UdpSocket }> = [];
+    // Wrapped the moment it arrives: Node's wrapper server accepts on it at once, and a connection
+    // accepted before anyone listens for it would hang unanswered (seen under load as 1 in ~300).
+    const pending: Array<{ key: string; socket: InheritedServer | InheritedUdp }> = [];
     const timer = setTimeout(() => done(new DataPlaneError(codes.handover, `handover: no sockets from the predecessor within ${timeoutMs} ms`)), timeoutMs);
     const done = (err: Error | undefined, result?: InheritedSockets): void => {
       clearTimeout(timer);
@@ -224,17 +226,18 @@ export function receiveHandover(timeoutMs: number, options: ParseOptions = {}): 
         const message = parseMessage(raw);
         if (message.type === 'socket') {
           if (!isRecord(handle)) throw new DataPlaneError(codes.handover, `handover: socket ${message.key} arrived without its handle`);
-          pending.push({ kind: message.kind, key: message.key, handle: handle as unknown as Server | UdpSocket });
+          const socket = message.kind === 'tcp' ? new InheritedServer(handle as unknown as Server) : new InheritedUdp(handle as unknown as UdpSocket);
+          pending.push({ key: message.key, socket });
         } else if (message.type === 'end') {
           if (pending.length !== message.sockets) {
             throw new DataPlaneError(codes.handover, `handover: got ${pending.length} sockets, the predecessor sent ${message.sockets}`);
           }
           const inherited = new InheritedSockets(message.config === null ? undefined : parseBalancerConfig(message.config, 'the predecessor\'s config', options));
-          for (const s of pending) inherited.add(s.kind, s.key, s.handle);
+          for (const s of pending) inherited.add(s.key, s.socket);
           done(undefined, inherited);
         }
       } catch (err) {
-        for (const s of pending) s.handle.close();
+        for (const s of pending) s.socket.close();
         done(err instanceof Error ? err : new Error(String(err)));
       }
     };
