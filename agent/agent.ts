@@ -318,7 +318,9 @@ export class Agent {
     if (written.changed.length > 0) this.logger.debug({ files: written.changed }, 'rendered');
     // Also when nothing changed but the data plane is behind: its last read of these files may have failed.
     const reload = (written.changed.length > 0 || this.dataPlaneBehind()) && this.dataPlane !== undefined;
-    if (reload) await this.dataPlane?.reload();
+    // The file now holds exactly this text, already parsed and checked: the data plane takes it as is.
+    const served = written.written.find((f) => f.output === balancerFile && f.config !== undefined);
+    if (reload) await this.dataPlane?.reload(served?.config ? { text: served.text, config: served.config } : undefined);
     this.metrics.rendered({ failed: this.renderErrors.length > 0, reloaded: reload });
     // A gateway enters the nodes' sets only once it serves what it rendered (a node would otherwise
     // try it, be refused and go on to the next address, for nothing).

@@ -23,6 +23,12 @@ async function folderIdentity(path: string): Promise<string | undefined> {
   }
 }
 
+/** What the in-process renderer just wrote to the file, already parsed with the same options. */
+export interface RenderedBalancer {
+  text: string;
+  config: BalancerConfig;
+}
+
 export interface BalancerFileSourceOptions {
   /** The rendered balancer.json. */
   path: string;
@@ -147,9 +153,12 @@ export class BalancerFileSource {
     return this.dirCheck;
   }
 
-  /** Reads the file now; loads queue up, so a caller that just wrote the file sees its write applied. */
-  reload(): Promise<void> {
-    const run = this.loading.then(() => this.load());
+  /**
+   * Reads the file now; loads queue up, so a caller that just wrote the file sees its write applied.
+   * `rendered`: the content the caller just wrote there atomically, parsed; used instead of a read.
+   */
+  reload(rendered?: RenderedBalancer): Promise<void> {
+    const run = this.loading.then(() => this.load(rendered));
     this.loading = run.catch(() => undefined);
     return run;
   }
@@ -170,8 +179,9 @@ export class BalancerFileSource {
     this.recheck = setTimeout(() => void this.reload(), missedChangeWindowMs);
   }
 
-  private async load(): Promise<void> {
+  private async load(rendered?: RenderedBalancer): Promise<void> {
     if (this.closed) return;
+    if (rendered) return this.use(Buffer.from(rendered.text, 'utf8'), rendered.config);
     let text: Buffer;
     try {
       // The run dir is untrusted: another user's file, a symlink or a FIFO there is refused.
@@ -196,6 +206,11 @@ export class BalancerFileSource {
       this.logger.error({ code: errorCode(err), err: errorMessage(err) }, 'invalid balancer config ignored; the last good config stays in service');
       return;
     }
+    await this.use(text, config);
+  }
+
+  private async use(text: Buffer, config: BalancerConfig): Promise<void> {
+    if (this.applied?.text.equals(text)) return;
     this.rejectedText = undefined;
     try {
       await this.options.onConfig(config);

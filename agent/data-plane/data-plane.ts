@@ -2,7 +2,7 @@ import { realpath } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { Balancer } from '../balancer/balancer.js';
 import type { BalancerConfig, DrainPolicy } from '../contract/balancer-config.js';
-import { BalancerFileSource } from '../balancer/file-source.js';
+import { BalancerFileSource, type RenderedBalancer } from '../balancer/file-source.js';
 import type { Endpoint } from '../config/config.js';
 import { DnsServer } from '../dns/server.js';
 import { checkHostsLines, writeHostsBlock } from '../dns/hosts-file.js';
@@ -130,9 +130,12 @@ export class DataPlane {
     }
   }
 
-  /** Reads the rendered files now (the renderer calls this right after it writes). */
-  async reload(): Promise<void> {
-    await this.source.reload();
+  /**
+   * Reads the rendered files now (the renderer calls this right after it writes). An in-process
+   * renderer passes the balancer.json it just wrote, parsed: it is not read and parsed again.
+   */
+  async reload(rendered?: RenderedBalancer): Promise<void> {
+    await this.source.reload(rendered);
     await this.syncHosts();
   }
 

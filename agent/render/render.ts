@@ -1,5 +1,5 @@
 import { join } from 'node:path';
-import { parseBalancerConfig, type ParseOptions } from '../contract/balancer-config.js';
+import { parseBalancerConfig, type BalancerConfig, type ParseOptions } from '../contract/balancer-config.js';
 import { balancerFile } from '../contract/files.js';
 import { RenderError, codes, errorMessage } from '../errors.js';
 import { writeFileAtomic } from '../fs/atomic-write.js';
@@ -8,16 +8,17 @@ import type { RenderContext, Template } from './templates.js';
 export interface RenderedFile {
   output: string;
   text: string;
+  /** balancer.json: the config as the data plane will load it (checked here, so an in-process data plane need not read and parse it again). */
+  config?: BalancerConfig;
 }
 
 /** Files the data plane loads are checked before they can replace a working one. */
-function check(output: string, text: string, file: string, options: ParseOptions): void {
-  if (output === balancerFile) {
-    try {
-      parseBalancerConfig(text, file, options);
-    } catch (cause) {
-      throw new RenderError(codes.renderTemplate, `${file} rendered a balancer.json that does not load: ${errorMessage(cause)}`, { cause });
-    }
+function check(output: string, text: string, file: string, options: ParseOptions): BalancerConfig | undefined {
+  if (output !== balancerFile) return undefined;
+  try {
+    return parseBalancerConfig(text, file, options);
+  } catch (cause) {
+    throw new RenderError(codes.renderTemplate, `${file} rendered a balancer.json that does not load: ${errorMessage(cause)}`, { cause });
   }
 }
 
@@ -34,8 +35,8 @@ export function renderAll(
   for (const t of templates) {
     try {
       const text = t.render(context);
-      check(t.output, text, t.file, options);
-      files.push({ output: t.output, text });
+      const config = check(t.output, text, t.file, options);
+      files.push(config ? { output: t.output, text, config } : { output: t.output, text });
     } catch (err) {
       failed.push(t.output);
       errors.push(err instanceof RenderError ? err : new RenderError(codes.renderTemplate, `${t.file}: ${errorMessage(err)}`, { cause: err }));
@@ -52,17 +53,22 @@ export function writeOrder(files: readonly RenderedFile[]): RenderedFile[] {
   return [...files.filter((f) => f.output !== balancerFile), ...files.filter((f) => f.output === balancerFile)];
 }
 
-/** Writes each file that changed; a file whose template failed keeps its previous content. */
-export async function writeRendered(runDir: string, files: readonly RenderedFile[]): Promise<{ changed: string[]; errors: RenderError[] }> {
+/**
+ * Writes each file that changed; a file whose template failed keeps its previous content. `written`
+ * lists the files that now hold what was rendered (changed or already so).
+ */
+export async function writeRendered(runDir: string, files: readonly RenderedFile[]): Promise<{ changed: string[]; written: RenderedFile[]; errors: RenderError[] }> {
   const changed: string[] = [];
+  const written: RenderedFile[] = [];
   const errors: RenderError[] = [];
   for (const f of writeOrder(files)) {
     const path = join(runDir, f.output);
     try {
       if (await writeFileAtomic(path, f.text)) changed.push(f.output);
+      written.push(f);
     } catch (cause) {
       errors.push(new RenderError(codes.renderWrite, `cannot write ${path}: ${errorMessage(cause)}`, { cause }));
     }
   }
-  return { changed, errors };
+  return { changed, written, errors };
 }

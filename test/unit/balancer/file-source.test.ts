@@ -274,3 +274,19 @@ test('start refuses a run dir others may write', async (t) => {
   await chmod(dir, 0o777);
   await assert.rejects(source.start(), { code: codes.runDirUnsafe });
 });
+
+test('a config the in-process renderer just wrote and parsed is applied as given, and the same file read later changes nothing', async (t) => {
+  const { path, received, source } = await setup(t, text(1001));
+  await source.start();
+  const written = text(1004);
+  await replaceFile(path, written);
+  const parsed = JSON.parse(written) as BalancerConfig;
+  await source.reload({ text: written, config: parsed });
+  assert.equal(received.at(-1), parsed, 'the very object handed in: not read and parsed again');
+  const count = received.length;
+  // The watcher's own event for that write reads the file: same bytes, so nothing is applied twice.
+  await sleep(400);
+  await source.reload();
+  assert.equal(received.length, count);
+  assert.deepEqual(ports(received).slice(-1), [1004]);
+});

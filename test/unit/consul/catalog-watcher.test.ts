@@ -213,3 +213,37 @@ test('wrong-shaped catalog/services or health/state answers keep everything and 
   reader.checks = [checkOf('web', 2), checkOf('api', 1)];
   await eventually(() => ports('api')?.length === 1 && ports('web')?.length === 2, 15_000, 'api and the second web instance after the retry');
 });
+
+test('a sweep (a list change nothing explained) runs beside the targeted reads: a new service is live before the sweep ends', async (t) => {
+  // Reads of the "slow" services take 1.5 s while `slow` is set: a sweep over them is long.
+  class SlowReader extends ScriptedReader {
+    slow = false;
+    override async healthService(name: string): Promise<QueryResult> {
+      if (this.slow && name.startsWith('slow')) await new Promise((r) => setTimeout(r, 1500));
+      return super.healthService(name);
+    }
+  }
+  const reader = new SlowReader();
+  const names = ['slow0', 'slow1', 'slow2', 'slow3', 'web'];
+  reader.services = Object.fromEntries(names.map((n) => [n, []]));
+  reader.checks = names.map((n) => checkOf(n, 1));
+  for (const [i, n] of names.entries()) reader.health.set(n, [instance(n, `${n}-1`, 8000 + i)]);
+  const { watcher, catalogs, ports } = watch(reader);
+  watcher.start();
+  t.after(() => watcher.stop());
+  await eventually(() => ports('web')?.[0] === 8004, 5000, 'the first sync');
+
+  // The list's index moves and nothing explains it (no probe here): every service is read once.
+  reader.slow = true;
+  reader.bump('services');
+  await eventually(() => (watcher.status().sweeps ?? 0) === 1, 5000, 'a sweep to start');
+  const sweepStarted = performance.now();
+  reader.services = Object.fromEntries([...names, 'fresh'].map((n) => [n, []]));
+  reader.health.set('fresh', [instance('fresh', 'fresh-1', 9000)]);
+  reader.bump('services');
+  await eventually(() => ports('fresh')?.[0] === 9000, 5000, 'the new service live');
+  const took = performance.now() - sweepStarted;
+  assert.ok(took < 1200, `the new service came ${took.toFixed(0)} ms after the sweep started, before its 1.5 s reads ended`);
+  assert.equal(catalogs.at(-1)?.has('slow0'), true, 'the services the sweep is reading stay in the catalog meanwhile');
+  await eventually(() => (reader.healthReads.get('slow3') ?? 0) >= 2, 5000, 'the sweep to read slow3 as well');
+});
