@@ -5,8 +5,8 @@ import { AdminServer } from './admin/server.js';
 import { Metrics } from './admin/metrics.js';
 import type { AgentConfig } from './config/config.js';
 import { AddressBook } from './consul/address-book.js';
-import type { Catalog, CatalogProblem } from './consul/catalog.js';
-import { CatalogWatcher } from './consul/catalog-watcher.js';
+import type { Catalog } from './consul/catalog.js';
+import { SelectedWatcher } from './consul/services-list.js';
 import { ConsulClient, consulClientOptions } from './consul/client.js';
 import { TrafficWatcher } from './consul/traffic-watcher.js';
 import { GatewayRegistration } from './consul/gateway-registration.js';
@@ -28,7 +28,8 @@ export type { HealthReport } from './admin/report.js';
 /** watch -> plan -> render -> (files) -> data plane, with the admin API on the side. */
 export class Agent {
   readonly client: ConsulClient;
-  readonly watcher: CatalogWatcher;
+  /** Catalog-wide (two long polls) or one long poll per listed service; see SelectedWatcher. */
+  readonly watcher: SelectedWatcher;
   /** undefined with --render-only: a separate `loopmesh balancer` serves the rendered files. */
   readonly dataPlane: DataPlane | undefined;
   private readonly addresses: AddressBook;
@@ -44,7 +45,7 @@ export class Agent {
   private templateErrors: RenderError[] = [];
   private catalog: Catalog | undefined;
   private routesValue: Route[] = [];
-  private catalogProblems: CatalogProblem[] = [];
+  private catalogProblems: Problem[] = [];
   private planProblems: PlanProblem[] = [];
   private renderErrors: RenderError[] = [];
   private reconciling: Promise<void> | undefined;
@@ -82,10 +83,14 @@ export class Agent {
       waitMs: config.consulWaitMs,
       onChange: () => void this.reconcile(),
     });
-    this.watcher = new CatalogWatcher({
+    this.watcher = new SelectedWatcher({
       client: this.client,
       logger: logger.child({ stage: 'watch' }),
-      selection: { services: config.services, tag: config.tag, always: config.gatewayService ? [config.gatewayService] : [] },
+      services: config.services,
+      servicesKv: config.servicesKv,
+      always: config.gatewayService ? [config.gatewayService] : [],
+      tag: config.tag,
+      maxWatches: config.maxWatches,
       filter: { allowWarning: config.allowWarning },
       waitMs: config.consulWaitMs,
       onCatalog: (catalog) => this.catalogChanged(catalog),

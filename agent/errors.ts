@@ -40,6 +40,7 @@ export const codes = {
   adminListen: 'LM_ERR_ADMIN_LISTEN',
   handover: 'LM_ERR_HANDOVER',
   consulStale: 'LM_ERR_CONSUL_STALE',
+  servicesKvMissing: 'LM_ERR_SERVICES_KV_MISSING',
   consulInvalidInstance: 'LM_ERR_CONSUL_INVALID_INSTANCE',
   consulTls: 'LM_ERR_CONSUL_TLS',
   tokenFile: 'LM_ERR_TOKEN_FILE',

@@ -1,6 +1,6 @@
 import { join } from 'node:path';
 import { AddressBook } from '../consul/address-book.js';
-import { CatalogWatcher } from '../consul/catalog-watcher.js';
+import { SelectedWatcher } from '../consul/services-list.js';
 import { ConsulClient, consulClientOptions } from '../consul/client.js';
 import { errorMessage } from '../errors.js';
 import { readFileIfExists } from '../fs/atomic-write.js';
@@ -25,12 +25,19 @@ export async function renderDryRun(argv: string[]): Promise<number> {
   const log = silentLogger();
   const client = new ConsulClient(consulClientOptions(config, log));
   let catalog: Parameters<typeof plan>[0] | undefined;
-  const watcher = new CatalogWatcher({
+  // The same selection as the agent's (a --services-kv list included).
+  const watcher = new SelectedWatcher({
     client,
     logger: log,
-    selection: { services: config.services, tag: config.tag },
+    services: config.services,
+    servicesKv: config.servicesKv,
+    always: [],
+    tag: config.tag,
+    maxWatches: config.maxWatches,
     filter: { allowWarning: config.allowWarning },
+    waitMs: config.consulWaitMs,
     onCatalog: (c) => (catalog = c),
+    onProblems: () => undefined,
   });
   watcher.start();
   const timeout = new AbortController();

@@ -1,3 +1,4 @@
+import { maxWatchesCeiling } from '../consul/service-watcher.js';
 import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { isIP } from 'node:net';
 import { readFileSync } from 'node:fs';
@@ -50,6 +51,10 @@ export interface AgentConfig {
   range: AddressRange;
   logLevel: LevelWithSilent;
   services: string[];
+  /** A Consul KV key holding the list of services to route (--services-kv); watched, so the list changes live. */
+  servicesKv: string | undefined;
+  /** Most per-service long polls (the explicit-list modes); a longer list is watched catalog-wide. */
+  maxWatches: number;
   tag: string | undefined;
   allowWarning: boolean;
   /** Watch, plan and render only; a separate `loopmesh balancer` serves the run dir. */
@@ -114,6 +119,8 @@ export const settings: readonly Setting[] = [
   { key: 'range', flag: 'range', env: ['LOOPMESH_RANGE'], value: 'CIDR', default: '127.77.0.0/16', help: 'service addresses come from this range in 127/8' },
   { key: 'logLevel', flag: 'log-level', env: ['LOOPMESH_LOG_LEVEL'], value: 'LEVEL', default: 'info', help: logLevels.join('|') },
   { key: 'services', flag: 'services', env: ['LOOPMESH_SERVICES'], value: 'A,B', help: 'route only these services (default: all)' },
+  { key: 'servicesKv', flag: 'services-kv', env: ['LOOPMESH_SERVICES_KV'], value: 'KEY', help: 'route only the services listed in this Consul KV key (a JSON array, or names separated by commas or new lines); the list is watched and changes live' },
+  { key: 'maxWatches', flag: 'max-watches', env: ['LOOPMESH_MAX_WATCHES'], value: 'N', default: '100', help: `--services or --services-kv lists up to N services get one long poll each (exact, costs only what changed); a longer list, or all services, is watched catalog-wide (0 to ${maxWatchesCeiling}: Consul allows 200 connections per client)` },
   { key: 'tag', flag: 'tag', env: ['LOOPMESH_TAG'], value: 'TAG', help: 'route only services with this tag' },
   { key: 'allowWarning', flag: 'allow-warning', env: ['LOOPMESH_ALLOW_WARNING'], value: '', boolean: true, help: 'count instances in "warning" as healthy' },
   { key: 'renderOnly', flag: 'render-only', env: ['LOOPMESH_RENDER_ONLY'], value: '', boolean: true, help: "only watch, plan and render into --run-dir; 'loopmesh balancer' on that dir serves, so either restarts alone" },
@@ -223,6 +230,24 @@ function workers(value: string): number {
   const n = Number(value);
   if (value.trim() === '' || !Number.isInteger(n) || n < 1 || n > 64) throw invalid(`--workers: expected a whole number from 1 to 64, or "auto" (one per CPU), got "${value}"`);
   return n;
+}
+
+function maxWatches(value: string): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isInteger(n) || n < 0 || n > maxWatchesCeiling) {
+    throw invalid(`--max-watches: expected a whole number from 0 to ${maxWatchesCeiling} (each is a connection to the local Consul agent, which allows 200 per client), got "${value}"`);
+  }
+  return n;
+}
+
+/** A KV key: no leading slash, no empty or dot segments, printable. */
+function servicesKv(value: string | undefined, services: string | undefined): string | undefined {
+  if (value === undefined) return undefined;
+  if (services !== undefined && services.trim() !== '') throw invalid('--services-kv and --services both name the services to route; expected one of them');
+  if (!/^[A-Za-z0-9_.-]+(?:\/[A-Za-z0-9_.-]+)*$/.test(value) || value.split('/').some((seg) => seg === '.' || seg === '..') || value.length > 512) {
+    throw invalid(`--services-kv: expected a Consul KV key like loopmesh/services/NODE (letters, digits, "_", ".", "-" in "/"-separated parts), got "${value}"`);
+  }
+  return value;
 }
 
 const consulName = /^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?$/;
@@ -423,6 +448,8 @@ export function resolveConfig(...layers: RawConfig[]): AgentConfig {
     range,
     logLevel,
     services: (opt('services') ?? '').split(',').map((s) => s.trim()).filter(Boolean),
+    servicesKv: servicesKv(opt('servicesKv'), opt('services')),
+    maxWatches: maxWatches(get('maxWatches')),
     tag: opt('tag'),
     allowWarning: bool(get('allowWarning'), 'allow-warning'),
     renderOnly: bool(get('renderOnly'), 'render-only'),

@@ -11,6 +11,7 @@
  * (the address from the hosts block the agent writes) reaching the right backend (or, for a
  * deregistration, the name gone); p50 / p99 / max per kind and overall; the agent's RSS and CPU at
  * rest and under churn; requests and bytes it took from Consul per change and per minute at rest.
+ * --routed R [--routed-kv]: the explicit-list modes (R services named by --services or a KV list).
  * Defaults: 2,000 x 5, 100 changes. Bounded in time; everything it starts is stopped.
  */
 import { execa, type ResultPromise } from 'execa';
@@ -37,6 +38,18 @@ const S = flag('services', 2000);
 const I = flag('instances', 5);
 const N = flag('changes', 100);
 const jsonOut = argv.includes('--json');
+/**
+ * --routed R: the explicit-list mode: the agent routes only svc0..svc(R-1) (and the services the
+ * changes register), named with --services, or with --routed-kv in a Consul KV list (--services-kv).
+ * Every change then targets a routed service. Default: all services (the catalog-wide watch).
+ */
+const routedKv = argv.includes('--routed-kv');
+const R = argv.includes('--routed') ? flag('routed', 50) : routedKv ? 50 : undefined;
+if (R !== undefined && R > S) {
+  process.stderr.write(`bench:converge: --routed ${R}: expected at most --services (${S})\n`);
+  process.exit(2);
+}
+const routedCount = R ?? S;
 /** --agent-log FILE: the agent's log (debug level) goes there, to see where a change's time goes. */
 const agentLog = argv.indexOf('--agent-log') >= 0 ? argv[argv.indexOf('--agent-log') + 1] : undefined;
 /** --agent-profile DIR: a CPU profile of the agent (node --cpu-prof) is written there when it stops. */
@@ -155,25 +168,29 @@ async function run(): Promise<void> {
     await txn(ops);
     out(`loaded ${S} services x ${I} instances into Consul in ${((performance.now() - loadStarted) / 1000).toFixed(1)} s`);
 
+    // The explicit list: the routed services, and the names the changes register.
+    const listed = R === undefined ? [] : [...Array.from({ length: R }, (_, i) => `svc${i}`), ...Array.from({ length: Math.ceil(N / 4) }, (_, i) => `new${i}`)];
+    const selection = R === undefined ? [] : routedKv ? ['--services-kv', 'bench/routed'] : ['--services', listed.join(',')];
+    if (R !== undefined && routedKv) await consul.api('PUT', '/v1/kv/bench/routed', listed);
     const hostsFile = join(dir, 'hosts');
     await writeFile(hostsFile, '127.0.0.1 localhost\n');
     const admin = `127.0.0.1:${await freePort()}`;
     const started = performance.now();
-    agent = execa('node', [...(agentProfile ? ['--cpu-prof', `--cpu-prof-dir=${agentProfile}`] : []), main, 'agent', '--consul', `http://127.0.0.1:${relay.port}`, '--run-dir', join(dir, 'run'), '--hosts-file', hostsFile, '--dns', 'off', '--admin', admin, '--range', '127.77.0.0/16', '--log-level', agentLog ? 'debug' : 'warn'], { reject: false, stdio: agentLog ? ['ignore', 'ignore', { file: agentLog }] : 'ignore', env: { ...process.env, CONSUL_HTTP_ADDR: '', LOOPMESH_LOG_FORMAT: 'json' } });
+    agent = execa('node', [...(agentProfile ? ['--cpu-prof', `--cpu-prof-dir=${agentProfile}`] : []), main, 'agent', '--consul', `http://127.0.0.1:${relay.port}`, '--run-dir', join(dir, 'run'), '--hosts-file', hostsFile, '--dns', 'off', '--admin', admin, '--range', '127.77.0.0/16', ...selection, '--log-level', agentLog ? 'debug' : 'warn'], { reject: false, stdio: agentLog ? ['ignore', 'ignore', { file: agentLog }] : 'ignore', env: { ...process.env, CONSUL_HTTP_ADDR: '', LOOPMESH_LOG_FORMAT: 'json' } });
     const pid = agent.pid as number;
     const synced = await until(() => {
       try {
         const text = readFileSync(hostsFile, 'utf8');
-        return (text.match(/\.local$/gm) ?? []).length >= S;
+        return (text.match(/\.local$/gm) ?? []).length >= routedCount;
       } catch {
         return false;
       }
     }, 300_000);
-    if (synced === undefined) throw new Error(`the agent did not publish ${S} names within 300 s`);
+    if (synced === undefined) throw new Error(`the agent did not publish ${routedCount} names within 300 s`);
     const firstSync = (performance.now() - started) / 1000;
-    const last = resolveName(hostsFile, `svc${S - 1}`) ?? '';
-    if ((await until(async () => (await whoIs(last, port)).startsWith('slot'), 30_000)) === undefined) throw new Error(`svc${S - 1} at ${last}:${port} does not answer`);
-    out(`first full sync: ${firstSync.toFixed(2)} s (${S} names in the hosts block)`);
+    const last = resolveName(hostsFile, `svc${routedCount - 1}`) ?? '';
+    if ((await until(async () => (await whoIs(last, port)).startsWith('slot'), 30_000)) === undefined) throw new Error(`svc${routedCount - 1} at ${last}:${port} does not answer`);
+    out(`first full sync: ${firstSync.toFixed(2)} s (${routedCount} names in the hosts block)`);
 
     // At rest: 20 s, nothing changes.
     await new Promise((r) => setTimeout(r, 3000));
@@ -194,7 +211,7 @@ async function run(): Promise<void> {
     for (let c = 0; c < N; c++) {
       const kind = kinds[c % kinds.length] as (typeof kinds)[number];
       const round = Math.floor(c / kinds.length);
-      const target = `svc${(round * 37 + 11) % S}`;
+      const target = `svc${(round * 37 + 11) % routedCount}`;
       let took: number | undefined;
       if (kind === 'register') {
         const name = `new${round}`;
@@ -239,6 +256,7 @@ async function run(): Promise<void> {
     const row = (name: string, v: number[]): string => `| ${name} | ${v.length} | ${percentile(v, 50).toFixed(0)} | ${percentile(v, 99).toFixed(0)} | ${Math.max(...v).toFixed(0)} |`;
     const result = {
       services: S,
+      routed: R === undefined ? 'all' : `${R} by ${routedKv ? '--services-kv' : '--services'}`,
       instances: I,
       changes: N,
       firstSyncSeconds: Number(firstSync.toFixed(2)),
@@ -248,7 +266,7 @@ async function run(): Promise<void> {
       churn: { cpuPercent: Number(((100 * (churn1.cpu - churn0.cpu)) / churnSeconds).toFixed(1)), rssMb: Math.round(churn1.rssMb), requestsPerChange: Number(((churn1.requests - churn0.requests) / writes).toFixed(1)), bytesPerChange: Math.round((churn1.bytesIn - churn0.bytesIn) / writes) },
     };
     out('');
-    out(`### ${S} services x ${I} instances: one change live by name (ms, from Consul's answer to the write)`);
+    out(`### ${S} services x ${I} instances${R === undefined ? '' : `, ${R} routed (${routedKv ? '--services-kv' : '--services'})`}: one change live by name (ms, from Consul's answer to the write)`);
     out('');
     out('| change | n | p50 | p99 | max |');
     out('|---|---|---|---|---|');

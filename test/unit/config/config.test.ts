@@ -50,6 +50,13 @@ test('every bad value gets a message naming it and what was expected', () => {
     [{ allowWarning: 'maybe' }, /--allow-warning: expected true or false, got "maybe"/],
     [{ consulWait: '0' }, /--consul-wait: expected a whole number of seconds from 1 to 600 .* got "0"/],
     [{ consulWait: '601' }, /--consul-wait: expected a whole number of seconds from 1 to 600 .* got "601"/],
+    [{ maxWatches: '181' }, /--max-watches: expected a whole number from 0 to 180 .* got "181"/],
+    [{ maxWatches: '-1' }, /--max-watches: expected a whole number from 0 to 180 .* got "-1"/],
+    [{ maxWatches: 'many' }, /--max-watches: .* got "many"/],
+    [{ servicesKv: '/abs/key' }, /--services-kv: expected a Consul KV key .* got "\/abs\/key"/],
+    [{ servicesKv: 'a/../b' }, /--services-kv: expected a Consul KV key .* got "a\/..\/b"/],
+    [{ servicesKv: 'a b' }, /--services-kv: expected a Consul KV key .* got "a b"/],
+    [{ servicesKv: 'loopmesh/services', services: 'web' }, /--services-kv and --services both name the services to route/],
   ];
   for (const [raw, pattern] of cases) assert.throws(() => resolveConfig(raw), (err: Error & { code?: string }) => pattern.test(err.message) && err.code === 'LM_ERR_CONFIG_INVALID', JSON.stringify(raw));
 });
