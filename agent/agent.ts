@@ -297,7 +297,9 @@ export class Agent {
       this.report(found.problems);
     }
     const { labels } = planLabels([...catalog.keys()].filter((s) => !skip.has(s)));
+    const t0 = performance.now();
     const { table } = await this.addresses.ensure([...labels.values()]);
+    const t1 = performance.now();
     const planned = plan(catalog, table, this.routesValue, {
       suffix: this.config.suffix,
       empty: this.config.empty,
@@ -310,10 +312,13 @@ export class Agent {
     });
     this.planProblems = planned.problems;
     this.report(planned.problems);
+    const t2 = performance.now();
     const rendered = renderAll(this.templates, { routes: planned.routes, suffix: this.config.suffix }, { gatewayRange: this.config.gatewayRange });
+    const t3 = performance.now();
     // A run dir removed under us is made again (and checked again: a replaced one may be unsafe).
     await prepareRunDir(this.config.runDir);
     const written = await writeRendered(this.config.runDir, rendered.files);
+    const t4 = performance.now();
     const known = new Set(this.renderErrors.map((e) => e.message));
     this.renderErrors = [...rendered.errors, ...written.errors];
     // Said once while it lasts: a lasting failure is retried, and each retry must not log it again.
@@ -326,6 +331,9 @@ export class Agent {
     // The file now holds exactly this text, already parsed and checked: the data plane takes it as is.
     const served = written.written.find((f) => f.output === balancerFile && f.config !== undefined);
     if (reload) await this.dataPlane?.reload(served?.config ? { text: served.text, config: served.config } : undefined);
+    const ms = (a: number, b: number): number => Math.round(b - a);
+    // Where a change's time goes (bench:converge --agent-log shows it per change).
+    this.logger.debug({ routes: planned.routes.length, ms: { addresses: ms(t0, t1), plan: ms(t1, t2), render: ms(t2, t3), write: ms(t3, t4), reload: ms(t4, performance.now()) } }, 'reconciled');
     this.metrics.rendered({ failed: this.renderErrors.length > 0, reloaded: reload });
     // A gateway enters the nodes' sets only once it serves what it rendered (a node would otherwise
     // try it, be refused and go on to the next address, for nothing).

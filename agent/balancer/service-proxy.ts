@@ -29,7 +29,8 @@ export interface ServiceProxyOptions {
 export const defaultIdleTimeoutMs = 3_600_000;
 
 function sameSpec(a: ServiceSpec, b: ServiceSpec): boolean {
-  return JSON.stringify(a) === JSON.stringify(b);
+  // A service unchanged since the last parse is the very same object (see parseBalancerConfig).
+  return a === b || JSON.stringify(a) === JSON.stringify(b);
 }
 
 /**

@@ -143,6 +143,11 @@ export class ConsulClient {
     return this.read('catalog.service.list(filter)', (o) => this.consul.catalog.service.list(o as never), { filter }, opts);
   }
 
+  /** /v1/catalog/node/NODE: the node and every service registered on it, each with its ModifyIndex. */
+  catalogNode(node: string, opts: ReadOptions = {}): Promise<QueryResult> {
+    return this.read(`catalog.node.services(${node})`, (o) => this.consul.catalog.node.services(o as never), { node }, opts);
+  }
+
   healthService(service: string, opts: ReadOptions = {}): Promise<QueryResult> {
     return this.read(`health.service(${service})`, (o) => this.consul.health.service(o as never), { service }, opts);
   }

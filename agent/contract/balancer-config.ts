@@ -273,6 +273,14 @@ function dialed(address: string): string {
   return mapped?.[1] ?? address;
 }
 
+/**
+ * The services of the last parse by their raw JSON (and the range they were checked against): a
+ * service whose JSON did not change is not checked again and keeps its object, so the balancer can
+ * tell it unchanged by identity. At 2,000 services one change re-checks one service, not 2,000.
+ * Only what the last parse used is kept. Specs are never mutated after parsing.
+ */
+let checkedServices = new Map<string, ServiceSpec>();
+
 /** Parses and checks a rendered balancer.json; throws a BalancerError naming the bad value. */
 export function parseBalancerConfig(text: string, source = 'balancer.json', options: ParseOptions = {}): BalancerConfig {
   let json: unknown;
@@ -284,7 +292,14 @@ export function parseBalancerConfig(text: string, source = 'balancer.json', opti
   try {
     const raw = expectRecord(json, source);
     if (raw.version !== 1) throw new TypeError(`${source}.version: expected 1, got ${JSON.stringify(raw.version)}`);
-    const services = expectArray(raw.services, `${source}.services`).map((s, i) => parseService(s, `${source}.services[${i}]`, options));
+    const scope = options.gatewayRange ? `${options.gatewayRange.cidr}\u0000` : '';
+    const checked = new Map<string, ServiceSpec>();
+    const services = expectArray(raw.services, `${source}.services`).map((s, i) => {
+      const key = scope + JSON.stringify(s);
+      const spec = checked.get(key) ?? checkedServices.get(key) ?? parseService(s, `${source}.services[${i}]`, options);
+      checked.set(key, spec);
+      return spec;
+    });
     const seen = new Map<string, string>();
     for (const s of services) {
       const key = `${s.address}:${s.port}`;
@@ -299,6 +314,7 @@ export function parseBalancerConfig(text: string, source = 'balancer.json', opti
         if (owner) throw new BalancerError(codes.balancerSelfBackend, `${source}: service "${s.service}" has the backend ${b.id} at ${b.address}:${b.port}, which is the listener of service "${owner}"; expected no backend that is one of loopmesh's own listeners (a connection would loop)`);
       }
     }
+    checkedServices = checked;
     return { version: 1, services };
   } catch (cause) {
     if (cause instanceof BalancerError) throw cause;

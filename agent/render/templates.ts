@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import Handlebars from 'handlebars';
 import { ConfigError, RenderError, codes, errorCode } from '../errors.js';
+import { registerIncrementalEach, routesBlockUse } from './incremental.js';
 
 /** The templates shipped with loopmesh: <package>/templates, from agent/render or dist/agent/render. */
 export function builtinTemplatesDir(): string {
@@ -48,11 +49,14 @@ export function templateError(file: string, cause: unknown): RenderError {
 /** Compiles one template now, so a syntax error shows at load time with its line. */
 export function compileTemplate(file: string, source: string, output: string): Template {
   const hb = environment();
+  let ast: hbs.AST.Program;
   try {
-    hb.parse(source);
+    ast = hb.parse(source);
   } catch (cause) {
     throw templateError(file, cause);
   }
+  // Each route's output is kept between renders where the template allows (see incremental.ts).
+  registerIncrementalEach(hb, routesBlockUse(ast));
   const compiled = hb.compile(source, { noEscape: true, strict: true });
   return {
     output,

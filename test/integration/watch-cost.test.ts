@@ -43,7 +43,7 @@ describe('catalog watcher: one change costs the services it touched', { timeout:
   });
 
   /** Runs a change, waits until the catalog shows it, and returns the reads and sweeps it cost. */
-  async function cost(what: string, change: () => Promise<void>, seen: (c: Catalog) => boolean): Promise<{ reads: number; sweeps: number; probes: number }> {
+  async function cost(what: string, change: () => Promise<void>, seen: (c: Catalog) => boolean): Promise<{ reads: number; sweeps: number; probes: number; nodeReads: number }> {
     // Quiet first: nothing else in flight.
     await new Promise((r) => setTimeout(r, 300));
     const before = watcher.status();
@@ -51,8 +51,8 @@ describe('catalog watcher: one change costs the services it touched', { timeout:
     await eventually(() => (seen(catalog) ? true : undefined), 10_000, what);
     await new Promise((r) => setTimeout(r, 300));
     const now = watcher.status();
-    const spent = { reads: (now.serviceReads ?? 0) - (before.serviceReads ?? 0), sweeps: (now.sweeps ?? 0) - (before.sweeps ?? 0), probes: (now.probes ?? 0) - (before.probes ?? 0) };
-    process.stdout.write(`# watch cost: ${what}: ${spent.reads} service reads, ${spent.probes} filtered list queries, ${spent.sweeps} sweeps (${services} services)\n`);
+    const spent = { reads: (now.serviceReads ?? 0) - (before.serviceReads ?? 0), sweeps: (now.sweeps ?? 0) - (before.sweeps ?? 0), probes: (now.probes ?? 0) - (before.probes ?? 0), nodeReads: (now.nodeReads ?? 0) - (before.nodeReads ?? 0) };
+    process.stdout.write(`# watch cost: ${what}: ${spent.reads} service reads, ${spent.probes} filtered list queries, ${spent.nodeReads} node reads, ${spent.sweeps} sweeps (${services} services)\n`);
     return spent;
   }
 
@@ -104,10 +104,38 @@ describe('catalog watcher: one change costs the services it touched', { timeout:
     assert.ok(bare.reads <= 2, `${bare.reads} reads`);
   });
 
-  test('a meta change (same tags, check, address and port): the probe finds nothing, one sweep finds it', async () => {
+  test('a meta change (same tags, check, address and port): the probe finds nothing, one node read finds it (its ModifyIndex moved), no sweep', async () => {
     const c = await cost('meta change', () => consul.register({ id: 'svc7-1', name: 'svc7', port: 8007, meta: { version: '2' }, ttlCheck: { passing: true } }), (x) => x.get('svc7')?.[0]?.meta.version === '2');
-    assert.equal(c.sweeps, 1);
-    assert.ok(c.reads >= services && c.reads <= services + 3, `${c.reads} reads: one per service, once`);
+    assert.equal(c.sweeps, 0);
+    assert.equal(c.nodeReads, 1, 'one node holds every instance here');
+    assert.ok(c.reads <= 2, `${c.reads} reads`);
+  });
+
+  test('without the filtered probe (as above 1,000 registrations): an address change and a removed instance without a check are found by a node read, not a sweep', async () => {
+    // The same client without catalogServicesFiltered: the watcher takes the path it takes at scale.
+    const atScale = { url: client.url, catalogServices: client.catalogServices.bind(client), healthState: client.healthState.bind(client), healthService: client.healthService.bind(client), catalogNode: client.catalogNode.bind(client) };
+    let seen: Catalog = new Map();
+    const big = new CatalogWatcher({ client: atScale, logger: silentLogger(), selection: { services: [], tag: undefined }, filter: { allowWarning: false }, waitMs: 30_000, onCatalog: (c) => (seen = c) });
+    big.start();
+    try {
+      await eventually(() => (seen.get('svc10')?.length === 1 ? true : undefined), 20_000, 'the first sync');
+      await new Promise((r) => setTimeout(r, 500));
+      const before = big.status();
+      await consul.register({ id: 'svc10-1', name: 'svc10', port: 8010, address: '127.0.0.10', ttlCheck: { passing: true } });
+      await eventually(() => (seen.get('svc10')?.[0]?.address === '127.0.0.10' ? true : undefined), 10_000, 'svc10 at its new address');
+      await consul.deregister('svc9-2');
+      await eventually(() => (seen.get('svc9')?.length === 1 ? true : undefined), 10_000, 'svc9 down to one instance');
+      await new Promise((r) => setTimeout(r, 300));
+      const now = big.status();
+      const nodeReads = (now.nodeReads ?? 0) - (before.nodeReads ?? 0);
+      const reads = (now.serviceReads ?? 0) - (before.serviceReads ?? 0);
+      process.stdout.write(`# watch cost: at scale (no probe): address change + removed instance without a check: ${reads} service reads, ${nodeReads} node reads, ${(now.sweeps ?? 0) - (before.sweeps ?? 0)} sweeps\n`);
+      assert.equal((now.sweeps ?? 0) - (before.sweeps ?? 0), 0, 'no sweep');
+      assert.equal(nodeReads, 2, 'one node read per change');
+      assert.ok(reads <= 4, `${reads} reads`);
+    } finally {
+      await big.stop();
+    }
   });
 
   test('a node-level check (node maintenance): the services on that node are read', async () => {

@@ -1,0 +1,160 @@
+import type Handlebars from 'handlebars';
+
+type AstNode = hbs.AST.Node;
+
+/** What the body of a `{{#each routes}}` block reads besides its route. */
+export interface RoutesBlockUse {
+  /** Only the route (and @first / @last / @index as noted): each route's output can be kept. */
+  cacheable: boolean;
+  index: boolean;
+  first: boolean;
+  last: boolean;
+}
+
+/**
+ * Reads a template's syntax tree and says whether the body of its `{{#each routes}}` blocks depends
+ * only on the route: no `../` or `@root` out of it, no partials (unknown bodies), and which of
+ * @index / @first / @last it reads at its own level (a nested `{{#each}}` has its own).
+ */
+export function routesBlockUse(ast: hbs.AST.Program): RoutesBlockUse {
+  const use: RoutesBlockUse = { cacheable: true, index: false, first: false, last: false };
+  const isRoutesEach = (node: hbs.AST.BlockStatement): boolean => {
+    const path = node.path as hbs.AST.PathExpression;
+    const param = node.params[0] as hbs.AST.PathExpression | undefined;
+    return path.type === 'PathExpression' && path.original === 'each' && param?.type === 'PathExpression' && !param.data && param.depth === 0 && param.original === 'routes';
+  };
+
+  /** ctx: context-changing blocks entered inside the routes block; frame: nested #each blocks entered. */
+  const body = (node: AstNode | null | undefined, ctx: number, frame: number): void => {
+    if (!node || !use.cacheable) return;
+    switch (node.type) {
+      case 'Program':
+        for (const s of (node as hbs.AST.Program).body) body(s, ctx, frame);
+        return;
+      case 'PathExpression': {
+        const p = node as hbs.AST.PathExpression;
+        if (p.data) {
+          if (p.parts[0] === 'root' || p.depth > frame) use.cacheable = false;
+          else if (p.depth === frame) {
+            const name = p.parts[0];
+            if (name === 'index' || name === 'key') use.index = true;
+            else if (name === 'first') use.first = true;
+            else if (name === 'last') use.last = true;
+          }
+        } else if (p.depth > ctx) {
+          use.cacheable = false;
+        }
+        return;
+      }
+      case 'MustacheStatement':
+      case 'SubExpression': {
+        const m = node as hbs.AST.MustacheStatement | hbs.AST.SubExpression;
+        body(m.path, ctx, frame);
+        for (const param of m.params) body(param, ctx, frame);
+        for (const pair of m.hash?.pairs ?? []) body(pair.value, ctx, frame);
+        return;
+      }
+      case 'BlockStatement': {
+        const b = node as hbs.AST.BlockStatement;
+        body(b.path, ctx, frame);
+        for (const param of b.params) body(param, ctx, frame);
+        for (const pair of b.hash?.pairs ?? []) body(pair.value, ctx, frame);
+        const helper = (b.path as hbs.AST.PathExpression).original;
+        const nested = helper === 'each' ? [ctx + 1, frame + 1] : helper === 'with' ? [ctx + 1, frame] : [ctx, frame];
+        body(b.program, nested[0] ?? ctx, nested[1] ?? frame);
+        body(b.inverse, ctx, frame);
+        return;
+      }
+      case 'ContentStatement':
+      case 'CommentStatement':
+      case 'StringLiteral':
+      case 'NumberLiteral':
+      case 'BooleanLiteral':
+      case 'UndefinedLiteral':
+      case 'NullLiteral':
+        return;
+      default:
+        // Partials and decorators: a body this cannot see.
+        use.cacheable = false;
+    }
+  };
+
+  const find = (node: AstNode | null | undefined): void => {
+    if (!node) return;
+    if (node.type === 'Program') for (const s of (node as hbs.AST.Program).body) find(s);
+    else if (node.type === 'BlockStatement') {
+      const b = node as hbs.AST.BlockStatement;
+      if (isRoutesEach(b)) {
+        if ((b.program.blockParams?.length ?? 0) >= 2) use.index = true;
+        body(b.program, 0, 0);
+      } else {
+        find(b.program);
+        find(b.inverse);
+      }
+    } else if (node.type === 'PartialStatement' || node.type === 'PartialBlockStatement' || node.type === 'DecoratorBlock') {
+      use.cacheable = false;
+    }
+  };
+  find(ast);
+  return use;
+}
+
+/** A route's JSON, computed once per route object: the templates of one render share it. */
+const fingerprints = new WeakMap<object, string>();
+
+function fingerprint(item: unknown): string {
+  if (typeof item !== 'object' || item === null) return JSON.stringify(item) ?? '';
+  let text = fingerprints.get(item);
+  if (text === undefined) {
+    text = JSON.stringify(item);
+    fingerprints.set(item, text);
+  }
+  return text;
+}
+
+interface HelperOptions {
+  fn: ((context: unknown, options?: { data?: unknown; blockParams?: unknown[] }) => string) & { program?: number };
+  inverse: (context: unknown) => string;
+  data?: { root?: { routes?: unknown } };
+}
+
+/**
+ * An `each` for one compiled template that keeps each route's output between renders: a route whose
+ * JSON is the same as last time (and whose @index / @first / @last, where the block reads them, are
+ * too) is not rendered again. One change at 2,000 services re-renders one route, not 2,000. Any other
+ * `each` (or a template whose routes block reads more than its route) is Handlebars' own.
+ */
+export function registerIncrementalEach(hb: typeof Handlebars, use: RoutesBlockUse): void {
+  const builtin = hb.helpers.each as (this: unknown, context: unknown, options: HelperOptions) => string;
+  /** Program index -> output by key, from the last render (only what that render used is kept). */
+  const caches = new Map<number, Map<string, string>>();
+  hb.registerHelper('each', function (this: unknown, context: unknown, options: HelperOptions): string {
+    const program = options.fn.program;
+    if (!use.cacheable || !Array.isArray(context) || context !== options.data?.root?.routes || program === undefined || !options.data) {
+      return builtin.call(this, context, options);
+    }
+    if (context.length === 0) return options.inverse(this);
+    const previous = caches.get(program) ?? new Map<string, string>();
+    const next = new Map<string, string>();
+    const frame = hb.createFrame(options.data) as Record<string, unknown>;
+    let out = '';
+    for (let i = 0; i < context.length; i++) {
+      const item: unknown = context[i];
+      const first = i === 0;
+      const last = i === context.length - 1;
+      const key = `${use.index ? i : ''}|${use.first && first ? 1 : 0}${use.last && last ? 1 : 0}|${fingerprint(item)}`;
+      let text = next.get(key) ?? previous.get(key);
+      if (text === undefined) {
+        frame.key = i;
+        frame.index = i;
+        frame.first = first;
+        frame.last = last;
+        text = options.fn(item, { data: frame, blockParams: [item, i] });
+      }
+      next.set(key, text);
+      out += text;
+    }
+    caches.set(program, next);
+    return out;
+  });
+}
