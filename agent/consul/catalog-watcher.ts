@@ -27,6 +27,12 @@ const sweepDelayMs = 100;
 const maxProbedRegistrations = 1000;
 /** A node sweep reads each node once: worth it only while there are far fewer nodes than services. */
 const maxSweptNodes = 1000;
+/** The filtered check list: what Consul sends when the catalog is large (see pickCheckList). */
+const notPassing = 'Status != "passing"';
+
+function withoutPassing(states: ReadonlyMap<string, CheckState>): Map<string, CheckState> {
+  return new Map([...states].filter(([, c]) => c.status !== 'passing'));
+}
 
 function sameTags(a: readonly string[], b: readonly string[]): boolean {
   return a.length === b.length && a.every((t, i) => t === b[i]);
@@ -49,6 +55,8 @@ export interface ConsulStatus {
   probes?: number;
   /** Node reads (/v1/catalog/node/NAME) that looked for registrations modified since their service's last read. */
   nodeReads?: number;
+  /** Which check list is watched: every check, or (a large catalog) only those not passing. */
+  checkList?: 'all' | 'not-passing';
 }
 
 /** The reads the watcher makes: a ConsulClient. */
@@ -80,7 +88,12 @@ export interface CatalogWatcherOptions {
  */
 export class CatalogWatcher {
   private readonly services: BlockingQuery;
-  private readonly checks: BlockingQuery;
+  private checks: BlockingQuery;
+  /** The check list watched now: every check, or only those not passing (see pickCheckList). */
+  private checksFilteredQuery = false;
+  /** Whether the check states held (checkStates) came from the filtered list. */
+  private checksFiltered = false;
+  private readonly queryCommon: { logger: Logger; minIntervalMs: number; onError: (err: unknown) => void; onRecover: () => void };
   private readonly refresh: Debounced;
   private readonly stopped = new AbortController();
   private known = new Map<string, string[]>();
@@ -131,12 +144,8 @@ export class CatalogWatcher {
       fetch: (index, signal) => client.catalogServices({ index, waitMs, signal }),
       onChange: (result) => this.servicesChanged(result.body, result.index),
     });
-    this.checks = new BlockingQuery({
-      ...common,
-      name: 'health/state/any',
-      fetch: (index, signal) => client.healthState({ index, waitMs, signal }),
-      onChange: (result) => this.checksChanged(result.body),
-    });
+    this.queryCommon = common;
+    this.checks = this.checkList(false);
     // A deregistration touches the service list and the checks within milliseconds: one read for both.
     this.refresh = debounce(() => void this.flush(), 15, 150);
   }
@@ -241,8 +250,42 @@ export class CatalogWatcher {
     this.refresh();
   }
 
+  /** The long poll on the check list: every check, or (filtered) only the checks not passing. */
+  private checkList(filtered: boolean): BlockingQuery {
+    const waitMs = this.options.waitMs ?? 60_000;
+    return new BlockingQuery({
+      ...this.queryCommon,
+      name: filtered ? 'health/state/any?filter=not-passing' : 'health/state/any',
+      fetch: (index, signal) => this.options.client.healthState({ index, waitMs, signal, ...(filtered ? { filter: notPassing } : {}) }),
+      onChange: (result) => this.checksChanged(result.body, filtered),
+    });
+  }
+
+  /**
+   * Consul builds the whole check list for every answer: at 10,000 checks that is 4 MB and about
+   * 150 ms of its time per health change, on every node. Only the checks not passing make a small
+   * list (8 ms), and it still shows every health flip; what it cannot show (an instance registered
+   * or removed with a passing check) moves the service list's index and is found by the node sweep.
+   * So the filtered list is watched when the catalog is large (more registrations than a probe
+   * handles) and the node sweep applies (services outnumber nodes); the whole list otherwise, where
+   * it is cheap and shows new instances at once.
+   */
+  private pickCheckList(): void {
+    if (this.stopped.signal.aborted) return;
+    const registrations = [...this.registered.values()].reduce((n, list) => n + list.length, 0);
+    const filtered = registrations > maxProbedRegistrations && this.sweptNodes() !== undefined;
+    if (filtered === this.checksFilteredQuery) return;
+    this.checksFilteredQuery = filtered;
+    this.statusValue.checkList = filtered ? 'not-passing' : 'all';
+    this.options.logger.info({ registrations, checkList: this.statusValue.checkList }, filtered ? 'large catalog: watching only the checks that are not passing' : 'watching every check');
+    const old = this.checks;
+    this.checks = this.checkList(filtered);
+    void old.stop();
+    this.checks.start();
+  }
+
   /** Throws on a wrong-shaped answer: the BlockingQuery keeps the last good one and asks again. */
-  private checksChanged(body: unknown): void {
+  private checksChanged(body: unknown, filtered: boolean): void {
     this.recovered();
     let next: Map<string, CheckState>;
     try {
@@ -256,10 +299,15 @@ export class CatalogWatcher {
     const first = !this.checksSeen;
     this.checksSeen = true;
     const arrived = performance.now();
+    // After a switch between the whole list and the filtered one, only the checks not passing compare.
+    const switched = !first && filtered !== this.checksFiltered;
     const affected = first
       ? new Set([...this.known.keys()].filter((name) => (this.readStartedAt.get(name) ?? Infinity) < arrived))
-      : servicesAffectedByChecks(this.checkStates, next, nodesOf, [...this.known.keys()]);
+      : switched
+        ? servicesAffectedByChecks(withoutPassing(this.checkStates), withoutPassing(next), nodesOf, [...this.known.keys()])
+        : servicesAffectedByChecks(this.checkStates, next, nodesOf, [...this.known.keys()]);
     this.checkStates = next;
+    this.checksFiltered = filtered;
     for (const name of affected) if (this.known.has(name)) this.dirty.add(name);
     if (this.dirty.size > 0 || this.unexplained !== undefined) this.refresh();
   }
@@ -284,6 +332,7 @@ export class CatalogWatcher {
     this.emit();
     if (this.unexplained !== undefined) this.scheduleSweep();
     this.afterReads(failures);
+    this.pickCheckList();
   }
 
   /**
@@ -415,17 +464,8 @@ export class CatalogWatcher {
    */
   private async nodeSweep(): Promise<string[] | undefined> {
     const read = this.options.client.catalogNode?.bind(this.options.client);
-    if (!read) return undefined;
-    const byNode = new Map<string, Array<{ service: string; id: string }>>();
-    for (const [service, list] of this.registered) {
-      if (!this.known.has(service)) continue;
-      for (const r of list) {
-        const on = byNode.get(r.node) ?? [];
-        on.push({ service, id: r.id });
-        byNode.set(r.node, on);
-      }
-    }
-    if (byNode.size === 0 || byNode.size > maxSweptNodes || byNode.size > this.known.size / 2) return undefined;
+    const byNode = this.sweptNodes();
+    if (!read || !byNode) return undefined;
     const found = new Set<string>();
     const queue = [...byNode.keys()];
     const worker = async (): Promise<void> => {
@@ -449,7 +489,24 @@ export class CatalogWatcher {
       }
     };
     await Promise.all(Array.from({ length: Math.min(8, queue.length) }, worker));
+    this.options.logger.debug({ nodes: byNode.size, found: [...found].slice(0, 20) }, 'node sweep');
     return [...found];
+  }
+
+  /** Node -> the known instances on it, when a node sweep applies (services outnumber nodes); else undefined. */
+  private sweptNodes(): Map<string, Array<{ service: string; id: string }>> | undefined {
+    if (!this.options.client.catalogNode) return undefined;
+    const byNode = new Map<string, Array<{ service: string; id: string }>>();
+    for (const [service, list] of this.registered) {
+      if (!this.known.has(service)) continue;
+      for (const r of list) {
+        const on = byNode.get(r.node) ?? [];
+        on.push({ service, id: r.id });
+        byNode.set(r.node, on);
+      }
+    }
+    if (byNode.size === 0 || byNode.size > maxSweptNodes || byNode.size > this.known.size / 2) return undefined;
+    return byNode;
   }
 
   /**
@@ -465,6 +522,7 @@ export class CatalogWatcher {
     }
     const target = this.unexplained;
     this.statusValue.sweeps = (this.statusValue.sweeps ?? 0) + 1;
+    this.options.logger.debug({ index: target.toString(), services: this.known.size }, 'a change no list explained: reading every service (a sweep)');
     this.sweeping = (async () => {
       const { failures } = await this.readServices([...this.known.keys()], { sweep: true, concurrency: this.options.sweepConcurrency ?? 16 });
       if (this.stopped.signal.aborted) return;
@@ -472,6 +530,7 @@ export class CatalogWatcher {
       if (this.unexplained !== undefined && this.unexplained <= target) this.unexplained = undefined;
       this.emit();
       this.afterReads(failures);
+      this.pickCheckList();
     })().finally(() => {
       this.sweeping = undefined;
       if (this.sweepAgain) {

@@ -152,8 +152,10 @@ export class ConsulClient {
     return this.read(`health.service(${service})`, (o) => this.consul.health.service(o as never), { service }, opts);
   }
 
-  healthState(opts: ReadOptions = {}): Promise<QueryResult> {
-    return this.read('health.state(any)', (o) => this.consul.health.state(o as never), { state: 'any' }, opts);
+  /** /v1/health/state/any, every check; with `filter` (e.g. Status != "passing") only those it matches. */
+  healthState(opts: ReadOptions & { filter?: string } = {}): Promise<QueryResult> {
+    const { filter, ...read } = opts;
+    return this.read(filter ? 'health.state(any, filter)' : 'health.state(any)', (o) => this.consul.health.state(o as never), filter ? { state: 'any', filter } : { state: 'any' }, read);
   }
 
   kvGet(key: string, opts: ReadOptions = {}): Promise<QueryResult> {

@@ -145,3 +145,72 @@ describe('catalog watcher: one change costs the services it touched', { timeout:
     await eventually(() => (catalog.get('svc1')?.length === 1 ? true : undefined), 10_000, 'maintenance off');
   });
 });
+
+describe('catalog watcher on a large catalog (1,250 registrations on 5 nodes): only the checks not passing are watched', { timeout: 120_000 }, () => {
+  let consul: TestConsul;
+  let client: ConsulClient;
+  let watcher: CatalogWatcher;
+  let catalog: Catalog = new Map();
+  const serviceCount = 250;
+
+  before(async () => {
+    consul = await TestConsul.start();
+    const txn = async (ops: unknown[]): Promise<void> => {
+      for (let i = 0; i < ops.length; i += 64) await consul.api('PUT', '/v1/txn', ops.slice(i, i + 64));
+    };
+    await txn(Array.from({ length: 5 }, (_, k) => ({ Node: { Verb: 'set', Node: { Node: `big${k}`, Address: `10.9.0.${k + 1}` } } })));
+    const ops: unknown[] = [];
+    for (let s = 0; s < serviceCount; s++) {
+      for (let k = 0; k < 5; k++) {
+        ops.push({ Service: { Verb: 'set', Node: `big${k}`, Service: { ID: `b${s}-${k}`, Service: `b${s}`, Port: 7000 } } });
+        ops.push({ Check: { Verb: 'set', Check: { Node: `big${k}`, CheckID: `c-b${s}-${k}`, Name: 'c', Status: 'passing', ServiceID: `b${s}-${k}`, ServiceName: `b${s}` } } });
+      }
+    }
+    await txn(ops);
+    client = new ConsulClient({ url: consul.url });
+    watcher = new CatalogWatcher({ client, logger: silentLogger(), selection: { services: [], tag: undefined }, filter: { allowWarning: false }, waitMs: 30_000, onCatalog: (c) => (catalog = c) });
+    watcher.start();
+    await eventually(() => (catalog.size >= serviceCount && catalog.get(`b${serviceCount - 1}`)?.length === 5 ? true : undefined), 30_000, 'the first full sync');
+    await eventually(() => (watcher.status().checkList === 'not-passing' ? true : undefined), 10_000, 'the filtered check list');
+  });
+
+  after(async () => {
+    await watcher?.stop();
+    client?.close();
+    await consul?.close();
+  });
+
+  const setCheck = (s: number, k: number, status: string) => consul.api('PUT', '/v1/txn', [{ Check: { Verb: 'set', Check: { Node: `big${k}`, CheckID: `c-b${s}-${k}`, Name: 'c', Status: status, ServiceID: `b${s}-${k}`, ServiceName: `b${s}` } } }]);
+
+  test('a health flip either way is seen through the filtered list with one read; no sweep', async () => {
+    await new Promise((r) => setTimeout(r, 500));
+    const before = watcher.status();
+    await setCheck(7, 2, 'critical');
+    await eventually(() => (catalog.get('b7')?.length === 4 ? true : undefined), 10_000, 'b7 down to 4');
+    await setCheck(7, 2, 'passing');
+    await eventually(() => (catalog.get('b7')?.length === 5 ? true : undefined), 10_000, 'b7 back to 5');
+    await new Promise((r) => setTimeout(r, 300));
+    const now = watcher.status();
+    const reads = (now.serviceReads ?? 0) - (before.serviceReads ?? 0);
+    process.stdout.write(`# watch cost: large catalog, flip and back: ${reads} service reads, ${(now.nodeReads ?? 0) - (before.nodeReads ?? 0)} node reads, ${(now.sweeps ?? 0) - (before.sweeps ?? 0)} sweeps\n`);
+    assert.ok(reads >= 2 && reads <= 4, `${reads} reads`);
+    assert.equal((now.sweeps ?? 0) - (before.sweeps ?? 0), 0);
+  });
+
+  test('a new instance with a passing check (invisible to the filtered list) and its removal are found by node reads; no sweep', async () => {
+    const before = watcher.status();
+    await consul.api('PUT', '/v1/txn', [
+      { Service: { Verb: 'set', Node: 'big1', Service: { ID: 'b9-extra', Service: 'b9', Port: 7100 } } },
+      { Check: { Verb: 'set', Check: { Node: 'big1', CheckID: 'c-b9-extra', Name: 'c', Status: 'passing', ServiceID: 'b9-extra', ServiceName: 'b9' } } },
+    ]);
+    await eventually(() => (catalog.get('b9')?.length === 6 ? true : undefined), 10_000, 'b9 with its new instance');
+    await consul.api('PUT', '/v1/txn', [{ Service: { Verb: 'delete', Node: 'big1', Service: { ID: 'b9-extra', Service: 'b9' } } }]);
+    await eventually(() => (catalog.get('b9')?.length === 5 ? true : undefined), 10_000, 'b9 without it');
+    await new Promise((r) => setTimeout(r, 300));
+    const now = watcher.status();
+    const nodeReads = (now.nodeReads ?? 0) - (before.nodeReads ?? 0);
+    process.stdout.write(`# watch cost: large catalog, new instance and its removal: ${(now.serviceReads ?? 0) - (before.serviceReads ?? 0)} service reads, ${nodeReads} node reads, ${(now.sweeps ?? 0) - (before.sweeps ?? 0)} sweeps\n`);
+    assert.equal((now.sweeps ?? 0) - (before.sweeps ?? 0), 0);
+    assert.ok(nodeReads >= 5 && nodeReads <= 10, `${nodeReads} node reads (5 nodes, twice)`);
+  });
+});
