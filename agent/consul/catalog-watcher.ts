@@ -57,6 +57,8 @@ export interface ConsulStatus {
   nodeReads?: number;
   /** Which check list is watched: every check, or (a large catalog) only those not passing. */
   checkList?: 'all' | 'not-passing';
+  /** How the catalog is watched: one long poll per listed service, or catalog-wide (see SelectedWatcher). */
+  watchMode?: 'per-service' | 'catalog' | 'waiting';
 }
 
 /** The reads the watcher makes: a ConsulClient. */

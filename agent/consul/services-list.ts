@@ -115,7 +115,8 @@ export class SelectedWatcher implements CatalogSource {
   }
 
   status(): ConsulStatus {
-    return this.inner?.status() ?? { connected: false, lastContactAt: undefined, lastError: undefined, errors: {} };
+    const status = this.inner?.status() ?? { connected: false, lastContactAt: undefined, lastError: undefined, errors: {} };
+    return { ...status, watchMode: this.mode() };
   }
 
   stale(): ReadonlyMap<string, CatalogProblem> {

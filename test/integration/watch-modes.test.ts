@@ -43,6 +43,7 @@ describe('watch modes: a named list of services', { timeout: 180_000 }, () => {
     nodes.push(node);
     assert.equal(node.agent.watcher.mode(), 'per-service');
     await eventually(() => routed(node).join() === 'api,web', 15_000, 'web and api routed, nothing else');
+    assert.equal(node.agent.statusReport().consul?.watchMode, 'per-service', 'the admin API says how the node watches');
     await new Promise((r) => setTimeout(r, 300));
 
     // A re-registration with a new address and the same check: the catalog-wide watch needs a probe or sweep for it.
