@@ -114,6 +114,8 @@ export class CatalogWatcher {
   /** Service -> the X-Consul-Index of its last good read (Consul keeps an index per service). */
   private readonly serviceIndex = new Map<string, bigint>();
   private sweepTimer: NodeJS.Timeout | undefined;
+  /** A probe or node sweep is out (see scheduleSweep). */
+  private probing = false;
   /** A sweep under way (it runs beside the targeted reads), and whether another was asked for meanwhile. */
   private sweeping: Promise<void> | undefined;
   private sweepAgain = false;
@@ -417,7 +419,8 @@ export class CatalogWatcher {
    * its own), so wait a moment; then read every selected service once.
    */
   private scheduleSweep(): void {
-    if (this.sweepTimer !== undefined) return;
+    // While a probe or node sweep is out, its findings are still to be read: a second one (or a sweep) now would be early.
+    if (this.sweepTimer !== undefined || this.probing) return;
     this.sweepTimer = setTimeout(() => {
       this.sweepTimer = undefined;
       const target = this.unexplained;
@@ -425,7 +428,8 @@ export class CatalogWatcher {
       // One probe per unexplained index: if reading what it found did not explain it, sweep.
       if (this.probed === target) return this.sweep();
       this.probed = target;
-      void this.probe().then(async (probed) => probed.length > 0 ? probed : (await this.nodeSweep()) ?? []).then(
+      this.probing = true;
+      void this.probe().then(async (probed) => probed.length > 0 ? probed : (await this.nodeSweep()) ?? []).finally(() => (this.probing = false)).then(
         (found) => {
           if (this.stopped.signal.aborted) return;
           if (found.length === 0) return this.sweep();

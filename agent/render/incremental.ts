@@ -112,6 +112,16 @@ function fingerprint(item: unknown): string {
   return text;
 }
 
+interface Kept {
+  variant: string;
+  text: string;
+}
+
+/** A flat copy of a string built by concatenation (V8 keeps such a string as a tree of its pieces). */
+function flatten(text: string): string {
+  return text.length < 2 ? text : Buffer.from(text, 'utf8').toString('utf8');
+}
+
 interface HelperOptions {
   fn: ((context: unknown, options?: { data?: unknown; blockParams?: unknown[] }) => string) & { program?: number };
   inverse: (context: unknown) => string;
@@ -127,33 +137,40 @@ interface HelperOptions {
 export function registerIncrementalEach(hb: typeof Handlebars, use: RoutesBlockUse): void {
   const builtin = hb.helpers.each as (this: unknown, context: unknown, options: HelperOptions) => string;
   /** Program index -> output by key, from the last render (only what that render used is kept). */
-  const caches = new Map<number, Map<string, string>>();
+  const caches = new Map<number, Map<string, Kept>>();
   hb.registerHelper('each', function (this: unknown, context: unknown, options: HelperOptions): string {
     const program = options.fn.program;
     if (!use.cacheable || !Array.isArray(context) || context !== options.data?.root?.routes || program === undefined || !options.data) {
       return builtin.call(this, context, options);
     }
     if (context.length === 0) return options.inverse(this);
-    const previous = caches.get(program) ?? new Map<string, string>();
-    const next = new Map<string, string>();
+    const previous = caches.get(program) ?? new Map<string, Kept>();
+    const next = new Map<string, Kept>();
     const frame = hb.createFrame(options.data) as Record<string, unknown>;
-    let out = '';
+    const parts: string[] = [];
     for (let i = 0; i < context.length; i++) {
       const item: unknown = context[i];
       const first = i === 0;
       const last = i === context.length - 1;
-      const key = `${use.index ? i : ''}|${use.first && first ? 1 : 0}${use.last && last ? 1 : 0}|${fingerprint(item)}`;
-      let text = next.get(key) ?? previous.get(key);
+      // Keyed by the route's JSON itself (shared with the other templates, not copied); what the
+      // block reads of @index / @first / @last tells the outputs of one route apart.
+      const fp = fingerprint(item);
+      const variant = `${use.index ? i : ''}|${use.first && first ? 1 : 0}${use.last && last ? 1 : 0}`;
+      const kept = next.get(fp) ?? previous.get(fp);
+      let text = kept?.variant === variant ? kept.text : undefined;
       if (text === undefined) {
         frame.key = i;
         frame.index = i;
         frame.first = first;
         frame.last = last;
-        text = options.fn(item, { data: frame, blockParams: [item, i] });
+        // Flat: Handlebars builds its output by concatenation, and a kept rope holds every piece.
+        text = flatten(options.fn(item, { data: frame, blockParams: [item, i] }));
       }
-      next.set(key, text);
-      out += text;
+      // Two routes with the same JSON (never in a valid plan) keep the last one's variant only.
+      next.set(fp, { variant, text });
+      parts.push(text);
     }
+    const out = parts.join('');
     caches.set(program, next);
     return out;
   });
