@@ -61,7 +61,7 @@ export async function writeRendered(runDir: string, files: readonly RenderedFile
   const changed: string[] = [];
   const written: RenderedFile[] = [];
   const errors: RenderError[] = [];
-  for (const f of writeOrder(files)) {
+  const write = async (f: RenderedFile): Promise<void> => {
     const path = join(runDir, f.output);
     try {
       if (await writeFileAtomic(path, f.text)) changed.push(f.output);
@@ -69,6 +69,10 @@ export async function writeRendered(runDir: string, files: readonly RenderedFile
     } catch (cause) {
       errors.push(new RenderError(codes.renderWrite, `cannot write ${path}: ${errorMessage(cause)}`, { cause }));
     }
-  }
+  };
+  // The others side by side (each is its own atomic swap), then balancer.json alone, last.
+  const ordered = writeOrder(files);
+  await Promise.all(ordered.filter((f) => f.output !== balancerFile).map(write));
+  for (const f of ordered.filter((f) => f.output === balancerFile)) await write(f);
   return { changed, written, errors };
 }
