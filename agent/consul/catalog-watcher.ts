@@ -3,6 +3,7 @@ import { isRecord } from '../validate.js';
 import { debounce, type Debounced } from '../debounce.js';
 import { ConsulError, codes, errorCode, errorMessage } from '../errors.js';
 import { BlockingQuery, backoffDelay, retryBaseMs, retryMaxMs } from './blocking-query.js';
+import { ConsulContact, staleProblem } from './contact.js';
 import type { ConsulClient } from './client.js';
 import {
   changedRegistrationFilters,
@@ -135,13 +136,17 @@ export class CatalogWatcher {
   private readonly emittedFingerprints = new Map<string, string>();
   /** Something in the catalog changed since the last emit (a service's instances, or the set of services). */
   private changedSinceEmit = true;
-  private readonly statusValue: ConsulStatus = { connected: false, lastContactAt: undefined, lastError: undefined, errors: {} };
+  private readonly consul: ConsulContact;
+  /** What the watcher counts besides contact (reads, sweeps...): the same object as consul.status. */
+  private readonly statusValue: ConsulStatus;
   private resolveReady!: () => void;
   /** Resolves once the first full catalog has been read and handed to onCatalog. */
   readonly ready = new Promise<void>((resolve) => (this.resolveReady = resolve));
 
   constructor(private readonly options: CatalogWatcherOptions) {
     const { client, logger } = options;
+    this.consul = new ConsulContact(logger, client.url);
+    this.statusValue = this.consul.status;
     const common = { logger, minIntervalMs: options.minIntervalMs ?? 50, onError: (err: unknown) => this.failed(err), onRecover: () => this.recovered() };
     const waitMs = options.waitMs ?? 60_000;
     this.services = new BlockingQuery({
@@ -172,7 +177,7 @@ export class CatalogWatcher {
   }
 
   status(): ConsulStatus {
-    return { ...this.statusValue, errors: { ...this.statusValue.errors } };
+    return this.consul.snapshot();
   }
 
   /** Services routed from an older read (or left out, if they never had a good one), with why: LM_ERR_CONSUL_STALE. */
@@ -186,30 +191,12 @@ export class CatalogWatcher {
     return [...skipped, ...this.stale().values()];
   }
 
-  private contact(): void {
-    this.statusValue.lastContactAt = Date.now();
-  }
-
-  private warnedBeforeContact = false;
-
   private failed(err: unknown): void {
-    const code = errorCode(err);
-    this.statusValue.errors[code] = (this.statusValue.errors[code] ?? 0) + 1;
-    this.statusValue.lastError = { code, message: errorMessage(err), at: Date.now() };
-    // Consul answered, with something unusable (logged where it is rejected): reachable, not an outage.
-    if (code === codes.consulInvalidData) return;
-    if (this.statusValue.connected || !this.warnedBeforeContact) {
-      // Said once per outage, not once per retry (also before Consul ever answered).
-      this.warnedBeforeContact = true;
-      this.options.logger.warn({ code, consul: this.options.client.url }, `Consul unavailable, serving the last-known-good routes: ${errorMessage(err)}`);
-    }
-    this.statusValue.connected = false;
+    this.consul.failed(err);
   }
 
   private recovered(): void {
-    if (!this.statusValue.connected) this.options.logger.info({ consul: this.options.client.url }, 'Consul reachable again');
-    this.statusValue.connected = true;
-    this.contact();
+    this.consul.recovered();
   }
 
   /**
@@ -550,11 +537,7 @@ export class CatalogWatcher {
   }
 
   private markStale(service: string, err: unknown): void {
-    const name = JSON.stringify(service);
-    const kept = this.instances.get(service);
-    const serving = kept ? `its last good read (${kept.length} healthy instance${kept.length === 1 ? '' : 's'}) stays in service` : 'it is not routed until a good read';
-    const why = errorCode(err) === codes.consulInvalidData ? `Consul's answer had the wrong shape: ${errorMessage(err)}` : `reading it from Consul failed (${errorCode(err)}): ${errorMessage(err)}`;
-    const problem: CatalogProblem = { service, code: codes.consulStale, message: `service ${name} is stale: ${why}; ${serving}, retrying` };
+    const problem = staleProblem(service, err, this.instances.get(service)?.length);
     if (!this.staleServices.has(service)) this.options.logger.warn({ code: problem.code, service }, problem.message);
     this.staleServices.set(service, problem);
   }

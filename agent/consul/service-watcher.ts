@@ -1,7 +1,7 @@
 import type { Logger } from '../log.js';
 import { debounce, type Debounced } from '../debounce.js';
-import { codes, errorCode, errorMessage } from '../errors.js';
 import { BlockingQuery } from './blocking-query.js';
+import { ConsulContact, staleProblem } from './contact.js';
 import type { ConsulClient } from './client.js';
 import { parseHealthService, type Catalog, type CatalogProblem, type HealthFilter, type HealthServiceAnswer, type Instance } from './catalog.js';
 import type { ConsulStatus } from './catalog-watcher.js';
@@ -42,8 +42,8 @@ export class ServiceWatcher {
   private readonly staleServices = new Map<string, CatalogProblem>();
   private readonly emitSoon: Debounced;
   private started = false;
-  private readonly statusValue: ConsulStatus = { connected: false, lastContactAt: undefined, lastError: undefined, errors: {}, serviceReads: 0 };
-  private warned = false;
+  private readonly consul: ConsulContact;
+  private readonly statusValue: ConsulStatus;
   private resolveReady!: () => void;
   /** Resolves once every named service answered (or failed) once and the catalog was handed on. */
   readonly ready = new Promise<void>((resolve) => (this.resolveReady = resolve));
@@ -51,6 +51,9 @@ export class ServiceWatcher {
   private readonly waiting = new Set<string>();
 
   constructor(private readonly options: ServiceWatcherOptions) {
+    this.consul = new ConsulContact(options.logger, options.client.url);
+    this.statusValue = this.consul.status;
+    this.statusValue.serviceReads = 0;
     // Several polls answering together (a node's check, shared by its services) make one catalog.
     this.emitSoon = debounce(() => this.emit(), 5, 50);
   }
@@ -93,7 +96,7 @@ export class ServiceWatcher {
   }
 
   status(): ConsulStatus {
-    return { ...this.statusValue, errors: { ...this.statusValue.errors } };
+    return this.consul.snapshot();
   }
 
   stale(): ReadonlyMap<string, CatalogProblem> {
@@ -141,28 +144,15 @@ export class ServiceWatcher {
   }
 
   private contact(): void {
-    if (!this.statusValue.connected && this.warned) this.options.logger.info({ consul: this.options.client.url }, 'Consul reachable again');
-    this.statusValue.connected = true;
-    this.statusValue.lastContactAt = Date.now();
+    this.consul.recovered();
   }
 
   private failed(err: unknown): void {
-    const code = errorCode(err);
-    this.statusValue.errors[code] = (this.statusValue.errors[code] ?? 0) + 1;
-    this.statusValue.lastError = { code, message: errorMessage(err), at: Date.now() };
-    if (code === codes.consulInvalidData) return;
-    if (this.statusValue.connected || !this.warned) {
-      this.warned = true;
-      this.options.logger.warn({ code, consul: this.options.client.url }, `Consul unavailable, serving the last-known-good routes: ${errorMessage(err)}`);
-    }
-    this.statusValue.connected = false;
+    this.consul.failed(err);
   }
 
   private markStale(service: string, err: unknown): void {
-    const kept = this.answers.get(service);
-    const serving = kept ? `its last good read (${kept.instances.length} healthy instance${kept.instances.length === 1 ? '' : 's'}) stays in service` : 'it is not routed until a good read';
-    const why = errorCode(err) === codes.consulInvalidData ? `Consul's answer had the wrong shape: ${errorMessage(err)}` : `reading it from Consul failed (${errorCode(err)}): ${errorMessage(err)}`;
-    const problem: CatalogProblem = { service, code: codes.consulStale, message: `service ${JSON.stringify(service)} is stale: ${why}; ${serving}, retrying` };
+    const problem = staleProblem(service, err, this.answers.get(service)?.instances.length);
     if (!this.staleServices.has(service)) this.options.logger.warn({ code: problem.code, service }, problem.message);
     this.staleServices.set(service, problem);
   }
