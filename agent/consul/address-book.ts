@@ -83,7 +83,11 @@ export class AddressBook {
       minIntervalMs: 250,
       fetch: (index, signal) => options.client.kvGet(options.key, { index, signal, ...(options.waitMs !== undefined ? { waitMs: options.waitMs } : {}) }),
       onChange: (result) => {
-        this.remote = remoteFrom(result, options.key);
+        const remote = remoteFrom(result, options.key);
+        this.remote = remote;
+        // The echo of this node's own write (the table it holds, entry for entry) changes nothing:
+        // planning again for it cost a whole reconcile right after every new service.
+        if (remote.invalid === undefined && sameTable(remote.addresses, this.current)) return;
         options.onRemoteChange?.();
       },
     });
@@ -205,6 +209,11 @@ export class AddressBook {
       this.options.logger.warn({ code: errorCode(err), file: this.options.cacheFile }, `cannot write the address cache: ${errorMessage(err)}`);
     }
   }
+}
+
+function sameTable(remote: Record<string, unknown>, local: Readonly<Record<string, string>>): boolean {
+  const keys = Object.keys(remote);
+  return keys.length === Object.keys(local).length && keys.every((k) => remote[k] === local[k]);
 }
 
 function sortedRecord(record: Readonly<Record<string, string>>): Record<string, string> {

@@ -319,7 +319,7 @@ export class CatalogWatcher {
   private async readDirty(): Promise<void> {
     const batch = [...this.dirty];
     this.dirty.clear();
-    const { newest, failures } = await this.readServices(batch, { sweep: false, concurrency: this.options.concurrency ?? 8 });
+    const { newest, failures } = await this.readServices(batch, { sweep: false, concurrency: this.options.concurrency ?? (batch.length > 100 ? 24 : 8) });
     if (this.stopped.signal.aborted) return;
     if (this.unexplained !== undefined && newest >= this.unexplained) this.unexplained = undefined;
     this.emit();
