@@ -82,6 +82,8 @@ export class SelectedWatcher implements CatalogSource {
   private resolveReady!: () => void;
   readonly ready = new Promise<void>((resolve) => (this.resolveReady = resolve));
   private lastList: string | undefined;
+  /** The last failed read of the --services-kv key, until one succeeds. */
+  private listError: { code: string; message: string; at: number } | undefined;
 
   constructor(private readonly options: SelectedWatcherOptions) {
     const { servicesKv } = options;
@@ -91,7 +93,17 @@ export class SelectedWatcher implements CatalogSource {
         logger: options.logger,
         minIntervalMs: 250,
         fetch: (index, signal) => options.client.kvGet(servicesKv, { index, waitMs: options.waitMs, signal }),
-        onChange: (result) => this.listChanged(result.body),
+        onChange: (result) => {
+          this.listError = undefined;
+          this.listChanged(result.body);
+        },
+        // A key this token may not read (403), or Consul down: said in status and problems, retried;
+        // the last good list (if any) stays in force.
+        onError: (err) => {
+          if (this.listError?.message !== errorMessage(err)) options.logger.warn({ code: errorCode(err), key: servicesKv }, `cannot read the list of services to route from Consul KV ${servicesKv}: ${errorMessage(err)}`);
+          this.listError = { code: errorCode(err), message: `cannot read the list of services to route from Consul KV ${servicesKv}: ${errorMessage(err)}`, at: Date.now() };
+          this.publishProblems();
+        },
       });
     } else {
       this.use(options.services);
@@ -115,7 +127,7 @@ export class SelectedWatcher implements CatalogSource {
   }
 
   status(): ConsulStatus {
-    const status = this.inner?.status() ?? { connected: false, lastContactAt: undefined, lastError: undefined, errors: {} };
+    const status = this.inner?.status() ?? { connected: false, lastContactAt: undefined, lastError: this.listError, errors: this.listError ? { [this.listError.code]: 1 } : {} };
     return { ...status, watchMode: this.mode() };
   }
 
@@ -124,7 +136,7 @@ export class SelectedWatcher implements CatalogSource {
   }
 
   currentProblems(): Problem[] {
-    return [...this.listProblems, ...(this.inner?.currentProblems() ?? [])];
+    return [...this.listProblems, ...(this.listError ? [{ code: this.listError.code, message: this.listError.message }] : []), ...(this.inner?.currentProblems() ?? [])];
   }
 
   private listChanged(body: unknown): void {
@@ -150,7 +162,7 @@ export class SelectedWatcher implements CatalogSource {
   }
 
   private publishProblems(): void {
-    this.options.onProblems([...this.listProblems, ...this.innerProblems]);
+    this.options.onProblems([...this.listProblems, ...(this.listError ? [{ code: this.listError.code, message: this.listError.message }] : []), ...this.innerProblems]);
   }
 
   /** Watches `listed` (plus the always-watched services) the way its size calls for. */

@@ -98,4 +98,14 @@ describe('watch modes: a named list of services', { timeout: 180_000 }, () => {
     const missing = node.agent.problems().find((p) => p.code === 'LM_ERR_SERVICES_KV_MISSING');
     assert.match(missing?.message ?? '', /loopmesh\/services\/node-a/);
   });
+
+  test('--services-kv with Consul unreachable: the node says it cannot read the list (status, problems, health degraded) and routes nothing', async () => {
+    const node = await startAgent('http://127.0.0.1:1', { servicesKv: 'loopmesh/services/nowhere' });
+    nodes.push(node);
+    await eventually(() => node.agent.problems().find((p) => /cannot read the list of services to route from Consul KV loopmesh\/services\/nowhere/.test(p.message)), 10_000, 'the problem named');
+    assert.equal(node.agent.watcher.status().connected, false);
+    assert.match(node.agent.watcher.status().lastError?.message ?? '', /loopmesh\/services\/nowhere/);
+    assert.equal(node.agent.health().status, 'degraded');
+    assert.deepEqual(routed(node), []);
+  });
 });
