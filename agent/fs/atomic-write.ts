@@ -1,6 +1,15 @@
 import { randomBytes } from 'node:crypto';
+import type { BigIntStats } from 'node:fs';
 import { open, readFile, rename, stat, unlink, chown } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+
+/** The file identity that any other writer changes: inode (a rename over it), size, change time (a write in place, a chmod). */
+function identity(info: BigIntStats): string {
+  return `${info.dev}:${info.ino}:${info.size}:${info.ctimeNs}`;
+}
+
+/** Per path, what this process last wrote or found there, and the file's identity then. */
+const lastWritten = new Map<string, { content: string; identity: string }>();
 
 /**
  * Write, then swap: a temp file in the same folder, fsync, keep the old file's mode (and owner as
@@ -11,10 +20,18 @@ export async function writeFileAtomic(path: string, content: string, options: { 
   let mode = options.mode ?? 0o644;
   let owner: { uid: number; gid: number } | undefined;
   try {
-    const [current, info] = await Promise.all([readFile(path, 'utf8'), stat(path)]);
-    if (current === content) return false;
-    mode = info.mode & 0o7777;
-    owner = { uid: info.uid, gid: info.gid };
+    const info = await stat(path, { bigint: true });
+    // What this process wrote there last, if the file is still that very file (same inode, size and
+    // change time): no need to read megabytes back to see it holds `content`.
+    const memo = lastWritten.get(path);
+    if (memo && memo.content === content && memo.identity === identity(info)) return false;
+    const current = await readFile(path, 'utf8');
+    if (current === content) {
+      lastWritten.set(path, { content, identity: identity(info) });
+      return false;
+    }
+    mode = Number(info.mode) & 0o7777;
+    owner = { uid: Number(info.uid), gid: Number(info.gid) };
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
   }
@@ -30,6 +47,7 @@ export async function writeFileAtomic(path: string, content: string, options: { 
     }
     if (owner && process.getuid?.() === 0) await chown(temp, owner.uid, owner.gid);
     await rename(temp, path);
+    lastWritten.set(path, { content, identity: identity(await stat(path, { bigint: true })) });
   } catch (err) {
     // Whatever failed (ENOSPC on a full disk, say), no temp file is left behind for good.
     await unlink(temp).catch(() => undefined);

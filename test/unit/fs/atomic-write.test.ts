@@ -1,4 +1,4 @@
-import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -69,4 +69,21 @@ test('unchanged content writes nothing; changed content keeps the old mode', asy
   assert.equal(await writeFileAtomic(path, 'b'), true);
   assert.equal((await stat(path)).mode & 0o777, 0o600);
   assert.equal(await readFile(path, 'utf8'), 'b');
+});
+
+test('a file this process wrote is not read back to see it is unchanged, but any change by someone else (same size, in place) is seen and undone', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'lm-atomic-memo-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const path = join(dir, 'balancer.json');
+  assert.equal(await writeFileAtomic(path, 'version one\n'), true);
+  assert.equal(await writeFileAtomic(path, 'version one\n'), false, 'unchanged: nothing written');
+  // Same size, written in place (no rename): only the change time tells (a later clock tick than ours).
+  await new Promise((r) => setTimeout(r, 30));
+  await writeFile(path, 'VERSION ONE\n');
+  assert.equal(await writeFileAtomic(path, 'version one\n'), true, 'the outside edit is undone');
+  assert.equal(await readFile(path, 'utf8'), 'version one\n');
+  // Replaced by rename with the same content: read once, found equal, nothing written.
+  await writeFile(join(dir, 'other'), 'version one\n');
+  await rename(join(dir, 'other'), path);
+  assert.equal(await writeFileAtomic(path, 'version one\n'), false);
 });
