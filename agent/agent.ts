@@ -17,7 +17,7 @@ import { prepareRunDir } from './fs/run-dir.js';
 import { codes, errorCode, errorMessage, type Problem, type RenderError } from './errors.js';
 import type { Logger } from './log.js';
 import { Retry } from './retry.js';
-import { plan, planLabels, type PlanProblem, type Route } from './plan/plan.js';
+import { plan, planLabels, PlanMemo, type PlanProblem, type Route } from './plan/plan.js';
 import { balancerFile } from './contract/files.js';
 import { renderAll, writeRendered } from './render/render.js';
 import { builtinTemplatesDir, loadTemplates, type Template } from './render/templates.js';
@@ -45,6 +45,8 @@ export class Agent {
   private templateErrors: RenderError[] = [];
   private catalog: Catalog | undefined;
   private routesValue: Route[] = [];
+  /** Unchanged services keep their route objects between plans (see PlanOptions.memo). */
+  private readonly planMemo = new PlanMemo();
   private catalogProblems: Problem[] = [];
   private planProblems: PlanProblem[] = [];
   private renderErrors: RenderError[] = [];
@@ -309,6 +311,7 @@ export class Agent {
       gateways: this.gateways,
       gatewayRange: this.config.gatewayRange,
       skip,
+      memo: this.planMemo,
     });
     this.planProblems = planned.problems;
     this.report(planned.problems);

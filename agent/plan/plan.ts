@@ -40,6 +40,31 @@ export interface PlanOptions {
   gatewayRange?: AddressRange;
   /** Consul services that are not routed (the gateway service: nodes use it, nobody connects to it by name). */
   skip?: ReadonlySet<string>;
+  /**
+   * Kept between plans by a caller that plans again and again (the agent): a service whose inputs are
+   * the very same objects as last time (its instances from the watcher, its traffic document, its
+   * address, label and port, the gateways) keeps its route object and problems. Routes are never
+   * mutated after a plan, so templates and the balancer can tell an unchanged route by identity.
+   */
+  memo?: PlanMemo;
+}
+
+interface MemoEntry {
+  instances: readonly Instance[] | undefined;
+  traffic: TrafficDoc;
+  label: string;
+  address: string;
+  previousPort: number | undefined;
+  gateways: string;
+  route: Route | undefined;
+  problems: PlanProblem[];
+}
+
+/** Per-service results of the last plan (see PlanOptions.memo). */
+export class PlanMemo {
+  entries = new Map<string, MemoEntry>();
+  /** The options a memo's entries were made with: other options make every entry stale. */
+  scope = '';
 }
 
 /**
@@ -113,6 +138,66 @@ export function planLabels(services: readonly string[]): { labels: Map<string, s
   return { labels, problems };
 }
 
+/** One service's route (or the problems that keep it out); see plan. */
+function planService(service: string, label: string, addresses: AddressTable, addressOwner: ReadonlyMap<string, string>, previousPort: number | undefined, catalog: Catalog, options: PlanOptions): { route?: Route; problems: PlanProblem[] } {
+  const local: PlanProblem[] = [];
+  const instances = catalog.get(service) ?? [];
+  const traffic = options.traffic?.get(service) ?? emptyTrafficDoc;
+  const address = addressOf(addresses, label);
+  if (address === undefined) {
+    local.push({ service, code: codes.planNoAddress, message: `service "${service}" has no address allocated yet (Consul KV not reachable or range exhausted)` });
+    return { problems: local };
+  }
+  if (addressOwner.get(address) !== service) return { problems: local };
+  let listen = address;
+  if (options.gatewayRange && options.range) {
+    const mirrored = mirrorAddress(options.range, options.gatewayRange, address);
+    if (mirrored === undefined) {
+      local.push({ service, code: codes.gatewayNoAddress, message: `service "${service}" has the address ${address}, whose place in ${options.range.cidr} is past the end of this gateway's range ${options.gatewayRange.cidr}; not served here (expected a larger --gateway-range)` });
+      return { problems: local };
+    }
+    listen = mirrored;
+  }
+  const port = choosePort(instances, previousPort);
+  if (!port.ok) {
+    local.push({ service, code: codes.planNoPort, message: `service "${service}": ${port.reason}` });
+    return { problems: local };
+  }
+  const backends: BackendSpec[] = [];
+  for (const i of instances) {
+    // Checked where it entered (the catalog parser); checked again here because every value in a
+    // route reaches rendered files, some of them line-based (haproxy.cfg, hosts).
+    if (!isHostAddress(i.address) || controlCharacter.test(i.id)) {
+      local.push({ service, code: codes.consulInvalidInstance, message: `service "${service}": instance ${JSON.stringify(i.id)} has the address ${JSON.stringify(i.address)}; expected an IP address or a host name; refused` });
+      continue;
+    }
+    if (options.gatewayRange && inRange(options.gatewayRange, i.address)) {
+      local.push({ service, code: codes.planSelfBackend, message: `service "${service}": instance ${i.id} has the address ${i.address}:${i.port}, inside this gateway's range ${options.gatewayRange.cidr}; refused (a connection would loop through loopmesh)` });
+      continue;
+    }
+    if (options.range && inRange(options.range, i.address)) {
+      local.push({ service, code: codes.planSelfBackend, message: `service "${service}": instance ${i.id} has the address ${i.address}:${i.port}, inside loopmesh's own range ${options.range.cidr}; refused (a connection would loop through loopmesh)` });
+      continue;
+    }
+    backends.push({ id: i.id, address: i.address, port: i.port, weight: i.weight, subset: subsetOf(i, traffic) });
+  }
+  const route: Route = {
+    service,
+    name: label,
+    fqdn: `${label}.${options.suffix}`,
+    address: listen,
+    port: port.port,
+    policy: traffic.policy ?? metaPolicy(service, instances, local) ?? options.policy ?? defaultBalancePolicy,
+    empty: options.empty,
+    split: splitSubsets(traffic),
+    limits: traffic.limits,
+    outlier: traffic.outlier,
+    gateways: options.gateways && options.range && !options.gatewayRange ? gatewayBackends(options.gateways, options.range, service, address, port.port) : [],
+    backends,
+  };
+  return { problems: local, route };
+}
+
 /** catalog + addresses -> routes. Pure: the same input gives the same routes on every node. */
 export function plan(
   catalog: Catalog,
@@ -133,69 +218,40 @@ export function plan(
     if (owner === undefined) addressOwner.set(address, service);
     else problems.push({ service, code: codes.planAddressConflict, message: `service "${service}" has the address ${address}, which "${owner}" has too; not served until the address table is repaired` });
   }
-  for (const [service, label] of labels) {
-    const instances = catalog.get(service) ?? [];
-    const traffic = options.traffic?.get(service) ?? emptyTrafficDoc;
-    const address = addressOf(addresses, label);
-    if (address === undefined) {
-      problems.push({ service, code: codes.planNoAddress, message: `service "${service}" has no address allocated yet (Consul KV not reachable or range exhausted)` });
-      continue;
-    }
-    if (addressOwner.get(address) !== service) continue;
-    let listen = address;
-    if (options.gatewayRange && options.range) {
-      const mirrored = mirrorAddress(options.range, options.gatewayRange, address);
-      if (mirrored === undefined) {
-        problems.push({ service, code: codes.gatewayNoAddress, message: `service "${service}" has the address ${address}, whose place in ${options.range.cidr} is past the end of this gateway's range ${options.gatewayRange.cidr}; not served here (expected a larger --gateway-range)` });
-        continue;
-      }
-      listen = mirrored;
-    }
-    const port = choosePort(instances, previousByService.get(service)?.port);
-    if (!port.ok) {
-      problems.push({ service, code: codes.planNoPort, message: `service "${service}": ${port.reason}` });
-      continue;
-    }
-    const backends: BackendSpec[] = [];
-    for (const i of instances) {
-      // Checked where it entered (the catalog parser); checked again here because every value in a
-      // route reaches rendered files, some of them line-based (haproxy.cfg, hosts).
-      if (!isHostAddress(i.address) || controlCharacter.test(i.id)) {
-        problems.push({ service, code: codes.consulInvalidInstance, message: `service "${service}": instance ${JSON.stringify(i.id)} has the address ${JSON.stringify(i.address)}; expected an IP address or a host name; refused` });
-        continue;
-      }
-      if (options.gatewayRange && inRange(options.gatewayRange, i.address)) {
-        problems.push({ service, code: codes.planSelfBackend, message: `service "${service}": instance ${i.id} has the address ${i.address}:${i.port}, inside this gateway's range ${options.gatewayRange.cidr}; refused (a connection would loop through loopmesh)` });
-        continue;
-      }
-      if (options.range && inRange(options.range, i.address)) {
-        problems.push({ service, code: codes.planSelfBackend, message: `service "${service}": instance ${i.id} has the address ${i.address}:${i.port}, inside loopmesh's own range ${options.range.cidr}; refused (a connection would loop through loopmesh)` });
-        continue;
-      }
-      backends.push({ id: i.id, address: i.address, port: i.port, weight: i.weight, subset: subsetOf(i, traffic) });
-    }
-    routes.push({
-      service,
-      name: label,
-      fqdn: `${label}.${options.suffix}`,
-      address: listen,
-      port: port.port,
-      policy: traffic.policy ?? metaPolicy(service, instances, problems) ?? options.policy ?? defaultBalancePolicy,
-      empty: options.empty,
-      split: splitSubsets(traffic),
-      limits: traffic.limits,
-      outlier: traffic.outlier,
-      gateways: options.gateways && options.range && !options.gatewayRange ? gatewayBackends(options.gateways, options.range, service, address, port.port) : [],
-      backends,
-    });
+  const gatewaysKey = JSON.stringify(options.gateways ?? []);
+  const memo = options.memo;
+  const scope = JSON.stringify([options.suffix, options.empty, options.range, options.policy, options.gatewayRange]);
+  if (memo && memo.scope !== scope) {
+    memo.entries.clear();
+    memo.scope = scope;
   }
+  const kept = new Map<string, MemoEntry>();
+  for (const [service, label] of labels) {
+    const instances = catalog.get(service);
+    const traffic = options.traffic?.get(service) ?? emptyTrafficDoc;
+    const address = addressOf(addresses, label) ?? '';
+    const previousPort = previousByService.get(service)?.port;
+    const last = memo?.entries.get(service);
+    let entry: MemoEntry;
+    if (last && last.instances === instances && last.traffic === traffic && last.label === label && last.address === address && last.previousPort === previousPort && last.gateways === gatewaysKey && addressOwner.get(address) === service) {
+      entry = last;
+    } else {
+      const result = planService(service, label, addresses, addressOwner, previousPort, catalog, options);
+      entry = { instances, traffic, label, address, previousPort, gateways: gatewaysKey, route: result.route, problems: result.problems };
+    }
+    kept.set(service, entry);
+    problems.push(...entry.problems);
+    if (entry.route) routes.push(entry.route);
+  }
+  if (memo) memo.entries = kept;
   routes.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   // Backends that are another route's own listener (a hostname or a range other than ours).
   const listeners = new Set(routes.map((r) => `${r.address}:${r.port}`));
   for (const route of routes) {
     const own = route.backends.filter((b) => listeners.has(`${b.address}:${b.port}`));
     for (const b of own) problems.push({ service: route.service, code: codes.planSelfBackend, message: `service "${route.service}": instance ${b.id} at ${b.address}:${b.port} is one of loopmesh's own listeners; refused (a connection would loop)` });
-    if (own.length > 0) route.backends = route.backends.filter((b) => !own.includes(b));
+    // A copy: a route may be kept from an earlier plan (see PlanOptions.memo) and is never mutated.
+    if (own.length > 0) routes[routes.indexOf(route)] = { ...route, backends: route.backends.filter((b) => !own.includes(b)) };
   }
   return { routes, problems };
 }

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { dnsLabel } from '../../../agent/plan/names.js';
 import { choosePort } from '../../../agent/plan/ports.js';
 import { allocate, parseRange, reservedAddresses } from '../../../agent/plan/addresses.js';
-import { plan, planLabels } from '../../../agent/plan/plan.js';
+import { plan, planLabels, PlanMemo } from '../../../agent/plan/plan.js';
 import type { Instance } from '../../../agent/consul/catalog.js';
 
 function instance(id: string, port: number, meta: Record<string, string> = {}): Instance {
@@ -167,4 +167,32 @@ test('split: each instance is in the subset of the first split tag it carries; t
   assert.deepEqual([web.limits, web.outlier], [{ maxConnections: 10 }, { consecutiveFailures: 5 }]);
   const none = plan(catalog, { web: '127.77.0.2' }, [], { suffix: 'local', empty: 'reject' });
   assert.deepEqual([none.routes[0]!.split, none.routes[0]!.backends.every((b) => b.subset === '')], [[], true]);
+});
+
+test('plan with a memo: an unchanged service keeps its route object and problems; a changed one is planned again; the result equals a plan without a memo', () => {
+  const memo = new PlanMemo();
+  const web = [instance('w1', 8080)];
+  const redis = [instance('r1', 6379)];
+  const odd = [instance('o1', 7000, { 'loopmesh-lb': 'fastest' })];
+  const addresses = { web: '127.77.0.2', redis: '127.77.0.3', odd: '127.77.0.4' };
+  const options = { suffix: 'local', empty: 'reject' as const, memo };
+  // The first plan has no previous routes (no previous ports): the second is the steady state.
+  const zero = plan(new Map([['web', web], ['redis', redis], ['odd', odd]]), addresses, [], options);
+  const first = plan(new Map([['web', web], ['redis', redis], ['odd', odd]]), addresses, zero.routes, options);
+  const again = plan(new Map([['web', web], ['redis', redis], ['odd', odd]]), addresses, first.routes, options);
+  for (const r of first.routes) assert.equal(again.routes.find((x) => x.service === r.service), r, `${r.service}: the same object`);
+  assert.deepEqual(again.problems, first.problems, 'a kept service\'s problems are said again');
+  assert.equal(again.problems[0]?.code, 'LM_ERR_PLAN_INVALID_POLICY');
+
+  // web's instances change (a new array from the watcher): only web is planned again.
+  const web2 = [instance('w1', 8080), instance('w2', 8080)];
+  const changed = plan(new Map([['web', web2], ['redis', redis], ['odd', odd]]), addresses, again.routes, options);
+  assert.notEqual(changed.routes.find((r) => r.service === 'web'), first.routes.find((r) => r.service === 'web'));
+  assert.equal(changed.routes.find((r) => r.service === 'redis'), first.routes.find((r) => r.service === 'redis'));
+  const fresh = plan(new Map([['web', web2], ['redis', redis], ['odd', odd]]), addresses, again.routes, { suffix: 'local', empty: 'reject' });
+  assert.deepEqual(changed, fresh, 'the same routes and problems as without a memo');
+
+  // Other options (another suffix) make every kept entry stale.
+  const other = plan(new Map([['web', web2], ['redis', redis], ['odd', odd]]), addresses, changed.routes, { ...options, suffix: 'internal' });
+  assert.deepEqual(other.routes.map((r) => r.fqdn), ['odd.internal', 'redis.internal', 'web.internal']);
 });
