@@ -135,9 +135,14 @@ export class DataPlane {
    * renderer passes the balancer.json it just wrote, parsed: it is not read and parsed again.
    */
   async reload(rendered?: RenderedBalancer): Promise<void> {
+    const syncs = this.hostsSyncs;
     await this.source.reload(rendered);
-    await this.syncHosts();
+    // A new config was applied and synced the hosts block already: once per change is enough.
+    if (this.hostsSyncs === syncs) await this.syncHosts();
   }
+
+  /** Hosts-block syncs begun (see reload). */
+  private hostsSyncs = 0;
 
   config(): BalancerConfig | undefined {
     return this.served ?? this.source.current();
@@ -164,6 +169,7 @@ export class DataPlane {
   }
 
   private async syncHosts(): Promise<void> {
+    this.hostsSyncs += 1;
     const target = this.options.hostsFile;
     if (!target) return;
     // After a handover the successor owns the block (its pid on the marker).
