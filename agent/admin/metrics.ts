@@ -158,6 +158,14 @@ export class Metrics {
 
   private series(type: 'gauge' | 'counter', name: string, help: string, labelNames: string[], rows: Rows): void {
     const read = (): Iterable<[Labels, number]> => (this.report ? rows(this.report) : []);
+    /** Each scrape: the values of the report under way, in a turn of their own. */
+    const fill = async (metric: Gauge | Counter, put: (labels: Labels, value: number) => void): Promise<void> => {
+      await nextTurn();
+      metric.reset();
+      // reset() leaves a 0 in a series without labels: a value the report does not have is absent, not 0.
+      if (labelNames.length === 0) metric.remove();
+      for (const [labels, value] of read()) put(labels, value);
+    };
     if (type === 'gauge') {
       new Gauge({
         name,
@@ -165,11 +173,7 @@ export class Metrics {
         labelNames,
         registers: [this.registry],
         async collect() {
-          await nextTurn();
-          this.reset();
-          // reset() leaves a 0 in a series without labels: a value the report does not have is absent, not 0.
-          if (labelNames.length === 0) this.remove();
-          for (const [labels, value] of read()) this.set(labels, value);
+          await fill(this, (labels, value) => this.set(labels, value));
         },
       });
     } else {
@@ -181,10 +185,7 @@ export class Metrics {
         labelNames,
         registers: [this.registry],
         async collect() {
-          await nextTurn();
-          this.reset();
-          if (labelNames.length === 0) this.remove();
-          for (const [labels, value] of read()) this.inc(labels, value);
+          await fill(this, (labels, value) => this.inc(labels, value));
         },
       });
     }
