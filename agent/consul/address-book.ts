@@ -75,6 +75,8 @@ export class AddressBook {
   private problemsValue: Problem[] = [];
   private readonly watch: BlockingQuery;
   private readonly reported = new Set<string>();
+  /** The last reconcile that changed nothing: its KV table, the table it left, the labels KV gives another range. */
+  private settled: { remote: RemoteTable; table: Record<string, string>; foreign: Set<string> } | undefined;
 
   constructor(private readonly options: AddressBookOptions) {
     this.watch = new BlockingQuery({
@@ -139,6 +141,13 @@ export class AddressBook {
   async ensure(labels: readonly string[]): Promise<{ table: AddressTable; missing: string[] }> {
     const missingNow = (): string[] => labels.filter((l) => addressOf(this.current, l) === undefined);
     const { client, key, range, logger } = this.options;
+    // Nothing moved since the last reconcile that changed nothing (the same KV table, this node's
+    // table as it left it) and every label has its address: that reconcile's answer stands.
+    const settled = this.settled;
+    if (settled && settled.remote === this.remote && settled.table === this.current && labels.every((l) => addressOf(this.current, l) !== undefined || settled.foreign.has(l))) {
+      return { table: this.current, missing: [] };
+    }
+    this.settled = undefined;
     try {
       for (let attempt = 1; attempt <= 8; attempt += 1) {
         const remote = this.remote ?? (await this.read());
@@ -152,6 +161,7 @@ export class AddressBook {
         this.report(result.problems);
         if (!result.changed) {
           this.current = result.table;
+          this.settled = { remote, table: result.table, foreign: new Set(Object.keys(result.document).filter((l) => addressOf(result.table, l) === undefined)) };
           break;
         }
         const doc: AddressDocument = { version: 1, addresses: sortedRecord(result.document) };
@@ -171,7 +181,8 @@ export class AddressBook {
       const error = err instanceof ConsulError ? err : new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err });
       logger.warn({ code: errorCode(error), key }, `cannot reconcile addresses with Consul KV now: ${error.message}`);
     }
-    await this.save();
+    // A cache not written is tried again on the next change.
+    if (!(await this.save())) this.settled = undefined;
     return { table: this.current, missing: missingNow() };
   }
 
@@ -201,12 +212,14 @@ export class AddressBook {
     for (const key of now) this.reported.add(key);
   }
 
-  private async save(): Promise<void> {
+  private async save(): Promise<boolean> {
     const doc: AddressDocument = { version: 1, addresses: sortedRecord(this.current) };
     try {
       await writeFileAtomic(this.options.cacheFile, `${JSON.stringify(doc, null, 1)}\n`);
+      return true;
     } catch (err) {
       this.options.logger.warn({ code: errorCode(err), file: this.options.cacheFile }, `cannot write the address cache: ${errorMessage(err)}`);
+      return false;
     }
   }
 }

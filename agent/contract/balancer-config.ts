@@ -1,6 +1,7 @@
+import { randomBytes } from 'node:crypto';
 import { BalancerError, codes } from '../errors.js';
 import { inRange, reservedAddresses, type AddressRange } from '../plan/addresses.js';
-import { describe, expectArray, expectInteger, expectOneOf, expectRecord, expectString, ipv4ToInt, isHostAddress, isIPv4 } from '../validate.js';
+import { describe, expectArray, expectInteger, expectOneOf, expectRecord, expectString, ipv4ToInt, isHostAddress, isIPv4, isRecord } from '../validate.js';
 
 /**
  * balancer.json: the one contract between the control plane (watch, plan, render) and the data plane
@@ -281,8 +282,132 @@ function dialed(address: string): string {
  */
 let checkedServices = new Map<string, ServiceSpec>();
 
-/** Parses and checks a rendered balancer.json; throws a BalancerError naming the bad value. */
-export function parseBalancerConfig(text: string, source = 'balancer.json', options: ParseOptions = {}): BalancerConfig {
+/**
+ * The services array's part of a rendered balancer.json, as the template produced it: `out` is the
+ * text of its elements, `parts` the text of each (an element, a comma between them, whitespace).
+ * See incremental.ts (RoutesBlock).
+ */
+export interface ServicesBlock {
+  out: string;
+  parts: readonly string[];
+}
+
+/** Per process: a string no template can produce, standing in for the services while the rest of the document is parsed. */
+const placeholder = `loopmesh-services-${randomBytes(12).toString('hex')}`;
+
+/** The specs of the last parse by part, as parseByParts found them (and the range they were checked against). */
+let checkedParts = new Map<string, ServiceSpec>();
+
+function isJsonSpace(code: number): boolean {
+  return code === 0x20 || code === 0x0a || code === 0x0d || code === 0x09;
+}
+
+/** The part's one element, without JSON whitespace around it and its comma (expected unless it is the last). */
+function elementOf(part: string, last: boolean): string | undefined {
+  let end = part.length;
+  while (end > 0 && isJsonSpace(part.charCodeAt(end - 1))) end -= 1;
+  if (!last) {
+    if (end === 0 || part.charCodeAt(end - 1) !== 0x2c) return undefined;
+    end -= 1;
+    while (end > 0 && isJsonSpace(part.charCodeAt(end - 1))) end -= 1;
+  }
+  let start = 0;
+  while (start < end && isJsonSpace(part.charCodeAt(start))) start += 1;
+  return start < end ? part.slice(start, end) : undefined;
+}
+
+/**
+ * The same result as parsing the whole text, at the cost of the parts that changed: when the text
+ * is the document with the services' elements at `block.out`'s place (the document with a
+ * placeholder there parses to exactly [placeholder] as its services), each part one element, only
+ * parts not seen in the last parse are parsed and checked. Anything else (or any invalid part):
+ * undefined, and the caller parses the whole text, which gives the error its usual words.
+ */
+function parseByParts(text: string, source: string, options: ParseOptions, block: ServicesBlock): BalancerConfig | undefined {
+  if (block.parts.length === 0 || block.out.length === 0) return undefined;
+  // Where the block is: found by its start (the whole block is most of the text), then compared.
+  let at = text.indexOf(block.out.slice(0, 64));
+  if (at < 0) return undefined;
+  if (!text.startsWith(block.out, at)) at = text.indexOf(block.out);
+  if (at < 0) return undefined;
+  let skeleton: unknown;
+  try {
+    skeleton = JSON.parse(`${text.slice(0, at)}"${placeholder}"${text.slice(at + block.out.length)}`);
+  } catch {
+    return undefined;
+  }
+  if (!isRecord(skeleton) || skeleton.version !== 1 || !Array.isArray(skeleton.services) || skeleton.services.length !== 1 || skeleton.services[0] !== placeholder) return undefined;
+  const scope = options.gatewayRange ? `${options.gatewayRange.cidr}\u0000` : '';
+  const checked = new Map<string, ServiceSpec>();
+  const services: ServiceSpec[] = [];
+  const n = block.parts.length;
+  for (let i = 0; i < n; i++) {
+    const part = block.parts[i] ?? '';
+    const key = scope + part;
+    let spec = checked.get(key) ?? checkedParts.get(key);
+    if (spec === undefined) {
+      const element = elementOf(part, i === n - 1);
+      if (element === undefined) return undefined;
+      try {
+        spec = parseService(JSON.parse(element), `${source}.services[${i}]`, options);
+      } catch {
+        return undefined;
+      }
+    }
+    checked.set(key, spec);
+    services.push(spec);
+  }
+  try {
+    checkAcross(services, source);
+  } catch {
+    return undefined;
+  }
+  checkedParts = checked;
+  return { version: 1, services };
+}
+
+/** Each checked service's backends as the listener keys they dial (specs are never mutated). */
+const dialedKeys = new WeakMap<ServiceSpec, string[]>();
+
+function dialedKeysOf(s: ServiceSpec): string[] {
+  let keys = dialedKeys.get(s);
+  if (keys === undefined) {
+    keys = s.backends.map((b) => `${dialed(b.address)}:${b.port}`);
+    dialedKeys.set(s, keys);
+  }
+  return keys;
+}
+
+/** One service per address and port, and no backend that is one of the listeners. */
+function checkAcross(services: readonly ServiceSpec[], source: string): void {
+  const seen = new Map<string, string>();
+  for (const s of services) {
+    const key = `${s.address}:${s.port}`;
+    const other = seen.get(key);
+    if (other) throw new TypeError(`${source}: services "${other}" and "${s.service}" both listen on ${key}; expected one service per address and port`);
+    seen.set(key, s.service);
+  }
+  // A backend that is one of these listeners would make each connection dial itself until fds run out.
+  for (const s of services) {
+    const keys = dialedKeysOf(s);
+    for (let i = 0; i < keys.length; i++) {
+      const owner = seen.get(keys[i] ?? '');
+      const b = s.backends[i];
+      if (owner && b) throw new BalancerError(codes.balancerSelfBackend, `${source}: service "${s.service}" has the backend ${b.id} at ${b.address}:${b.port}, which is the listener of service "${owner}"; expected no backend that is one of loopmesh's own listeners (a connection would loop)`);
+    }
+  }
+}
+
+/**
+ * Parses and checks a rendered balancer.json; throws a BalancerError naming the bad value. `blocks`:
+ * the routes blocks the template rendered (the renderer knows them), so unchanged services are not
+ * parsed again; the result is the same as without them.
+ */
+export function parseBalancerConfig(text: string, source = 'balancer.json', options: ParseOptions = {}, blocks: readonly ServicesBlock[] = []): BalancerConfig {
+  for (const block of blocks) {
+    const config = parseByParts(text, source, options, block);
+    if (config) return config;
+  }
   let json: unknown;
   try {
     json = JSON.parse(text);
@@ -300,20 +425,7 @@ export function parseBalancerConfig(text: string, source = 'balancer.json', opti
       checked.set(key, spec);
       return spec;
     });
-    const seen = new Map<string, string>();
-    for (const s of services) {
-      const key = `${s.address}:${s.port}`;
-      const other = seen.get(key);
-      if (other) throw new TypeError(`${source}: services "${other}" and "${s.service}" both listen on ${key}; expected one service per address and port`);
-      seen.set(key, s.service);
-    }
-    // A backend that is one of these listeners would make each connection dial itself until fds run out.
-    for (const s of services) {
-      for (const b of s.backends) {
-        const owner = seen.get(`${dialed(b.address)}:${b.port}`);
-        if (owner) throw new BalancerError(codes.balancerSelfBackend, `${source}: service "${s.service}" has the backend ${b.id} at ${b.address}:${b.port}, which is the listener of service "${owner}"; expected no backend that is one of loopmesh's own listeners (a connection would loop)`);
-      }
-    }
+    checkAcross(services, source);
     checkedServices = checked;
     return { version: 1, services };
   } catch (cause) {

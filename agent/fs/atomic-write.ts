@@ -24,8 +24,10 @@ export async function writeFileAtomic(path: string, content: string, options: { 
     // What this process wrote there last, if the file is still that very file (same inode, size and
     // change time): no need to read megabytes back to see it holds `content`.
     const memo = lastWritten.get(path);
-    if (memo && memo.content === content && memo.identity === identity(info)) return false;
-    const current = await readFile(path, 'utf8');
+    const known = memo !== undefined && memo.identity === identity(info);
+    if (known && memo.content === content) return false;
+    // Known to hold something else: written without reading it back.
+    const current = known ? undefined : await readFile(path, 'utf8');
     if (current === content) {
       lastWritten.set(path, { content, identity: identity(info) });
       return false;

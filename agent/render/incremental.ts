@@ -113,8 +113,11 @@ function fingerprint(item: unknown): string {
 }
 
 interface Kept {
-  variant: string;
+  /** What the block reads of @index / @first / @last for this output (see variantOf). */
+  variant: number;
   text: string;
+  /** The render that used it last: outputs no render used are dropped. */
+  used: number;
 }
 
 /** A flat copy of a string built by concatenation (V8 keeps such a string as a tree of its pieces). */
@@ -128,50 +131,90 @@ interface HelperOptions {
   data?: { root?: { routes?: unknown } };
 }
 
+/** One `{{#each routes}}` block's output in a render: the joined text and each route's part, in order. */
+export interface RoutesBlock {
+  out: string;
+  parts: readonly string[];
+}
+
+/** The routes blocks the last render of a template produced (see registerIncrementalEach). */
+export interface BlockRecorder {
+  blocks: RoutesBlock[];
+}
+
+/** Per block (program): the last render's routes and outputs by position, and every kept output by the route's JSON. */
+interface ProgramCache {
+  items: unknown[];
+  kept: Kept[];
+  byJson: Map<string, Kept>;
+  render: number;
+}
+
 /**
  * An `each` for one compiled template that keeps each route's output between renders: a route whose
  * JSON is the same as last time (and whose @index / @first / @last, where the block reads them, are
  * too) is not rendered again. One change at 2,000 services re-renders one route, not 2,000. Any other
- * `each` (or a template whose routes block reads more than its route) is Handlebars' own.
+ * `each` (or a template whose routes block reads more than its route) is Handlebars' own. The
+ * returned recorder holds the routes blocks of the last render (the caller empties it before one).
  */
-export function registerIncrementalEach(hb: typeof Handlebars, use: RoutesBlockUse): void {
+export function registerIncrementalEach(hb: typeof Handlebars, use: RoutesBlockUse): BlockRecorder {
   const builtin = hb.helpers.each as (this: unknown, context: unknown, options: HelperOptions) => string;
-  /** Program index -> output by key, from the last render (only what that render used is kept). */
-  const caches = new Map<number, Map<string, Kept>>();
+  const recorder: BlockRecorder = { blocks: [] };
+  const caches = new Map<number, ProgramCache>();
+  /** The @index / @first / @last the block reads, as one number (0 when it reads none). */
+  const variantOf = (i: number, n: number): number => (use.index ? (i + 1) * 4 : 0) + (use.first && i === 0 ? 2 : 0) + (use.last && i === n - 1 ? 1 : 0);
   hb.registerHelper('each', function (this: unknown, context: unknown, options: HelperOptions): string {
     const program = options.fn.program;
     if (!use.cacheable || !Array.isArray(context) || context !== options.data?.root?.routes || program === undefined || !options.data) {
       return builtin.call(this, context, options);
     }
     if (context.length === 0) return options.inverse(this);
-    const previous = caches.get(program) ?? new Map<string, Kept>();
-    const next = new Map<string, Kept>();
-    const frame = hb.createFrame(options.data) as Record<string, unknown>;
-    const parts: string[] = [];
-    for (let i = 0; i < context.length; i++) {
-      const item: unknown = context[i];
-      const first = i === 0;
-      const last = i === context.length - 1;
-      // Keyed by the route's JSON itself (shared with the other templates, not copied); what the
-      // block reads of @index / @first / @last tells the outputs of one route apart.
-      const fp = fingerprint(item);
-      const variant = `${use.index ? i : ''}|${use.first && first ? 1 : 0}${use.last && last ? 1 : 0}`;
-      const kept = next.get(fp) ?? previous.get(fp);
-      let text = kept?.variant === variant ? kept.text : undefined;
-      if (text === undefined) {
-        frame.key = i;
-        frame.index = i;
-        frame.first = first;
-        frame.last = last;
-        // Flat: Handlebars builds its output by concatenation, and a kept rope holds every piece.
-        text = flatten(options.fn(item, { data: frame, blockParams: [item, i] }));
-      }
-      // Two routes with the same JSON (never in a valid plan) keep the last one's variant only.
-      next.set(fp, { variant, text });
-      parts.push(text);
+    let cache = caches.get(program);
+    if (!cache) {
+      cache = { items: [], kept: [], byJson: new Map(), render: 0 };
+      caches.set(program, cache);
     }
+    const render = (cache.render += 1);
+    const frame = hb.createFrame(options.data) as Record<string, unknown>;
+    const n = context.length;
+    const items: unknown[] = new Array<unknown>(n);
+    const kept: Kept[] = new Array<Kept>(n);
+    const parts: string[] = new Array<string>(n);
+    for (let i = 0; i < n; i++) {
+      const item: unknown = context[i];
+      const variant = variantOf(i, n);
+      // The same route object at the same place as last time (the plan keeps unchanged routes'
+      // objects): its output, without computing or looking up its JSON.
+      let k: Kept | undefined = cache.items[i] === item ? cache.kept[i] : undefined;
+      if (k === undefined || k.variant !== variant) {
+        // Keyed by the route's JSON itself (shared with the other templates, not copied).
+        const json = fingerprint(item);
+        k = cache.byJson.get(json);
+        if (k === undefined || k.variant !== variant) {
+          frame.key = i;
+          frame.index = i;
+          frame.first = i === 0;
+          frame.last = i === n - 1;
+          // Flat: Handlebars builds its output by concatenation, and a kept rope holds every piece.
+          k = { variant, text: flatten(options.fn(item, { data: frame, blockParams: [item, i] })), used: render };
+          // Two routes with the same JSON (never in a valid plan) keep the last one's variant only.
+          cache.byJson.set(json, k);
+        }
+      }
+      k.used = render;
+      items[i] = item;
+      kept[i] = k;
+      parts[i] = k.text;
+    }
+    // What this render did not use goes, once it outnumbers what it used (no sweep per change).
+    if (cache.byJson.size > 2 * n + 64) {
+      for (const [json, k] of cache.byJson) if (k.used !== render) cache.byJson.delete(json);
+    }
+    cache.items = items;
+    cache.kept = kept;
     const out = parts.join('');
-    caches.set(program, next);
+    recorder.blocks.push({ out, parts });
     return out;
   });
+  return recorder;
 }

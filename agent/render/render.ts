@@ -13,10 +13,12 @@ export interface RenderedFile {
 }
 
 /** Files the data plane loads are checked before they can replace a working one. */
-function check(output: string, text: string, file: string, options: ParseOptions): BalancerConfig | undefined {
-  if (output !== balancerFile) return undefined;
+function check(template: Template, text: string, options: ParseOptions): BalancerConfig | undefined {
+  if (template.output !== balancerFile) return undefined;
+  const file = template.file;
   try {
-    return parseBalancerConfig(text, file, options);
+    // The template's routes blocks: only the services whose part changed are parsed again.
+    return parseBalancerConfig(text, file, options, template.lastBlocks());
   } catch (cause) {
     throw new RenderError(codes.renderTemplate, `${file} rendered a balancer.json that does not load: ${errorMessage(cause)}`, { cause });
   }
@@ -35,7 +37,7 @@ export function renderAll(
   for (const t of templates) {
     try {
       const text = t.render(context);
-      const config = check(t.output, text, t.file, options);
+      const config = check(t, text, options);
       files.push(config ? { output: t.output, text, config } : { output: t.output, text });
     } catch (err) {
       failed.push(t.output);

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import Handlebars from 'handlebars';
 import { ConfigError, RenderError, codes, errorCode } from '../errors.js';
-import { registerIncrementalEach, routesBlockUse } from './incremental.js';
+import { registerIncrementalEach, routesBlockUse, type RoutesBlock } from './incremental.js';
 
 /** The templates shipped with loopmesh: <package>/templates, from agent/render or dist/agent/render. */
 export function builtinTemplatesDir(): string {
@@ -16,6 +16,8 @@ export interface Template {
   output: string;
   file: string;
   render: (context: RenderContext) => string;
+  /** The `{{#each routes}}` blocks of the last render, each route's part in order (see incremental.ts). */
+  lastBlocks: () => readonly RoutesBlock[];
 }
 
 export interface RenderContext {
@@ -56,12 +58,14 @@ export function compileTemplate(file: string, source: string, output: string): T
     throw templateError(file, cause);
   }
   // Each route's output is kept between renders where the template allows (see incremental.ts).
-  registerIncrementalEach(hb, routesBlockUse(ast));
+  const recorder = registerIncrementalEach(hb, routesBlockUse(ast));
   const compiled = hb.compile(source, { noEscape: true, strict: true });
   return {
     output,
     file,
+    lastBlocks: () => recorder.blocks,
     render: (context) => {
+      recorder.blocks = [];
       try {
         return compiled(context);
       } catch (cause) {
