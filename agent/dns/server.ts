@@ -68,10 +68,18 @@ const udpBufferBytes = 4 << 20;
  * deferral to the next tick as dns.lookup makes even for a literal (a name would still be resolved).
  */
 function literalLookup(address: string, family: unknown, callback: (err: NodeJS.ErrnoException | null, address: string, family: number) => void): void {
+  // Replies mostly go to the same few clients: the last literal seen skips isIP's regular expression.
+  if (address === lastLiteral) return callback(null, address, lastLiteralVersion);
   const version = isIP(address);
-  if (version !== 0) return callback(null, address, version);
+  if (version !== 0) {
+    lastLiteral = address;
+    lastLiteralVersion = version;
+    return callback(null, address, version);
+  }
   dnsLookup(address, { family: family === 6 ? 6 : 4 }, callback);
 }
+let lastLiteral = '';
+let lastLiteralVersion = 0;
 
 /** Larger socket buffers, best effort: a failure only leaves the kernel's default. */
 function growBuffers(socket: UdpSocket): void {
@@ -231,8 +239,11 @@ export class DnsServer {
     await Promise.all([udp && closeUdp(udp), tcp && new Promise<void>((resolve) => tcp.close(() => resolve()))]);
   }
 
-  /** Answers one message; never throws, whatever the bytes. */
-  private handle(message: Buffer, transport: Transport, peer: () => string): Buffer | null {
+  /**
+   * Answers one message; never throws, whatever the bytes. The peer (address and port) is only
+   * formatted when something is logged: nothing is allocated for it per query.
+   */
+  private handle(message: Buffer, transport: Transport, peerAddress: string, peerPort: number): Buffer | null {
     this.counts.queries++;
     try {
       // The fast path: a plain query (checked as strictly as the full decoder would) answered before.
@@ -251,23 +262,30 @@ export class DnsServer {
       }
       const reply = answerQuery(message, this.zone, transport);
       this.counts[reply.outcome]++;
-      if (reply.error) this.log.debug({ code: reply.error.code, peer: peer(), transport, outcome: reply.outcome }, reply.error.message);
-      else if (reply.outcome === 'dropped') this.log.debug({ peer: peer(), transport }, 'DNS message dropped: not a query');
+      if (reply.error) this.log.debug({ code: reply.error.code, peer: hostPort(peerAddress, peerPort), transport, outcome: reply.outcome }, reply.error.message);
+      else if (reply.outcome === 'dropped') this.log.debug({ peer: hostPort(peerAddress, peerPort), transport }, 'DNS message dropped: not a query');
       else if (key !== undefined && reply.response && reply.whole === true) cache.set(key, edns, reply.response, reply.outcome);
       return reply.response;
     } catch (err) {
       this.counts.dropped++;
-      this.log.warn({ code: errorCode(err), peer: peer(), transport }, `DNS message dropped, the responder failed: ${errorMessage(err)}`);
+      this.log.warn({ code: errorCode(err), peer: hostPort(peerAddress, peerPort), transport }, `DNS message dropped, the responder failed: ${errorMessage(err)}`);
       return null;
     }
   }
 
   private onDatagram(message: Buffer, peer: RemoteInfo): void {
-    const response = this.handle(message, 'udp', () => hostPort(peer.address, peer.port));
-    if (!response || !this.udp) return;
-    this.udp.send(response, peer.port, peer.address, (err) => {
-      if (err) this.log.debug({ code: errorCode(err), peer: hostPort(peer.address, peer.port) }, `DNS response not sent: ${err.message}`);
-    });
+    const udp = this.udp;
+    const response = this.handle(message, 'udp', peer.address, peer.port);
+    if (!response || !udp) return;
+    // A send callback costs a closure and a process.nextTick per reply, and is there only to log a
+    // failed send at debug level: it is passed only when that would be logged.
+    if (this.log.isLevelEnabled('debug')) {
+      udp.send(response, peer.port, peer.address, (err) => {
+        if (err) this.log.debug({ code: errorCode(err), peer: hostPort(peer.address, peer.port) }, `DNS response not sent: ${err.message}`);
+      });
+    } else {
+      udp.send(response, peer.port, peer.address);
+    }
   }
 
   /** Counts a connection closed over a TCP limit; logs each client at most once a minute. */
@@ -290,7 +308,9 @@ export class DnsServer {
 
   private onConnection(socket: Socket): void {
     const client = clientKey(socket.remoteAddress);
-    const peer = hostPort(socket.remoteAddress ?? '?', socket.remotePort ?? 0);
+    const remoteAddress = socket.remoteAddress ?? '?';
+    const remotePort = socket.remotePort ?? 0;
+    const peer = hostPort(remoteAddress, remotePort);
     const perClientCap = this.options.maxConnectionsPerClient ?? defaultMaxConnectionsPerClient;
     const open = this.perClient.get(client) ?? 0;
     if (open >= perClientCap) {
@@ -352,7 +372,7 @@ export class DnsServer {
           deadline = undefined;
         }
         for (const message of messages) {
-          const response = this.handle(message, 'tcp', () => peer);
+          const response = this.handle(message, 'tcp', remoteAddress, remotePort);
           // Empty or headerless frames and responses end the connection: the stream is not DNS.
           if (!response) return hangUp(`a ${message.length}-byte frame that is not a query`, true);
           socket.write(frame(response));

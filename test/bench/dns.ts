@@ -7,24 +7,30 @@
  *     (svc0.local ... on 127.90.x.y), its DNS responder on a free port (--hosts-file off).
  *   - dnsmasq: its own process (--keep-in-foreground --no-resolv --no-hosts --addn-hosts=FILE), the
  *     same N names and addresses in FILE, on another free port.
- *   - Cases, in interleaved rounds (the order rotating each round): A queries for the N names against
- *     each, then SRV queries (_svcI._tcp.local) against loopmesh alone (dnsmasq does not serve our SRV).
+ *   - Cases, in interleaved rounds after a first dnsmasq A run: loopmesh A, dnsmasq A, loopmesh SRV
+ *     (_svcI._tcp.local; dnsmasq does not serve our SRV), dnsmasq A. Every loopmesh run sits between
+ *     two dnsmasq A runs, and a round's ratio is loopmesh's queries/s over the mean of those two: the
+ *     two servers measured under the same outside load, as far as a shared machine allows.
+ *   - Pinning (BENCH_DNS_PIN, default on when there are 2 CPUs or more): dnsperf runs on the first CPU
+ *     (taskset -c), and both servers, every thread of them, on the last one: each server gets one CPU
+ *     to itself, the same for both, and neither competes with its own load generator.
  *   - Per case the median over the rounds: queries/s, lost, non-NOERROR answers, latency avg/max and
  *     standard deviation (what dnsperf prints; it gives no percentiles), the server's CPU per query
- *     and CPU use (from /proc), and for A the ratio loopmesh/dnsmasq of queries/s and of CPU per
- *     query (dnsmasq's over loopmesh's: what each could answer with a core to itself).
+ *     and CPU use (from /proc); for A each round's ratio loopmesh/dnsmasq of queries/s and of CPU per
+ *     query (dnsmasq's over loopmesh's: what each could answer with a core to itself), their median
+ *     and minimum.
  *
  * Flags: --json (JSON on stdout, the tables on stderr).
- * Environment: BENCH_DNS_SECONDS (per run, default 5), BENCH_DNS_ROUNDS (default 3), BENCH_DNS_NAMES
+ * Environment: BENCH_DNS_SECONDS (per run, default 2), BENCH_DNS_ROUNDS (default 10), BENCH_DNS_NAMES
  * (default 200), BENCH_DNS_CLIENTS (dnsperf -c, default 4), BENCH_DNS_OUTSTANDING (dnsperf -q,
  * default 100), BENCH_DNS_QPS (dnsperf -Q, default 0: no cap), BENCH_DNS_WARMUP (seconds of
- * uncounted load on each case first, default 2), BENCH_CLI=dist|tsx (which loopmesh CLI
- * runs), BENCH_DNS_NODE_ARGS (extra node flags for the loopmesh process, e.g. "--cpu-prof
- * --cpu-prof-dir=/tmp/prof").
+ * uncounted load on each case first, default 2), BENCH_DNS_PIN (1 or 0; default 1 with 2 CPUs or
+ * more), BENCH_CLI=dist|tsx (which loopmesh CLI runs), BENCH_DNS_NODE_ARGS (extra node flags for the
+ * loopmesh process, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof").
  */
 import { chmod, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { existsSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa, type ResultPromise } from 'execa';
 import { eventually, freePort } from '../support/net.js';
@@ -46,14 +52,23 @@ function setting(name: string, fallback: number, min: number): number {
   return value;
 }
 
-const seconds = setting('BENCH_DNS_SECONDS', 5, 1);
-const rounds = setting('BENCH_DNS_ROUNDS', 3, 1);
+const seconds = setting('BENCH_DNS_SECONDS', 2, 1);
+const rounds = setting('BENCH_DNS_ROUNDS', 10, 1);
 const names = setting('BENCH_DNS_NAMES', 200, 1);
 const clients = setting('BENCH_DNS_CLIENTS', 4, 1);
 const outstanding = setting('BENCH_DNS_OUTSTANDING', 100, 1);
 const qpsCap = setting('BENCH_DNS_QPS', 0, 0);
 const warmup = setting('BENCH_DNS_WARMUP', 2, 0);
 const nodeArgs = (process.env.BENCH_DNS_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
+const cpus = availableParallelism();
+const pin = setting('BENCH_DNS_PIN', cpus >= 2 ? 1 : 0, 0) === 1 && cpus >= 2;
+/** taskset prefixes: dnsperf on the first CPU, both servers (all their threads, as they start under it) on the last. */
+const loadCpu = pin ? ['taskset', '-c', '0'] : [];
+const serverCpu = pin ? ['taskset', '-c', String(cpus - 1)] : [];
+/** Runs `command` under a taskset prefix when pinned: taskset execs it, so the PID is the command's. */
+function pinned(prefix: string[], command: string, args: string[]): [string, string[]] {
+  return prefix.length === 0 ? [command, args] : [prefix[0]!, [...prefix.slice(1), command, ...args]];
+}
 if (names > 60_000) {
   process.stderr.write(`bench-dns: BENCH_DNS_NAMES=${names} is too many; expected at most 60000\n`);
   process.exit(2);
@@ -129,7 +144,8 @@ async function dnsperf(port: number, file: string, serverPid: number | undefined
   if (qpsCap > 0) args.push('-Q', String(qpsCap));
   const cpuBefore = cpuSeconds(serverPid);
   const started = process.hrtime.bigint();
-  const r = await execa('dnsperf', args, { reject: false, timeout: (seconds + 20) * 1000, all: true });
+  const [command, commandArgs] = pinned(loadCpu, 'dnsperf', args);
+  const r = await execa(command, commandArgs, { reject: false, timeout: (seconds + 20) * 1000, all: true });
   const elapsed = Number(process.hrtime.bigint() - started) / 1e9;
   const cpu = cpuSeconds(serverPid) - cpuBefore;
   const text = r.all ?? '';
@@ -175,7 +191,8 @@ async function startLoopmesh(dir: string): Promise<Server> {
   await writeFile(join(runDir, 'balancer.json'), JSON.stringify({ version: 1, services }));
   const port = await freePort();
   const cli = useDist ? [distCli] : ['--import', 'tsx', join(root, 'agent', 'cli', 'main.ts')];
-  const p = execa('node', [...nodeArgs, ...cli, 'balancer', '--run-dir', runDir, '--dns', `127.0.0.1:${port}`, '--hosts-file', 'off', '--log-level', 'warn'], {
+  const [command, args] = pinned(serverCpu, 'node', [...nodeArgs, ...cli, 'balancer', '--run-dir', runDir, '--dns', `127.0.0.1:${port}`, '--hosts-file', 'off', '--log-level', 'warn']);
+  const p = execa(command, args, {
     reject: false,
     stdio: ['ignore', 'ignore', 'inherit'],
     cleanup: true,
@@ -205,11 +222,9 @@ async function startDnsmasq(dir: string): Promise<Server> {
   for (let i = 0; i < names; i++) lines.push(`${addressOf(i)}\t${nameOf(i)}.local`);
   await writeFile(hosts, `${lines.join('\n')}\n`, { mode: 0o644 });
   const port = await freePort();
-  const p = execa(
-    'dnsmasq',
-    ['--keep-in-foreground', '--conf-file=/dev/null', '--pid-file=', '--no-resolv', '--no-hosts', `--addn-hosts=${hosts}`, `--port=${port}`, '--listen-address=127.0.0.1', '--bind-interfaces', '--local-ttl=5', '--log-facility=-'],
-    { reject: false, stdio: ['ignore', 'ignore', 'inherit'], cleanup: true },
-  );
+  const [command, args] = pinned(serverCpu, 'dnsmasq', [
+    '--keep-in-foreground', '--conf-file=/dev/null', '--pid-file=', '--no-resolv', '--no-hosts', `--addn-hosts=${hosts}`, `--port=${port}`, '--listen-address=127.0.0.1', '--bind-interfaces', '--local-ttl=5', '--log-facility=-']);
+  const p = execa(command, args, { reject: false, stdio: ['ignore', 'ignore', 'inherit'], cleanup: true });
   const server = { name: 'dnsmasq', port, pid: p.pid, stop: stopper(p) };
   const last = `${nameOf(names - 1)}.local`;
   try {
@@ -269,13 +284,31 @@ async function main(): Promise<void> {
     // Warm-up, not counted: the JIT compiles loopmesh's hot path and its answer cache fills.
     if (warmup > 0) for (const c of cases) await dnsperf(c.server.port, c.file, c.server.pid, warmup);
     const results = new Map<string, Run[]>(cases.map((c) => [c.name, []]));
+    const runCase = async (c: Case, round: number): Promise<Run> => {
+      const run = await dnsperf(c.server.port, c.file, c.server.pid);
+      results.get(c.name)!.push(run);
+      process.stderr.write(`round ${round + 1} ${c.name}: ${Math.round(run.qps)} q/s, lost ${run.lost}, not NOERROR ${run.notNoerror}, server CPU ${run.cpuPercent.toFixed(0)}%, ${(run.cpuMsPerKq).toFixed(1)} µs/query\n`);
+      return run;
+    };
+    // Each round: loopmesh A, dnsmasq A, loopmesh SRV, dnsmasq A, after a first dnsmasq A run: every
+    // loopmesh run is compared with the dnsmasq runs just before and just after it, under the same
+    // outside load as far as a shared machine allows.
+    const [lmA, dmA, lmSrv] = cases as [Case, Case, Case];
+    const perRound: { qps: number; cpu: number; srvQps: number }[] = [];
+    let before = await runCase(dmA, 0);
     for (let round = 0; round < rounds; round++) {
-      for (let k = 0; k < cases.length; k++) {
-        const c = cases[(k + round) % cases.length]!;
-        const run = await dnsperf(c.server.port, c.file, c.server.pid);
-        results.get(c.name)!.push(run);
-        process.stderr.write(`round ${round + 1} ${c.name}: ${Math.round(run.qps)} q/s, lost ${run.lost}, not NOERROR ${run.notNoerror}, server CPU ${run.cpuPercent.toFixed(0)}%\n`);
-      }
+      const mine = await runCase(lmA, round);
+      const between = await runCase(dmA, round);
+      const srv = await runCase(lmSrv, round);
+      const after = await runCase(dmA, round);
+      const r = {
+        qps: mine.qps / ((before.qps + between.qps) / 2),
+        cpu: (before.cpuMsPerKq + between.cpuMsPerKq) / 2 / mine.cpuMsPerKq,
+        srvQps: srv.qps / ((between.qps + after.qps) / 2),
+      };
+      perRound.push(r);
+      process.stderr.write(`round ${round + 1} loopmesh / dnsmasq: A ${r.qps.toFixed(2)}x queries/s, ${r.cpu.toFixed(2)}x CPU per query; SRV ${r.srvQps.toFixed(2)}x queries/s\n`);
+      before = after;
     }
     const rows = cases.map((c) => {
       const runs = results.get(c.name)!;
@@ -293,19 +326,27 @@ async function main(): Promise<void> {
         cpuPercent: m((r) => r.cpuPercent),
       };
     });
-    const ratio = rows[0]!.qps / rows[1]!.qps;
+    const ratios = perRound.map((r) => r.qps);
+    const srvRatios = perRound.map((r) => r.srvQps);
+    const cpuRatios = perRound.map((r) => r.cpu);
+    const ratio = median(ratios);
+    const ratioMin = Math.min(...ratios);
     // What each could do with a whole core to itself: less sensitive to other load on a shared machine.
-    const cpuRatio = rows[1]!.cpuMsPerKq / rows[0]!.cpuMsPerKq;
+    const cpuRatio = median(cpuRatios);
+    const cpuRatioMin = Math.min(...cpuRatios);
     out('');
-    out('| case | queries/s (median) | per round | lost (all rounds) | not NOERROR | latency avg ms | max ms | stddev ms | server CPU ms / 1k q | server CPU % |');
+    out('| case | queries/s (median) | per run | lost (all runs) | not NOERROR | latency avg ms | max ms | stddev ms | server CPU µs / query | server CPU % |');
     out('|---|---|---|---|---|---|---|---|---|---|');
     for (const r of rows) {
       out(`| ${r.case} | ${Math.round(r.qps)} | ${r.qpsRuns.join(' / ')} | ${r.lost} | ${r.notNoerror} | ${r.avgMs.toFixed(3)} | ${r.maxMs.toFixed(2)} | ${r.stddevMs.toFixed(3)} | ${r.cpuMsPerKq.toFixed(1)} | ${r.cpuPercent.toFixed(0)} |`);
     }
     out('');
-    out(`loopmesh / dnsmasq (A queries/s): ${ratio.toFixed(2)}x; by server CPU per query (dnsmasq's / loopmesh's): ${cpuRatio.toFixed(2)}x`);
+    out(`pinned: ${pin ? `dnsperf on CPU 0, both servers on CPU ${cpus - 1}` : 'no'}`);
+    out(`loopmesh / dnsmasq (A queries/s) per round: ${ratios.map((r) => `${r.toFixed(2)}x`).join(', ')}; median ${ratio.toFixed(2)}x, min ${ratioMin.toFixed(2)}x`);
+    out(`loopmesh SRV / dnsmasq A (queries/s) per round: ${srvRatios.map((r) => `${r.toFixed(2)}x`).join(', ')}; median ${median(srvRatios).toFixed(2)}x, min ${Math.min(...srvRatios).toFixed(2)}x`);
+    out(`by server CPU per query (dnsmasq's / loopmesh's) per round: ${cpuRatios.map((r) => `${r.toFixed(2)}x`).join(', ')}; median ${cpuRatio.toFixed(2)}x, min ${cpuRatioMin.toFixed(2)}x`);
     if (jsonOut) {
-      process.stdout.write(`${JSON.stringify({ names, rounds, seconds, warmup, clients, outstanding, qpsCap, cli: useDist ? 'dist' : 'tsx', dnsmasq: version, node: process.version, cases: rows, ratioA: ratio, cpuRatioA: cpuRatio }, null, 2)}\n`);
+      process.stdout.write(`${JSON.stringify({ names, rounds, seconds, warmup, clients, outstanding, qpsCap, cli: useDist ? 'dist' : 'tsx', dnsmasq: version, node: process.version, pinned: pin, cases: rows, ratioA: ratio, ratioAMin: ratioMin, ratioARounds: ratios, srvRatioRounds: srvRatios, cpuRatioA: cpuRatio, cpuRatioAMin: cpuRatioMin, cpuRatioARounds: cpuRatios }, null, 2)}\n`);
     }
   } finally {
     for (const s of servers) await s.stop();
@@ -318,7 +359,7 @@ const deadline = setTimeout(
     process.stderr.write('bench-dns: took too long, giving up\n');
     process.exit(1);
   },
-  (120 + 3 * (warmup + 25) + rounds * 3 * (seconds + 25)) * 1000,
+  (120 + 3 * (warmup + 25) + (rounds * 4 + 1) * (seconds + 25)) * 1000,
 );
 deadline.unref();
 main().then(
