@@ -18,12 +18,15 @@ import { codes, errorCode, errorMessage, type Problem, type RenderError } from '
 import type { Logger } from './log.js';
 import { Retry } from './retry.js';
 import { plan, planLabels, PlanMemo, type PlanProblem, type Route } from './plan/plan.js';
-import { balancerFile } from './contract/files.js';
+import { balancerFile, hostsFile as renderedHostsFile } from './contract/files.js';
 import { renderAll, writeRendered } from './render/render.js';
 import { builtinTemplatesDir, loadTemplates, type Template } from './render/templates.js';
 
 export type { Problem } from './errors.js';
 export type { HealthReport } from './admin/report.js';
+
+/** The rendered files the in-process data plane serves from (rendered, and served, before the others). */
+const servingOutputs: ReadonlySet<string> = new Set([balancerFile, renderedHostsFile]);
 
 /** watch -> plan -> render -> (files) -> data plane, with the admin API on the side. */
 export class Agent {
@@ -316,12 +319,23 @@ export class Agent {
     this.planProblems = planned.problems;
     this.report(planned.problems);
     const t2 = performance.now();
-    const rendered = renderAll(this.templates, { routes: planned.routes, suffix: this.config.suffix }, { gatewayRange: this.config.gatewayRange });
+    // What the data plane serves (balancer.json, hosts) is rendered first, the other templates after it took the change.
+    const context = { routes: planned.routes, suffix: this.config.suffix };
+    const serving = renderAll(this.templates.filter((t) => servingOutputs.has(t.output)), context, { gatewayRange: this.config.gatewayRange });
     const t3 = performance.now();
+    // The in-process data plane serves the change first, from what was just rendered and checked;
+    // the files follow (they are what a separate balancer, a restart and an operator read).
+    const balancerOut = serving.files.find((f) => f.output === balancerFile && f.config !== undefined);
+    const hostsOut = serving.files.find((f) => f.output === renderedHostsFile);
+    const inMemory = this.dataPlane !== undefined && balancerOut?.config !== undefined;
+    if (inMemory && balancerOut?.config) await this.dataPlane?.reload({ balancer: { text: balancerOut.text, config: balancerOut.config }, ...(hostsOut ? { hosts: hostsOut.text } : {}) });
+    const t4 = performance.now();
+    const others = renderAll(this.templates.filter((t) => !servingOutputs.has(t.output)), context);
+    const rendered = { files: [...serving.files, ...others.files], errors: [...serving.errors, ...others.errors], failed: [...serving.failed, ...others.failed] };
     // A run dir removed under us is made again (and checked again: a replaced one may be unsafe).
     await prepareRunDir(this.config.runDir);
     const written = await writeRendered(this.config.runDir, rendered.files);
-    const t4 = performance.now();
+    const t5 = performance.now();
     const known = new Set(this.renderErrors.map((e) => e.message));
     this.renderErrors = [...rendered.errors, ...written.errors];
     // Said once while it lasts: a lasting failure is retried, and each retry must not log it again.
@@ -329,14 +343,13 @@ export class Agent {
     if (!rendered.failed.includes(balancerFile)) this.routesValue = planned.routes;
     this.lastRenderAt = Date.now();
     if (written.changed.length > 0) this.logger.debug({ files: written.changed }, 'rendered');
-    // Also when nothing changed but the data plane is behind: its last read of these files may have failed.
-    const reload = (written.changed.length > 0 || this.dataPlaneBehind()) && this.dataPlane !== undefined;
-    // The file now holds exactly this text, already parsed and checked: the data plane takes it as is.
-    const served = written.written.find((f) => f.output === balancerFile && f.config !== undefined);
-    if (reload) await this.dataPlane?.reload(served?.config ? { text: served.text, config: served.config } : undefined);
+    // Without a balancer.json rendered here, the data plane reads the files (also when nothing
+    // changed but it is behind: its last read of them may have failed).
+    const reload = written.changed.length > 0 || this.dataPlaneBehind();
+    if (!inMemory && reload) await this.dataPlane?.reload();
     const ms = (a: number, b: number): number => Math.round(b - a);
     // Where a change's time goes (bench:converge --agent-log shows it per change).
-    this.logger.debug({ routes: planned.routes.length, ms: { addresses: ms(t0, t1), plan: ms(t1, t2), render: ms(t2, t3), write: ms(t3, t4), reload: ms(t4, performance.now()) } }, 'reconciled');
+    this.logger.debug({ routes: planned.routes.length, ms: { addresses: ms(t0, t1), plan: ms(t1, t2), render: ms(t2, t3), serve: ms(t3, t4), write: ms(t4, t5) } }, 'reconciled');
     this.metrics.rendered({ failed: this.renderErrors.length > 0, reloaded: reload });
     // A gateway enters the nodes' sets only once it serves what it rendered (a node would otherwise
     // try it, be refused and go on to the next address, for nothing).

@@ -4,6 +4,7 @@ import { watch, type FSWatcher } from 'chokidar';
 import { debounce, type Debounced } from '../debounce.js';
 import { errorCode, errorMessage } from '../errors.js';
 import { prepareRunDir, readRunDirFile } from '../fs/run-dir.js';
+import { isLastWrittenHere } from '../fs/atomic-write.js';
 import type { Logger } from '../log.js';
 import { parseBalancerConfig, type BalancerConfig } from '../contract/balancer-config.js';
 import type { AddressRange } from '../plan/addresses.js';
@@ -62,7 +63,13 @@ export class BalancerFileSource {
   private readonly onFileEvent: Debounced;
   private recheck: NodeJS.Timeout | undefined;
   private loading: Promise<void> = Promise.resolve();
-  private applied: { text: Buffer; config: BalancerConfig } | undefined;
+  /** The config in service and the text it came from: the file's bytes, or the renderer's string. */
+  private applied: { text: Buffer | string; config: BalancerConfig } | undefined;
+  /**
+   * The renderer of this process hands its configs in (reload with `rendered`), before it writes the
+   * file: a file this process wrote last is then never read back (it may be the one before).
+   */
+  private renderedHere = false;
   private rejectedText: Buffer | undefined;
   private closed = false;
 
@@ -181,7 +188,14 @@ export class BalancerFileSource {
 
   private async load(rendered?: RenderedBalancer): Promise<void> {
     if (this.closed) return;
-    if (rendered) return this.use(Buffer.from(rendered.text, 'utf8'), rendered.config);
+    if (rendered) {
+      this.renderedHere = true;
+      return this.use(rendered.text, rendered.config);
+    }
+    // Our own last write: its config was handed in already, and it may be older than the one in
+    // service (the data plane serves a change before the files are written). Another writer's file
+    // (a new inode, size or change time) is read as usual.
+    if (this.renderedHere && (await isLastWrittenHere(this.path))) return;
     let text: Buffer;
     try {
       // The run dir is untrusted: another user's file, a symlink or a FIFO there is refused.
@@ -196,7 +210,7 @@ export class BalancerFileSource {
       return;
     }
     this.readFailure = undefined;
-    if (this.applied?.text.equals(text) || this.rejectedText?.equals(text)) return;
+    if (this.isApplied(text) || this.rejectedText?.equals(text)) return;
 
     let config: BalancerConfig;
     try {
@@ -209,8 +223,15 @@ export class BalancerFileSource {
     await this.use(text, config);
   }
 
-  private async use(text: Buffer, config: BalancerConfig): Promise<void> {
-    if (this.applied?.text.equals(text)) return;
+  private isApplied(text: Buffer | string): boolean {
+    const applied = this.applied?.text;
+    if (applied === undefined) return false;
+    if (typeof applied === 'string') return typeof text === 'string' ? applied === text : applied === text.toString('utf8');
+    return typeof text === 'string' ? applied.toString('utf8') === text : applied.equals(text);
+  }
+
+  private async use(text: Buffer | string, config: BalancerConfig): Promise<void> {
+    if (this.isApplied(text)) return;
     this.rejectedText = undefined;
     try {
       await this.options.onConfig(config);
@@ -221,6 +242,7 @@ export class BalancerFileSource {
       return;
     }
     this.applied = { text, config };
+    this.readFailure = undefined;
     this.logger.info({ services: config.services.length }, 'balancer config loaded');
   }
 }

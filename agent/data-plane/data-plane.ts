@@ -35,6 +35,13 @@ export interface DataPlaneOptions {
   inherited?: InheritedSockets;
 }
 
+/** What an in-process renderer hands the data plane (see DataPlane.reload). */
+export interface RenderedFiles {
+  balancer?: RenderedBalancer;
+  /** The rendered hosts file's text. */
+  hosts?: string;
+}
+
 /** Name -> its gateway addresses in the served config: the only non-loopback addresses a hosts line may hold. */
 function gatewaysByName(config: BalancerConfig | undefined): Map<string, Set<string>> {
   const out = new Map<string, Set<string>>();
@@ -131,18 +138,22 @@ export class DataPlane {
   }
 
   /**
-   * Reads the rendered files now (the renderer calls this right after it writes). An in-process
-   * renderer passes the balancer.json it just wrote, parsed: it is not read and parsed again.
+   * Reads the rendered files now (a renderer that wrote them calls this). An in-process renderer
+   * passes what it rendered instead, before it writes the files: the balancer.json parsed and the
+   * hosts lines, so a change is served without waiting for the writes and nothing is read back.
    */
-  async reload(rendered?: RenderedBalancer): Promise<void> {
+  async reload(rendered?: RenderedFiles): Promise<void> {
     const syncs = this.hostsSyncs;
-    await this.source.reload(rendered);
+    if (rendered?.hosts !== undefined) this.renderedHosts = rendered.hosts;
+    await this.source.reload(rendered?.balancer);
     // A new config was applied and synced the hosts block already: once per change is enough.
     if (this.hostsSyncs === syncs) await this.syncHosts();
   }
 
   /** Hosts-block syncs begun (see reload). */
   private hostsSyncs = 0;
+  /** The hosts lines the in-process renderer handed in last: used instead of the run dir's file, which may not be written yet. */
+  private renderedHosts: string | undefined;
 
   config(): BalancerConfig | undefined {
     return this.served ?? this.source.current();
@@ -174,9 +185,9 @@ export class DataPlane {
     if (!target) return;
     // After a handover the successor owns the block (its pid on the marker).
     if (this.handover && (await this.handover)) return;
-    let rendered: string | undefined;
+    let rendered = this.renderedHosts;
     try {
-      rendered = await readRunDirFileIfExists(join(this.options.runDir, renderedHostsFile));
+      rendered ??= await readRunDirFileIfExists(join(this.options.runDir, renderedHostsFile));
     } catch (err) {
       // A planted or world-writable file, or no file descriptor left: the block keeps what it has.
       this.hostsFailed({ code: codes.hostsWrite, message: `cannot update the hosts file ${target} from the run dir (${errorCode(err)}): ${errorMessage(err)}; the block keeps its lines` }, target);

@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { execa } from 'execa';
 import type { BalancerConfig } from '../../../agent/contract/balancer-config.js';
 import { BalancerFileSource } from '../../../agent/balancer/file-source.js';
+import { writeFileAtomic } from '../../../agent/fs/atomic-write.js';
 import { codes } from '../../../agent/errors.js';
 import { silentLogger } from '../../../agent/log.js';
 import { captureLogger } from '../../support/log.js';
@@ -289,4 +290,23 @@ test('a config the in-process renderer just wrote and parsed is applied as given
   await source.reload();
   assert.equal(received.length, count);
   assert.deepEqual(ports(received).slice(-1), [1004]);
+});
+
+test('served before it is written: the file this process wrote last (older) is not read back, another writer\'s file is', async (t) => {
+  const { path, received, source } = await setup(t);
+  await source.start();
+  // The renderer's cycle: X-1 handed in, then written; X handed in while the file still holds X-1.
+  const older = text(1005);
+  await source.reload({ text: older, config: JSON.parse(older) as BalancerConfig });
+  assert.equal(await writeFileAtomic(path, older), true);
+  const newer = text(1006);
+  await source.reload({ text: newer, config: JSON.parse(newer) as BalancerConfig });
+  // The watcher's event for the write of X-1 and a read meanwhile: X-1 must not come back.
+  await sleep(400);
+  await source.reload();
+  assert.deepEqual(ports(received), [1005, 1006], 'the older file this process wrote is never applied over the newer config');
+  assert.equal(source.current()?.services[0]?.port, 1006);
+  // Another writer (an operator) replaces the file: a new inode, read and applied as before.
+  await replaceFile(path, text(1007));
+  await waitUntil(() => source.current()?.services[0]?.port === 1007, 'another writer\'s file to be applied', 5000);
 });
