@@ -363,6 +363,28 @@ test('FrameReader: the same messages whatever the chunking, and it knows when it
   assert.equal(reader.midMessage, true, 'one byte of a length is mid-message');
 });
 
+test('UDP: replies are the same with logging at debug (sends with a callback) and above it (without); a dropped message logs its peer as host:port', async (t) => {
+  const { logger, lines } = captureLogger('debug');
+  const debug = await startServer(t, { logger });
+  const quiet = await startServer(t, { logger: captureLogger('info').logger });
+  for (const { port } of [debug, quiet]) {
+    for (let id = 1; id <= 20; id++) {
+      const reply = await exchangeUdp(port, buildQuery(id % 2 === 0 ? 'web.local' : 'WEB.local', { id }));
+      assert.ok(reply, `query ${id} is answered`);
+      const parsed = parseResponse(reply);
+      assert.equal(parsed.header.id, id);
+      assert.deepEqual(parsed.answers.map((a) => a.data), ['127.77.0.2']);
+    }
+  }
+  assert.equal(debug.server.stats().answered, 20);
+  assert.equal(quiet.server.stats().answered, 20);
+  assert.equal(await exchangeUdp(debug.port, buildQuery('web.local', { qr: true }), 300), null, 'a response: dropped');
+  const dropped = lines.find((l) => l.msg === 'DNS message dropped: not a query');
+  assert.ok(dropped, 'logged at debug');
+  assert.match(String(dropped.peer), /^127\.0\.0\.1:\d+$/);
+  assert.equal(dropped.transport, 'udp');
+});
+
 test('stats count every message by outcome', async (t) => {
   const { server, port } = await startServer(t);
   await dig(port, 'web.local', 'A');
