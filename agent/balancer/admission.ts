@@ -77,15 +77,13 @@ export class Admission {
   }
 
   private slotTicket(): Ticket {
-    let left = false;
-    return {
-      leave: () => {
-        if (left) return;
-        left = true;
-        this.running--;
-        this.next();
-      },
-    };
+    return new SlotTicket(this);
+  }
+
+  /** A running connection left (from its SlotTicket). */
+  release(): void {
+    this.running--;
+    this.next();
   }
 
   private remove(entry: Waiting): void {
@@ -102,5 +100,18 @@ export class Admission {
       this.running++;
       entry.admit();
     }
+  }
+}
+
+/** A running connection's slot: a small object per connection rather than a closure and its context. */
+class SlotTicket implements Ticket {
+  private left = false;
+
+  constructor(private readonly admission: Admission) {}
+
+  leave(): void {
+    if (this.left) return;
+    this.left = true;
+    this.admission.release();
   }
 }

@@ -65,17 +65,93 @@ interface Target {
   pool: BackendPool;
 }
 
+const ownerOf = Symbol('loopmesh.proxiedConnection');
+/** A client or backend socket, and the connection it belongs to (for the shared handlers below). */
+interface OwnedSocket extends Socket {
+  [ownerOf]?: ProxiedConnection;
+}
+
+function owner(socket: Socket): ProxiedConnection | undefined {
+  return (socket as OwnedSocket)[ownerOf];
+}
+
+// Handlers shared by every connection (`this` is the socket that emitted): an idle connection holds
+// no closures of its own.
+function onClientError(this: Socket, err: Error): void {
+  owner(this)?.clientError(err);
+}
+function onClientClose(this: Socket): void {
+  owner(this)?.clientClose();
+}
+function onUpstreamError(this: Socket, err: Error): void {
+  owner(this)?.upstreamError(err);
+}
+function onUpstreamClose(this: Socket): void {
+  owner(this)?.upstreamClose();
+}
+
+/** Nothing tried yet (a connection's sets are made at its first dial, and dropped once forwarding). */
+const noneTried: ReadonlySet<Backend> = new Set<Backend>();
+
+/**
+ * The idle timeout of every forwarding pair in the process, by one shared timer instead of a socket
+ * timeout (a timer, a bound function and a listener) per connection: each sweep compares a pair's
+ * bytes read both ways with the last sweep's, and closes a pair with none for its idle timeout. A
+ * pair is never closed early; at most one sweep period late (a tenth of the timeout, at most 1 s).
+ */
+class IdleSweep {
+  private readonly watched = new Set<ProxiedConnection>();
+  private timer: NodeJS.Timeout | undefined;
+  private periodMs = 0;
+
+  add(connection: ProxiedConnection, idleTimeoutMs: number): void {
+    this.watched.add(connection);
+    const period = Math.min(1000, Math.max(10, Math.floor(idleTimeoutMs / 10)));
+    if (this.timer && period >= this.periodMs) return;
+    if (this.timer) clearInterval(this.timer);
+    this.periodMs = period;
+    this.timer = setInterval(sweep, period);
+    this.timer.unref();
+  }
+
+  delete(connection: ProxiedConnection): void {
+    if (!this.watched.delete(connection) || this.watched.size > 0 || !this.timer) return;
+    clearInterval(this.timer);
+    this.timer = undefined;
+    this.periodMs = 0;
+  }
+
+  sweep(): void {
+    const now = Math.floor(performance.now());
+    for (const connection of this.watched) connection.checkIdle(now);
+  }
+}
+
+const idleSweep = new IdleSweep();
+function sweep(): void {
+  idleSweep.sweep();
+}
+
 export class ProxiedConnection implements Cuttable {
-  private readonly tried = new Set<Backend>();
-  private readonly triedGateways = new Set<Backend>();
+  private tried: Set<Backend> | undefined;
+  private triedGateways: Set<Backend> | undefined;
   /** Every direct backend was down when the connection came: the gateways first, then the backends. */
   private gatewayFirst = false;
   private dialing: { socket: Socket; timer: NodeJS.Timeout } | undefined;
   private upstream: Socket | undefined;
+  /** The backend forwarded to, once forwarding. */
+  private target: Target | undefined;
+  /** The backend sent its first bytes (passive health: a reset after that is not its failure). */
+  private answered = false;
   private clientClosed = false;
   private upstreamClosed = true;
   private finished = false;
+  private admitted = false;
   private ticket: Ticket | undefined;
+  /** Idle timeout of this pair (read when forwarding starts), bytes both ways at the last sweep that saw any, and when. */
+  private idleTimeoutMs = 0;
+  private idleBytes = 0;
+  private idleSince = 0;
 
   constructor(
     private readonly client: Socket,
@@ -89,17 +165,9 @@ export class ProxiedConnection implements Cuttable {
     client.setNoDelay(true);
     // Until the upstream is piped in, early bytes stay buffered here and then in the kernel.
     client.pause();
-    client.on('error', (err) => {
-      context.logger.debug({ code: errorCode(err), err: errorMessage(err) }, 'client connection error');
-      if (this.upstream) this.reset(this.upstream);
-      this.destroy();
-    });
-    client.once('close', () => {
-      this.clientClosed = true;
-      if (this.dialing) this.abortDial();
-      if (this.upstream && !closedCleanly(client)) this.upstream.destroy();
-      this.maybeDone();
-    });
+    (client as OwnedSocket)[ownerOf] = this;
+    client.on('error', onClientError);
+    client.on('close', onClientClose);
     this.ticket = context.admission.enter(
       () => {
         if (this.clientClosed) return;
@@ -113,7 +181,19 @@ export class ProxiedConnection implements Cuttable {
     );
   }
 
-  private admitted = false;
+  clientError(err: Error): void {
+    this.context.logger.debug({ code: errorCode(err), err: errorMessage(err) }, 'client connection error');
+    if (this.upstream) this.reset(this.upstream);
+    this.destroy();
+  }
+
+  clientClose(): void {
+    if (this.clientClosed) return;
+    this.clientClosed = true;
+    if (this.dialing) this.abortDial();
+    if (this.upstream && !closedCleanly(this.client)) this.upstream.destroy();
+    this.maybeDone();
+  }
 
   /** Bytes so far, while forwarding: read from the client, and from the backend. */
   bytes(): { in: number; out: number } {
@@ -129,7 +209,7 @@ export class ProxiedConnection implements Cuttable {
 
   destroy(): void {
     if (this.dialing) this.abortDial();
-    this.client.setTimeout(0);
+    idleSweep.delete(this);
     this.upstream?.destroy();
     this.client.destroy();
   }
@@ -140,26 +220,27 @@ export class ProxiedConnection implements Cuttable {
    */
   private next(): Target | undefined {
     const { pool, gateways } = this.context;
-    const order: Array<[BackendPool, Set<Backend>]> = [[pool, this.tried], [gateways, this.triedGateways]];
-    if (this.gatewayFirst) order.reverse();
-    for (const [from, tried] of order) {
-      const backend = from.pick(tried);
-      if (backend) return { backend, pool: from };
-    }
-    return undefined;
+    const [first, second] = this.gatewayFirst ? [gateways, pool] : [pool, gateways];
+    const one = first.pick((first === pool ? this.tried : this.triedGateways) ?? noneTried);
+    if (one) return { backend: one, pool: first };
+    const other = second.pick((second === pool ? this.tried : this.triedGateways) ?? noneTried);
+    return other ? { backend: other, pool: second } : undefined;
   }
 
   private dialNext(target: Target | undefined): void {
     if (this.clientClosed) return;
     if (!target) {
       this.context.counters.failedConnections++;
-      const gateways = this.triedGateways.size > 0 ? ` and ${this.triedGateways.size} gateways` : '';
-      this.context.onNoBackend(this.tried.size + this.triedGateways.size === 0 ? 'no backends' : `all ${this.tried.size} backends${gateways} failed`);
+      const tried = this.tried?.size ?? 0;
+      const triedGateways = this.triedGateways?.size ?? 0;
+      const gateways = triedGateways > 0 ? ` and ${triedGateways} gateways` : '';
+      this.context.onNoBackend(tried + triedGateways === 0 ? 'no backends' : `all ${tried} backends${gateways} failed`);
       this.client.destroy();
       return;
     }
     const { backend, pool } = target;
-    (pool === this.context.pool ? this.tried : this.triedGateways).add(backend);
+    if (pool === this.context.pool) (this.tried ??= new Set()).add(backend);
+    else (this.triedGateways ??= new Set()).add(backend);
     const own = (address: string): boolean => this.context.isOwnListener(address.replace(/^::ffff:/, ''), backend.spec.port);
     const literal = isIP(backend.spec.address) !== 0;
     if (literal && own(backend.spec.address)) {
@@ -253,10 +334,15 @@ export class ProxiedConnection implements Cuttable {
     socket.destroy();
   }
 
-  private forward(upstream: Socket, { backend, pool }: Target, reads: PooledReads): void {
+  private forward(upstream: Socket, target: Target, reads: PooledReads): void {
     const { client, context } = this;
+    const { backend, pool } = target;
     this.upstream = upstream;
+    this.target = target;
     this.upstreamClosed = false;
+    // Only the dial needed them.
+    this.tried = undefined;
+    this.triedGateways = undefined;
     backend.activeConnections++;
     backend.totalConnections++;
     backend.connections.add(this);
@@ -265,42 +351,68 @@ export class ProxiedConnection implements Cuttable {
     if (pool !== context.pool) context.counters.gatewayConnections++;
     context.onForwarded();
     upstream.setNoDelay(true);
-    let answered = false;
     // An onread socket emits no 'data' events: the first bytes are told by the pooled reads.
     reads.onFirstBytes(() => {
-      answered = true;
+      this.answered = true;
       pool.succeeded(backend);
     });
-    upstream.on('error', (err) => {
-      context.logger.debug({ backend: backend.spec.id, code: errorCode(err), err: errorMessage(err) }, 'backend connection error');
-      // A reset before the backend said anything is a failure of the backend (passive health).
-      if (!answered) pool.failed(backend, 'reset', 0);
-      // A cut backend stream must reach the client as a reset: a clean close would read as a complete answer.
-      this.reset(client);
-      this.destroy();
-    });
-    // Socket timeouts count reads and writes, and every byte through the pair is both on the client socket.
-    client.setTimeout(context.idleTimeoutMs, () => {
-      context.logger.debug({ backend: backend.spec.id, idleTimeoutMs: context.idleTimeoutMs }, 'idle timeout; closing both sides');
-      this.destroy();
-    });
-    upstream.once('close', () => {
-      this.upstreamClosed = true;
-      backend.activeConnections--;
-      backend.connections.delete(this);
-      context.forwarding.delete(this);
-      // Read counts only grow (bytesWritten may drop pending bytes at a destroy): counted once, at close.
-      const bytesIn = client.bytesRead;
-      const bytesOut = upstream.bytesRead;
-      backend.bytesIn += bytesIn;
-      backend.bytesOut += bytesOut;
-      context.counters.bytesIn += bytesIn;
-      context.counters.bytesOut += bytesOut;
-      if (!closedCleanly(upstream)) client.destroy();
-      else if (!answered) pool.succeeded(backend);
-      this.maybeDone();
-    });
+    (upstream as OwnedSocket)[ownerOf] = this;
+    upstream.on('error', onUpstreamError);
+    upstream.on('close', onUpstreamClose);
+    // Bytes read either way: every byte through the pair is read from one side or the other.
+    this.idleTimeoutMs = context.idleTimeoutMs;
+    this.idleBytes = client.bytesRead + upstream.bytesRead;
+    this.idleSince = Math.floor(performance.now());
+    idleSweep.add(this, this.idleTimeoutMs);
     forwardBoth(client, upstream, reads);
+  }
+
+  /** From the idle sweep: closes both sides after idleTimeoutMs without a byte either way. */
+  checkIdle(now: number): void {
+    const upstream = this.upstream;
+    if (!upstream) return;
+    const bytes = this.client.bytesRead + upstream.bytesRead;
+    if (bytes !== this.idleBytes) {
+      this.idleBytes = bytes;
+      this.idleSince = now;
+      return;
+    }
+    if (now - this.idleSince < this.idleTimeoutMs) return;
+    this.context.logger.debug({ backend: this.target?.backend.spec.id, idleTimeoutMs: this.idleTimeoutMs }, 'idle timeout; closing both sides');
+    this.destroy();
+  }
+
+  upstreamError(err: Error): void {
+    const target = this.target;
+    if (!target) return;
+    const { backend, pool } = target;
+    this.context.logger.debug({ backend: backend.spec.id, code: errorCode(err), err: errorMessage(err) }, 'backend connection error');
+    // A reset before the backend said anything is a failure of the backend (passive health).
+    if (!this.answered) pool.failed(backend, 'reset', 0);
+    // A cut backend stream must reach the client as a reset: a clean close would read as a complete answer.
+    this.reset(this.client);
+    this.destroy();
+  }
+
+  upstreamClose(): void {
+    const { client, context, upstream, target } = this;
+    if (this.upstreamClosed || !upstream || !target) return;
+    const { backend, pool } = target;
+    this.upstreamClosed = true;
+    idleSweep.delete(this);
+    backend.activeConnections--;
+    backend.connections.delete(this);
+    context.forwarding.delete(this);
+    // Read counts only grow (bytesWritten may drop pending bytes at a destroy): counted once, at close.
+    const bytesIn = client.bytesRead;
+    const bytesOut = upstream.bytesRead;
+    backend.bytesIn += bytesIn;
+    backend.bytesOut += bytesOut;
+    context.counters.bytesIn += bytesIn;
+    context.counters.bytesOut += bytesOut;
+    if (!closedCleanly(upstream)) client.destroy();
+    else if (!this.answered) pool.succeeded(backend);
+    this.maybeDone();
   }
 
   private maybeDone(): void {

@@ -8,13 +8,21 @@ import type { OnReadOpts, Socket } from 'node:net';
  */
 export const maxBufferedBytes = 256 * 1024;
 
-/** Size of a pooled read buffer (libuv's and Node's read size). */
+/** Size of a read (libuv's and Node's read size), and of a pooled buffer. */
 const readSize = 64 * 1024;
-/** Free read buffers kept for reuse, process-wide (4 MiB at most); more are left to the GC. */
+/** Free buffers kept for reuse, process-wide (4 MiB at most); more are left to the GC. */
 const poolLimit = 64;
 const pool: Buffer[] = [];
-/** Reads up to this size are copied out rather than written from the pooled buffer. */
+/** Reads up to this size are copied into a small buffer (Node's shared slab) rather than a pooled one. */
 const copyBelow = 4096;
+/**
+ * The one buffer every pooled-read socket reads into (`onread.buffer`). A socket holds its onread
+ * buffer for as long as it is open, idle or not: one 64 KiB buffer per socket was 64 KiB of external
+ * memory (and a few resident pages) per idle connection. One shared buffer is safe because a read
+ * and its callback run synchronously on the one thread: the callback copies the bytes out before
+ * any other socket reads.
+ */
+const scratch = Buffer.allocUnsafeSlow(readSize);
 
 function takeBuffer(): Buffer {
   return pool.pop() ?? Buffer.allocUnsafeSlow(readSize);
@@ -25,11 +33,12 @@ function releaseBuffer(buffer: Buffer): void {
 }
 
 /**
- * Reads of a backend socket into pooled buffers, for `net.connect({ ..., onread: reads.onread })`,
- * then handed to forwardBoth(client, upstream, reads). Without it every 64 KiB read allocates a new
- * ArrayBuffer that only the GC frees again, which costs more CPU than the copying itself on bulk
- * transfers. A buffer goes back to the pool only when the write that carries its bytes to the
- * client has completed (its callback), so bytes are never overwritten before they are sent.
+ * Reads of a backend socket through one shared read buffer, for `net.connect({ ..., onread:
+ * reads.onread })`, then handed to forwardBoth(client, upstream, reads). Without onread every 64 KiB
+ * read allocates a new ArrayBuffer that only the GC frees again, which costs more CPU than copying on
+ * bulk transfers. Each read is copied out of the shared buffer at once: a small one into Node's
+ * shared slab, a large one into a pooled buffer that goes back to the pool when the write carrying
+ * it to the client has completed (its callback), so bytes are never overwritten before they are sent.
  */
 export interface PooledReads {
   readonly onread: OnReadOpts;
@@ -39,52 +48,57 @@ export interface PooledReads {
   onFirstBytes(listener: () => void): void;
 }
 
-export function pooledReads(): PooledReads {
-  let from: Socket | undefined;
-  let to: Socket | undefined;
+class Reads implements PooledReads {
+  private from: Socket | undefined;
+  private to: Socket | undefined;
   /** Bytes read before forwardBoth attached (a backend that speaks first): copied, sent on attach. */
-  let early: Buffer[] = [];
-  let first: (() => void) | undefined;
-  return {
-    onread: {
-      buffer: takeBuffer,
-      callback: (bytes: number, buffer: Uint8Array): boolean => {
-        const read = buffer as Buffer;
-        if (first) {
-          const listener = first;
-          first = undefined;
-          listener();
-        }
-        if (!to || !from) {
-          early.push(Buffer.from(read.subarray(0, bytes)));
-          releaseBuffer(read);
-          return true;
-        }
-        if (to.destroyed) {
-          releaseBuffer(read);
-          return true;
-        }
-        let sent: boolean;
-        if (bytes <= copyBelow) {
-          // A small read (a typical answer): copied out (from Node's shared slab, no new
-          // ArrayBuffer), so the buffer is free for the next read and the write needs no callback.
-          sent = to.write(Buffer.from(read.subarray(0, bytes)));
-          releaseBuffer(read);
-        } else sent = to.write(read.subarray(0, bytes), () => releaseBuffer(read));
-        if (!sent && to.writableLength > maxBufferedBytes) from.pause();
-        return true;
-      },
-    },
-    attach(source: Socket, target: Socket): void {
-      from = source;
-      to = target;
-      for (const chunk of early) target.write(chunk);
-      early = [];
-    },
-    onFirstBytes(listener: () => void): void {
-      first = listener;
-    },
-  };
+  private early: Buffer[] | undefined;
+  private first: (() => void) | undefined;
+
+  get onread(): OnReadOpts {
+    return { buffer: scratch, callback: (bytes: number, buffer: Uint8Array): boolean => this.read(bytes, buffer as Buffer) };
+  }
+
+  private read(bytes: number, read: Buffer): boolean {
+    const first = this.first;
+    if (first) {
+      this.first = undefined;
+      first();
+    }
+    const { from, to } = this;
+    if (!to || !from) {
+      (this.early ??= []).push(Buffer.from(read.subarray(0, bytes)));
+      return true;
+    }
+    if (to.destroyed) return true;
+    let sent: boolean;
+    if (bytes <= copyBelow) {
+      // A small read (a typical answer): the write needs no callback.
+      sent = to.write(Buffer.from(read.subarray(0, bytes)));
+    } else {
+      const copy = takeBuffer();
+      read.copy(copy, 0, 0, bytes);
+      sent = to.write(copy.subarray(0, bytes), () => releaseBuffer(copy));
+    }
+    if (!sent && to.writableLength > maxBufferedBytes) from.pause();
+    return true;
+  }
+
+  attach(source: Socket, target: Socket): void {
+    this.from = source;
+    this.to = target;
+    const early = this.early;
+    this.early = undefined;
+    for (const chunk of early ?? []) target.write(chunk);
+  }
+
+  onFirstBytes(listener: () => void): void {
+    this.first = listener;
+  }
+}
+
+export function pooledReads(): PooledReads {
+  return new Reads();
 }
 
 /**
@@ -98,27 +112,49 @@ export function pooledReads(): PooledReads {
  * eight. With `reads` (the upstream was connected with `onread: reads.onread`), the backend's bytes
  * come in pooled buffers instead of fresh ones.
  */
+const peerOf = Symbol('loopmesh.forwardPeer');
+/** A forwarded socket and the one its bytes go to (each side of a pair names the other). */
+interface PairedSocket extends Socket {
+  [peerOf]?: Socket;
+}
+
+function peer(socket: Socket): Socket | undefined {
+  return (socket as PairedSocket)[peerOf];
+}
+
+// Handlers shared by every pair (`this` is the socket that emitted): no closures per connection.
+function onData(this: Socket, chunk: Buffer): void {
+  const to = peer(this);
+  // write() returns false from 16 KiB on, and then 'drain' is due once the buffer empties:
+  // pausing only past maxBufferedBytes still always gets that 'drain'.
+  if (to && !to.write(chunk) && to.writableLength > maxBufferedBytes) this.pause();
+}
+
+/** The writing side drained: the side that feeds it reads again. */
+function onDrain(this: Socket): void {
+  const from = peer(this);
+  if (from?.isPaused()) from.resume();
+}
+
+function onEnd(this: Socket): void {
+  peer(this)?.end();
+}
+
 export function forwardBoth(client: Socket, upstream: Socket, reads?: PooledReads): void {
+  (client as PairedSocket)[peerOf] = upstream;
+  (upstream as PairedSocket)[peerOf] = client;
   oneWay(client, upstream, undefined);
   oneWay(upstream, client, reads);
 }
 
 function oneWay(from: Socket, to: Socket, reads: PooledReads | undefined): void {
   if (reads) reads.attach(from, to);
-  else {
-    from.on('data', (chunk: Buffer) => {
-      // write() returns false from 16 KiB on, and then 'drain' is due once the buffer empties:
-      // pausing only past maxBufferedBytes still always gets that 'drain'.
-      if (!to.write(chunk) && to.writableLength > maxBufferedBytes) from.pause();
-    });
-  }
-  to.on('drain', () => {
-    if (from.isPaused()) from.resume();
-  });
+  else from.on('data', onData);
+  to.on('drain', onDrain);
   // The client may have sent its end while the caller dialed (net emits 'end' on a paused socket
   // with nothing buffered): then it is passed on at once, as pipe() does.
   if (from.readableEnded) to.end();
-  else from.once('end', () => to.end());
+  else from.on('end', onEnd);
   // The caller paused the client while it dialed: flowing from here on.
   if (from.isPaused()) from.resume();
 }

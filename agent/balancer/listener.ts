@@ -103,11 +103,14 @@ export class ServiceListener {
     if (this.everListened) await this.closed;
   }
 
+  /** One function per listener, not per connection: a connection hands itself back when closed. */
+  private readonly release = (done: AcceptedConnection): void => {
+    this.connections.delete(done);
+    if (this.onDrained && this.connections.size === 0) this.finishDrain();
+  };
+
   private accept(client: Socket): void {
-    const connection = this.options.onConnection(client, (done) => {
-      this.connections.delete(done);
-      if (this.onDrained && this.connections.size === 0) this.finishDrain();
-    });
+    const connection = this.options.onConnection(client, this.release);
     this.connections.add(connection);
     connection.start();
   }

@@ -3,11 +3,13 @@
  * `loopmesh balancer` process (default 10,000), each proxied to a real backend. Reports the balancer's
  * RSS per connection above its own baseline, the kernel's TCP memory per connection (from
  * /proc/net/sockstat, for both ends of both hops), and the time a new connection takes through the
- * balancer (p50 / p99 of 200) before and while the N are held. The backend and the clients live in
+ * balancer (p50 / p99 of 200) before and while the N are held. Memory is read --settle S seconds
+ * (default 2) after the last connection opened (and the baseline as long after start-up), as RSS, then again after a full GC in each balancer
+ * process (loaded with --expose-gc and a small probe, see probeSource) with the V8 heap's figures. The backend and the clients live in
  * a separate process, so the balancer's figures are its own. Bounded in time; everything is stopped.
  */
 import { execa, type ResultPromise } from 'execa';
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -22,6 +24,13 @@ if (!Number.isInteger(N) || N < 1 || N > 100_000) {
   process.exit(2);
 }
 const jsonOut = argv.includes('--json');
+/** Seconds between the last connection opened and the reading of memory (--settle S). */
+const settleAt = argv.indexOf('--settle');
+const settleSeconds = settleAt >= 0 ? Number(argv[settleAt + 1]) : 2;
+if (!Number.isFinite(settleSeconds) || settleSeconds < 0 || settleSeconds > 600) {
+  process.stderr.write(`bench:idle: --settle ${String(argv[settleAt + 1])}: expected seconds from 0 to 600\n`);
+  process.exit(2);
+}
 /**
  * File descriptors: each held connection is two sockets in the balancer. The hard limit here (20,000,
  * not raisable without CAP_SYS_RESOURCE) cannot take 10,000 connections in one process, so above it
@@ -63,6 +72,62 @@ const [address, port, count] = process.argv.slice(1).map((v, i) => (i === 0 ? v 
   });
 }
 `;
+
+/**
+ * Loaded into the balancer (and, through execArgv, its workers) with `--expose-gc --require`: a unix
+ * socket per process in the probe directory that, when connected to, runs a full GC and answers
+ * with process.memoryUsage(). The balancer's own code is not touched; the probe costs one server.
+ */
+const probeSource = `
+const net = require('node:net');
+const dir = process.env.LOOPMESH_IDLE_PROBE_DIR;
+if (dir && typeof globalThis.gc === 'function') {
+  const server = net.createServer((s) => {
+    s.on('error', () => {});
+    globalThis.gc();
+    globalThis.gc();
+    const newSpace = require('node:v8').getHeapSpaceStatistics().find((x) => x.space_name === 'new_space');
+    s.end(JSON.stringify({ ...process.memoryUsage(), newSpace: newSpace ? newSpace.space_size : 0 }));
+  });
+  server.on('error', () => {});
+  server.listen(require('node:path').join(dir, process.pid + '.sock'));
+  server.unref();
+}
+`;
+
+interface Memory {
+  rss: number;
+  heapTotal: number;
+  heapUsed: number;
+  external: number;
+  arrayBuffers: number;
+  /** The V8 young generation's size (part of heapTotal): it grows with the allocation rate, not per connection. */
+  newSpace: number;
+}
+
+/** A full GC in every balancer process, then their memory summed (bytes). */
+async function probeMemory(dir: string): Promise<Memory> {
+  const sum: Memory = { rss: 0, heapTotal: 0, heapUsed: 0, external: 0, arrayBuffers: 0, newSpace: 0 };
+  for (const name of readdirSync(dir).filter((n) => n.endsWith('.sock'))) {
+    const m = await new Promise<Memory | undefined>((resolve) => {
+      let text = '';
+      const s = connect(join(dir, name));
+      s.setEncoding('utf8');
+      s.on('data', (d: string) => (text += d));
+      s.on('end', () => {
+        try {
+          resolve(JSON.parse(text) as Memory);
+        } catch {
+          resolve(undefined);
+        }
+      });
+      s.on('error', () => resolve(undefined));
+    });
+    if (!m) continue;
+    for (const k of Object.keys(sum) as Array<keyof Memory>) sum[k] += m[k];
+  }
+  return sum;
+}
 
 /** RSS of a process and its children (a supervisor and its workers), in MB. */
 function rssMb(pid: number): number {
@@ -115,6 +180,8 @@ type Child = ResultPromise<{ reject: false; stdio: ['ignore', 'inherit', 'inheri
 async function run(): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), 'loopmesh-idle-'));
   const runDir = join(dir, 'run');
+  const probeDir = join(dir, 'probe');
+  const probeFile = join(dir, 'probe.cjs');
   const address = '127.77.250.1';
   const port = await freePort(address);
   const backendPort = await freePort();
@@ -122,7 +189,8 @@ async function run(): Promise<void> {
   let holder: Child | undefined;
   let backend: Child | undefined;
   try {
-    await execa('mkdir', ['-m', '700', runDir]);
+    await execa('mkdir', ['-m', '700', runDir, probeDir]);
+    await writeFile(probeFile, probeSource);
     await writeFile(join(runDir, 'balancer.json'), JSON.stringify({ version: 1, services: [{ service: 'idle', name: 'idle', fqdn: 'idle.local', address, port, policy: 'round-robin', empty: 'reject', backends: [{ id: 'echo', address: '127.0.0.1', port: backendPort }] }] }));
     // Each held connection is two sockets in the balancer (client and backend side), and two in the holder.
     const files = String(hardLimit);
@@ -131,19 +199,26 @@ async function run(): Promise<void> {
     await new Promise((resolve) => backend?.once('message', resolve));
     holder = execa(...withLimit(['node', '-e', holderSource, address, String(port), String(N)]), { reject: false, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
     await new Promise((resolve) => holder?.once('message', resolve));
-    balancer = execa(...withLimit(['node', main, 'balancer', '--run-dir', runDir, '--dns', 'off', '--hosts-file', 'off', '--log-level', 'warn', '--idle-timeout', '3600', '--workers', String(workers)]), { reject: false, stdio: 'ignore' });
+    balancer = execa(...withLimit(['node', '--expose-gc', '--require', probeFile, main, 'balancer', '--run-dir', runDir, '--dns', 'off', '--hosts-file', 'off', '--log-level', 'warn', '--idle-timeout', '3600', '--workers', String(workers)]), { reject: false, stdio: 'ignore', env: { LOOPMESH_IDLE_PROBE_DIR: probeDir } });
     // prlimit execs node: the pid is the balancer's.
     const pid = balancer.pid as number;
     const up = await connectTimes(address, port, 1).catch(() => ({ failed: 1 }));
     for (let i = 0; i < 100 && up.failed > 0 && (await connectTimes(address, port, 1)).failed > 0; i++) await new Promise((r) => setTimeout(r, 100));
-    await new Promise((r) => setTimeout(r, 500));
-    const before = { rss: rssMb(pid), ...sockstat(), connect: await connectTimes(address, port, 200) };
+    // The baseline settles as long as the held state does: V8 shrinks its young generation (16 MB after
+    // start-up) once allocation stops, so an unsettled baseline against a settled reading would hide memory.
+    await new Promise((r) => setTimeout(r, Math.max(500, settleSeconds * 1000)));
+    const beforeRss = rssMb(pid);
+    const beforeMem = await probeMemory(probeDir);
+    const before = { rss: beforeRss, gcRss: rssMb(pid), mem: beforeMem, ...sockstat(), connect: await connectTimes(address, port, 200) };
     const started = performance.now();
     holder?.send('open');
     const opened = (await new Promise((resolve) => holder?.once('message', resolve))) as { held: number; failed: number };
     const openSeconds = (performance.now() - started) / 1000;
-    await new Promise((r) => setTimeout(r, 2000));
-    const during = { rss: rssMb(pid), ...sockstat(), connect: await connectTimes(address, port, 200) };
+    await new Promise((r) => setTimeout(r, settleSeconds * 1000));
+    const duringRss = rssMb(pid);
+    const duringMem = await probeMemory(probeDir);
+    const during = { rss: duringRss, gcRss: rssMb(pid), mem: duringMem, ...sockstat(), connect: await connectTimes(address, port, 200) };
+    const perConn = (bytes: number): number => Math.round(bytes / Math.max(1, opened.held));
     const held = opened.held;
     const result = {
       connections: N,
@@ -151,8 +226,16 @@ async function run(): Promise<void> {
       held,
       failedToOpen: opened.failed,
       openSeconds: Number(openSeconds.toFixed(1)),
+      settleSeconds,
       balancerRssMb: { before: Number(before.rss.toFixed(1)), during: Number(during.rss.toFixed(1)) },
       balancerBytesPerConnection: Math.round(((during.rss - before.rss) * 1048576) / Math.max(1, held)),
+      // The same after a full GC in each balancer process (--expose-gc), and the V8 heap's share.
+      balancerRssAfterGcMb: { before: Number(before.gcRss.toFixed(1)), during: Number(during.gcRss.toFixed(1)) },
+      balancerBytesPerConnectionAfterGc: Math.round(((during.gcRss - before.gcRss) * 1048576) / Math.max(1, held)),
+      heapUsedBytesPerConnection: perConn(during.mem.heapUsed - before.mem.heapUsed),
+      heapTotalBytesPerConnection: perConn(during.mem.heapTotal - before.mem.heapTotal),
+      externalBytesPerConnection: perConn(during.mem.external - before.mem.external),
+      newSpaceMb: { before: Number((before.mem.newSpace / 1048576).toFixed(1)), during: Number((during.mem.newSpace / 1048576).toFixed(1)) },
       // Four sockets per held connection: the client's and the balancer's on each hop.
       kernelTcpBytesPerConnection: Math.round(((during.memPages - before.memPages) * 4096) / Math.max(1, held)),
       tcpSocketsInUse: { before: before.inuse, during: during.inuse },
@@ -163,10 +246,13 @@ async function run(): Promise<void> {
     out('| | before | while held |');
     out('|---|---|---|');
     out(`| balancer RSS | ${result.balancerRssMb.before} MB | ${result.balancerRssMb.during} MB |`);
+    out(`| balancer RSS after a full GC | ${result.balancerRssAfterGcMb.before} MB | ${result.balancerRssAfterGcMb.during} MB |`);
+    out(`| balancer V8 heap used / total after a full GC | ${(before.mem.heapUsed / 1048576).toFixed(1)} / ${(before.mem.heapTotal / 1048576).toFixed(1)} MB | ${(during.mem.heapUsed / 1048576).toFixed(1)} / ${(during.mem.heapTotal / 1048576).toFixed(1)} MB |`);
+    out(`| balancer V8 young generation (part of heap total) | ${result.newSpaceMb.before} MB | ${result.newSpaceMb.during} MB |`);
     out(`| TCP sockets in use (kernel) | ${before.inuse} | ${during.inuse} |`);
     out(`| new connection through the balancer, p50 / p99 (200) | ${before.connect.p50} / ${before.connect.p99} ms | ${during.connect.p50} / ${during.connect.p99} ms |`);
     out('');
-    out(`balancer memory per held connection: ${result.balancerBytesPerConnection} bytes above its baseline; kernel TCP memory per held connection (4 sockets): ${result.kernelTcpBytesPerConnection} bytes`);
+    out(`balancer memory per held connection: ${result.balancerBytesPerConnection} bytes RSS above its baseline (${result.balancerBytesPerConnectionAfterGc} after a full GC; V8 heap used ${result.heapUsedBytesPerConnection}, heap total ${result.heapTotalBytesPerConnection}, external ${result.externalBytesPerConnection}); kernel TCP memory per held connection (4 sockets): ${result.kernelTcpBytesPerConnection} bytes`);
     if (jsonOut) process.stdout.write(`${JSON.stringify(result)}\n`);
   } finally {
     holder?.send?.('stop');
