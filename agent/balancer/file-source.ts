@@ -190,6 +190,10 @@ export class BalancerFileSource {
     if (this.closed) return;
     if (rendered) {
       this.renderedHere = true;
+      // The same checked service objects in the same order (the parser keeps an unchanged service's
+      // object): the config in service, without comparing megabytes of text.
+      const applied = this.applied?.config.services;
+      if (applied && applied.length === rendered.config.services.length && applied.every((s, i) => s === rendered.config.services[i])) return;
       return this.use(rendered.text, rendered.config);
     }
     // Our own last write: its config was handed in already, and it may be older than the one in

@@ -283,12 +283,13 @@ function dialed(address: string): string {
 let checkedServices = new Map<string, ServiceSpec>();
 
 /**
- * The services array's part of a rendered balancer.json, as the template produced it: `out` is the
- * text of its elements, `parts` the text of each (an element, a comma between them, whitespace).
- * See incremental.ts (RoutesBlock).
+ * A rendered balancer.json as the template produced it: the text is `prefix`, the parts joined, then
+ * `suffix`; each part should be one element of the services array (and a comma between them). The
+ * renderer knows these (templates.ts, RenderedBlock); a caller that passes them vouches for that.
  */
 export interface ServicesBlock {
-  out: string;
+  prefix: string;
+  suffix: string;
   parts: readonly string[];
 }
 
@@ -317,22 +318,20 @@ function elementOf(part: string, last: boolean): string | undefined {
 }
 
 /**
- * The same result as parsing the whole text, at the cost of the parts that changed: when the text
- * is the document with the services' elements at `block.out`'s place (the document with a
- * placeholder there parses to exactly [placeholder] as its services), each part one element, only
- * parts not seen in the last parse are parsed and checked. Anything else (or any invalid part):
+ * The same result as parsing the whole text, at the cost of the parts that changed: when the
+ * document with a placeholder in the block's place parses to exactly [placeholder] as its services,
+ * and each part is one element, only parts not seen in the last parse are parsed and checked. Anything else (or any invalid part):
  * undefined, and the caller parses the whole text, which gives the error its usual words.
  */
 function parseByParts(text: string, source: string, options: ParseOptions, block: ServicesBlock): BalancerConfig | undefined {
-  if (block.parts.length === 0 || block.out.length === 0) return undefined;
-  // Where the block is: found by its start (the whole block is most of the text), then compared.
-  let at = text.indexOf(block.out.slice(0, 64));
-  if (at < 0) return undefined;
-  if (!text.startsWith(block.out, at)) at = text.indexOf(block.out);
-  if (at < 0) return undefined;
+  if (block.parts.length === 0) return undefined;
+  // A cheap check of the caller's word (the text itself is not read: it may be megabytes).
+  let length = block.prefix.length + block.suffix.length;
+  for (const part of block.parts) length += part.length;
+  if (length !== text.length) return undefined;
   let skeleton: unknown;
   try {
-    skeleton = JSON.parse(`${text.slice(0, at)}"${placeholder}"${text.slice(at + block.out.length)}`);
+    skeleton = JSON.parse(`${block.prefix}"${placeholder}"${block.suffix}`);
   } catch {
     return undefined;
   }
@@ -366,14 +365,14 @@ function parseByParts(text: string, source: string, options: ParseOptions, block
   return { version: 1, services };
 }
 
-/** Each checked service's backends as the listener keys they dial (specs are never mutated). */
-const dialedKeys = new WeakMap<ServiceSpec, string[]>();
+/** Each checked service's listener key and its backends' as they dial (specs are never mutated). */
+const keysOfSpec = new WeakMap<ServiceSpec, { listen: string; dialed: string[] }>();
 
-function dialedKeysOf(s: ServiceSpec): string[] {
-  let keys = dialedKeys.get(s);
+function keysOf(s: ServiceSpec): { listen: string; dialed: string[] } {
+  let keys = keysOfSpec.get(s);
   if (keys === undefined) {
-    keys = s.backends.map((b) => `${dialed(b.address)}:${b.port}`);
-    dialedKeys.set(s, keys);
+    keys = { listen: `${s.address}:${s.port}`, dialed: s.backends.map((b) => `${dialed(b.address)}:${b.port}`) };
+    keysOfSpec.set(s, keys);
   }
   return keys;
 }
@@ -382,14 +381,14 @@ function dialedKeysOf(s: ServiceSpec): string[] {
 function checkAcross(services: readonly ServiceSpec[], source: string): void {
   const seen = new Map<string, string>();
   for (const s of services) {
-    const key = `${s.address}:${s.port}`;
+    const key = keysOf(s).listen;
     const other = seen.get(key);
     if (other) throw new TypeError(`${source}: services "${other}" and "${s.service}" both listen on ${key}; expected one service per address and port`);
     seen.set(key, s.service);
   }
   // A backend that is one of these listeners would make each connection dial itself until fds run out.
   for (const s of services) {
-    const keys = dialedKeysOf(s);
+    const keys = keysOf(s).dialed;
     for (let i = 0; i < keys.length; i++) {
       const owner = seen.get(keys[i] ?? '');
       const b = s.backends[i];

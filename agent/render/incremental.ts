@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import type Handlebars from 'handlebars';
 
 type AstNode = hbs.AST.Node;
@@ -131,11 +132,18 @@ interface HelperOptions {
   data?: { root?: { routes?: unknown } };
 }
 
-/** One `{{#each routes}}` block's output in a render: the joined text and each route's part, in order. */
+/**
+ * One `{{#each routes}}` block's output in a render: each route's part in order, their join, and the
+ * marker the helper returned in its place (the template's caller puts `out` there; see templates.ts).
+ */
 export interface RoutesBlock {
+  marker: string;
   out: string;
   parts: readonly string[];
 }
+
+/** Per process: a marker no template text or route can hold (NUL bytes and a random nonce). */
+const markerNonce = randomBytes(12).toString('hex');
 
 /** The routes blocks the last render of a template produced (see registerIncrementalEach). */
 export interface BlockRecorder {
@@ -213,8 +221,11 @@ export function registerIncrementalEach(hb: typeof Handlebars, use: RoutesBlockU
     cache.items = items;
     cache.kept = kept;
     const out = parts.join('');
-    recorder.blocks.push({ out, parts });
-    return out;
+    // In its place a marker: the caller puts `out` there, and so knows the text around it without
+    // searching megabytes of output.
+    const marker = `\u0000loopmesh-routes-${markerNonce}-${recorder.blocks.length}\u0000`;
+    recorder.blocks.push({ marker, out, parts });
+    return marker;
   });
   return recorder;
 }

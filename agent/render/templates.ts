@@ -16,8 +16,36 @@ export interface Template {
   output: string;
   file: string;
   render: (context: RenderContext) => string;
-  /** The `{{#each routes}}` blocks of the last render, each route's part in order (see incremental.ts). */
-  lastBlocks: () => readonly RoutesBlock[];
+  /**
+   * The last render's `{{#each routes}}` block, when it had exactly one: the text before and after it
+   * and each route's part in order (the text is prefix + parts joined + suffix). See incremental.ts.
+   */
+  lastBlocks: () => readonly RenderedBlock[];
+}
+
+/** A routes block within a rendered text: text === prefix + parts.join('') + suffix. */
+export interface RenderedBlock {
+  prefix: string;
+  suffix: string;
+  parts: readonly string[];
+}
+
+/**
+ * The rendered text: each routes block's marker replaced by its output. Also the one block with the
+ * text around it, when there is exactly one (a block whose output the template dropped is not there).
+ */
+function assemble(skeleton: string, blocks: readonly RoutesBlock[]): { text: string; rendered: RenderedBlock[] } {
+  let text = skeleton;
+  const found: RenderedBlock[] = [];
+  for (const block of blocks) {
+    const at = text.indexOf(block.marker);
+    if (at < 0) continue;
+    const prefix = text.slice(0, at);
+    const suffix = text.slice(at + block.marker.length);
+    found.push({ prefix, suffix, parts: block.parts });
+    text = prefix + block.out + suffix;
+  }
+  return { text, rendered: found.length === 1 && blocks.length === 1 ? found : [] };
 }
 
 export interface RenderContext {
@@ -59,15 +87,19 @@ export function compileTemplate(file: string, source: string, output: string): T
   }
   // Each route's output is kept between renders where the template allows (see incremental.ts).
   const recorder = registerIncrementalEach(hb, routesBlockUse(ast));
+  let last: RenderedBlock[] = [];
   const compiled = hb.compile(source, { noEscape: true, strict: true });
   return {
     output,
     file,
-    lastBlocks: () => recorder.blocks,
+    lastBlocks: () => last,
     render: (context) => {
       recorder.blocks = [];
+      last = [];
       try {
-        return compiled(context);
+        const { text, rendered } = assemble(compiled(context), recorder.blocks);
+        last = rendered;
+        return text;
       } catch (cause) {
         throw templateError(file, cause);
       }
