@@ -301,7 +301,8 @@ export class Agent {
       this.gatewayProblems = found.problems;
       this.report(found.problems);
     }
-    const { labels } = planLabels([...catalog.keys()].filter((s) => !skip.has(s)));
+    const labelled = planLabels([...catalog.keys()].filter((s) => !skip.has(s)));
+    const { labels } = labelled;
     const t0 = performance.now();
     const { table } = await this.addresses.ensure([...labels.values()]);
     const t1 = performance.now();
@@ -314,6 +315,7 @@ export class Agent {
       gateways: this.gateways,
       gatewayRange: this.config.gatewayRange,
       skip,
+      labels: labelled,
       memo: this.planMemo,
     });
     this.planProblems = planned.problems;

@@ -40,6 +40,8 @@ export interface PlanOptions {
   gatewayRange?: AddressRange;
   /** Consul services that are not routed (the gateway service: nodes use it, nobody connects to it by name). */
   skip?: ReadonlySet<string>;
+  /** planLabels of the catalog's services less `skip`, when the caller has it already. */
+  labels?: { labels: Map<string, string>; problems: PlanProblem[] };
   /**
    * Kept between plans by a caller that plans again and again (the agent): a service whose inputs are
    * the very same objects as last time (its instances from the watcher, its traffic document, its
@@ -103,6 +105,10 @@ function subsetOf(instance: Instance, doc: TrafficDoc): string {
   return doc.split.find((s) => instance.tags.includes(s.tag))?.tag ?? '';
 }
 
+/** dnsLabel per service name, kept between plans (bounded: cleared when full). */
+const labelCache = new Map<string, ReturnType<typeof dnsLabel>>();
+const maxLabelCache = 100_000;
+
 /**
  * Service names -> DNS labels. A name that cannot be a label, or that maps to the same label as
  * another, is reported and skipped. On a collision the service whose name already is the label
@@ -112,12 +118,19 @@ export function planLabels(services: readonly string[]): { labels: Map<string, s
   const problems: PlanProblem[] = [];
   const byLabel = new Map<string, string[]>();
   for (const service of services) {
-    const result = dnsLabel(service);
+    let result = labelCache.get(service);
+    if (result === undefined) {
+      result = dnsLabel(service);
+      if (labelCache.size >= maxLabelCache) labelCache.clear();
+      labelCache.set(service, result);
+    }
     if (!result.ok) {
       problems.push({ service, code: codes.planInvalidName, message: `service name ${describe(service)} cannot be a DNS label: it ${result.reason.startsWith('is ') ? result.reason : `has characters outside the set; ${result.reason}`}` });
       continue;
     }
-    byLabel.set(result.label, [...(byLabel.get(result.label) ?? []), service]);
+    const owners = byLabel.get(result.label);
+    if (owners) owners.push(service);
+    else byLabel.set(result.label, [service]);
   }
   const labels = new Map<string, string>();
   for (const [label, owners] of byLabel) {
@@ -198,6 +211,18 @@ function planService(service: string, label: string, addresses: AddressTable, ad
   return { problems: local, route };
 }
 
+/** A route's listener and its backends as address:port keys, once per route object (routes are never mutated). */
+const keysOfRoute = new WeakMap<Route, { listen: string; backends: string[] }>();
+
+function routeKeys(route: Route): { listen: string; backends: string[] } {
+  let keys = keysOfRoute.get(route);
+  if (keys === undefined) {
+    keys = { listen: `${route.address}:${route.port}`, backends: route.backends.map((b) => `${b.address}:${b.port}`) };
+    keysOfRoute.set(route, keys);
+  }
+  return keys;
+}
+
 /** catalog + addresses -> routes. Pure: the same input gives the same routes on every node. */
 export function plan(
   catalog: Catalog,
@@ -205,19 +230,30 @@ export function plan(
   previous: readonly Route[],
   options: PlanOptions,
 ): { routes: Route[]; problems: PlanProblem[] } {
-  const { labels, problems } = planLabels([...catalog.keys()].filter((s) => !options.skip?.has(s)));
+  const planned = options.labels ?? planLabels([...catalog.keys()].filter((s) => !options.skip?.has(s)));
+  const labels = planned.labels;
+  const problems = [...planned.problems];
   const previousByService = new Map(previous.map((r) => [r.service, r]));
   const routes: Route[] = [];
   // The table is reconciled to be unique; this guard keeps a table that is not from ever making two
   // listeners collide (which would fail the whole balancer.json, and with it every other service).
-  const addressOwner = new Map<string, string>();
-  for (const [service, label] of [...labels].sort(([, a], [, b]) => (a < b ? -1 : a > b ? 1 : 0))) {
-    const address = addressOf(addresses, label);
-    if (address === undefined) continue;
-    const owner = addressOwner.get(address);
-    if (owner === undefined) addressOwner.set(address, service);
-    else problems.push({ service, code: codes.planAddressConflict, message: `service "${service}" has the address ${address}, which "${owner}" has too; not served until the address table is repaired` });
-  }
+  // The first label in order keeps a shared address: the labels are sorted only when one is shared.
+  const ownersOf = (entries: Iterable<[string, string]>): { owner: Map<string, string>; conflicts: PlanProblem[] } => {
+    const owner = new Map<string, string>();
+    const conflicts: PlanProblem[] = [];
+    for (const [service, label] of entries) {
+      const address = addressOf(addresses, label);
+      if (address === undefined) continue;
+      const first = owner.get(address);
+      if (first === undefined) owner.set(address, service);
+      else conflicts.push({ service, code: codes.planAddressConflict, message: `service "${service}" has the address ${address}, which "${first}" has too; not served until the address table is repaired` });
+    }
+    return { owner, conflicts };
+  };
+  let owned = ownersOf(labels);
+  if (owned.conflicts.length > 0) owned = ownersOf([...labels].sort(([, a], [, b]) => (a < b ? -1 : a > b ? 1 : 0)));
+  problems.push(...owned.conflicts);
+  const addressOwner = owned.owner;
   const gatewaysKey = JSON.stringify(options.gateways ?? []);
   const memo = options.memo;
   const scope = JSON.stringify([options.suffix, options.empty, options.range, options.policy, options.gatewayRange]);
@@ -244,11 +280,15 @@ export function plan(
     if (entry.route) routes.push(entry.route);
   }
   if (memo) memo.entries = kept;
-  routes.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  const byName = (a: Route, b: Route): number => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
+  // Usually in order already (the catalog's order): a check, not a sort of thousands.
+  if (routes.some((r, i) => i > 0 && byName(routes[i - 1] as Route, r) > 0)) routes.sort(byName);
   // Backends that are another route's own listener (a hostname or a range other than ours).
-  const listeners = new Set(routes.map((r) => `${r.address}:${r.port}`));
+  const listeners = new Set(routes.map((r) => routeKeys(r).listen));
   for (const route of routes) {
-    const own = route.backends.filter((b) => listeners.has(`${b.address}:${b.port}`));
+    const keys = routeKeys(route).backends;
+    if (!keys.some((k) => listeners.has(k))) continue;
+    const own = route.backends.filter((_, i) => listeners.has(keys[i] ?? ''));
     for (const b of own) problems.push({ service: route.service, code: codes.planSelfBackend, message: `service "${route.service}": instance ${b.id} at ${b.address}:${b.port} is one of loopmesh's own listeners; refused (a connection would loop)` });
     // A copy: a route may be kept from an earlier plan (see PlanOptions.memo) and is never mutated.
     if (own.length > 0) routes[routes.indexOf(route)] = { ...route, backends: route.backends.filter((b) => !own.includes(b)) };
