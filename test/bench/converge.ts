@@ -22,18 +22,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { TestConsul } from '../support/consul.js';
 import { freePort, startIdServer, type IdServer } from '../support/net.js';
+import { wholeNumberFlag } from '../support/bench-flags.js';
 
 const argv = process.argv.slice(2);
-const flag = (name: string, fallback: number): number => {
-  const i = argv.indexOf(`--${name}`);
-  if (i < 0) return fallback;
-  const n = Number(argv[i + 1]);
-  if (!Number.isInteger(n) || n < 1 || n > 100_000) {
-    process.stderr.write(`bench:converge: --${name} ${String(argv[i + 1])}: expected a whole number from 1 to 100000\n`);
-    process.exit(2);
-  }
-  return n;
-};
+const flag = (name: string, fallback: number): number => wholeNumberFlag('bench:converge', argv, name, fallback);
 const S = flag('services', 2000);
 const I = flag('instances', 5);
 const N = flag('changes', 100);

@@ -17,18 +17,10 @@ import { allocate, parseRange } from '../../agent/plan/addresses.js';
 import { plan, planLabels, PlanMemo, type Route } from '../../agent/plan/plan.js';
 import { renderAll, writeRendered } from '../../agent/render/render.js';
 import { builtinTemplatesDir, loadTemplates } from '../../agent/render/templates.js';
+import { wholeNumberFlag } from '../support/bench-flags.js';
 
 const argv = process.argv.slice(2);
-const flag = (name: string, fallback: number): number => {
-  const i = argv.indexOf(`--${name}`);
-  if (i < 0) return fallback;
-  const n = Number(argv[i + 1]);
-  if (!Number.isInteger(n) || n < 1 || n > 100_000) {
-    process.stderr.write(`bench:reconcile: --${name} ${String(argv[i + 1])}: expected a whole number from 1 to 100000\n`);
-    process.exit(2);
-  }
-  return n;
-};
+const flag = (name: string, fallback: number): number => wholeNumberFlag('bench:reconcile', argv, name, fallback);
 const S = flag('services', 2000);
 const I = flag('instances', 5);
 const N = flag('changes', 40);
