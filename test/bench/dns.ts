@@ -60,11 +60,31 @@ const outstanding = setting('BENCH_DNS_OUTSTANDING', 100, 1);
 const qpsCap = setting('BENCH_DNS_QPS', 0, 0);
 const warmup = setting('BENCH_DNS_WARMUP', 2, 0);
 const nodeArgs = (process.env.BENCH_DNS_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
-const cpus = availableParallelism();
-const pin = setting('BENCH_DNS_PIN', cpus >= 2 ? 1 : 0, 0) === 1 && cpus >= 2;
+/** The CPUs this process may run on (Cpus_allowed_list in /proc/self/status), else 0 .. n-1. */
+function allowedCpus(): number[] {
+  try {
+    const list = /Cpus_allowed_list:\s*(\S+)/.exec(readFileSync('/proc/self/status', 'utf8'))?.[1];
+    if (list) {
+      const cpus: number[] = [];
+      for (const part of list.split(',')) {
+        const [from, to = from] = part.split('-').map(Number);
+        if (from === undefined || to === undefined || !Number.isInteger(from) || !Number.isInteger(to)) throw new Error(`cannot read "${list}"`);
+        for (let c = from; c <= to; c++) cpus.push(c);
+      }
+      if (cpus.length > 0) return cpus;
+    }
+  } catch {
+    // Not Linux, or an unexpected format: count them instead.
+  }
+  return Array.from({ length: availableParallelism() }, (_, i) => i);
+}
+const cpus = allowedCpus();
+const pin = setting('BENCH_DNS_PIN', cpus.length >= 2 ? 1 : 0, 0) === 1 && cpus.length >= 2;
+const loadCpuId = cpus[0]!;
+const serverCpuId = cpus.at(-1)!;
 /** taskset prefixes: dnsperf on the first CPU, both servers (all their threads, as they start under it) on the last. */
-const loadCpu = pin ? ['taskset', '-c', '0'] : [];
-const serverCpu = pin ? ['taskset', '-c', String(cpus - 1)] : [];
+const loadCpu = pin ? ['taskset', '-c', String(loadCpuId)] : [];
+const serverCpu = pin ? ['taskset', '-c', String(serverCpuId)] : [];
 /** Runs `command` under a taskset prefix when pinned: taskset execs it, so the PID is the command's. */
 function pinned(prefix: string[], command: string, args: string[]): [string, string[]] {
   return prefix.length === 0 ? [command, args] : [prefix[0]!, [...prefix.slice(1), command, ...args]];
@@ -341,12 +361,12 @@ async function main(): Promise<void> {
       out(`| ${r.case} | ${Math.round(r.qps)} | ${r.qpsRuns.join(' / ')} | ${r.lost} | ${r.notNoerror} | ${r.avgMs.toFixed(3)} | ${r.maxMs.toFixed(2)} | ${r.stddevMs.toFixed(3)} | ${r.cpuMsPerKq.toFixed(1)} | ${r.cpuPercent.toFixed(0)} |`);
     }
     out('');
-    out(`pinned: ${pin ? `dnsperf on CPU 0, both servers on CPU ${cpus - 1}` : 'no'}`);
+    out(`pinned: ${pin ? `dnsperf on CPU ${loadCpuId}, both servers on CPU ${serverCpuId}` : 'no'}`);
     out(`loopmesh / dnsmasq (A queries/s) per round: ${ratios.map((r) => `${r.toFixed(2)}x`).join(', ')}; median ${ratio.toFixed(2)}x, min ${ratioMin.toFixed(2)}x`);
     out(`loopmesh SRV / dnsmasq A (queries/s) per round: ${srvRatios.map((r) => `${r.toFixed(2)}x`).join(', ')}; median ${median(srvRatios).toFixed(2)}x, min ${Math.min(...srvRatios).toFixed(2)}x`);
     out(`by server CPU per query (dnsmasq's / loopmesh's) per round: ${cpuRatios.map((r) => `${r.toFixed(2)}x`).join(', ')}; median ${cpuRatio.toFixed(2)}x, min ${cpuRatioMin.toFixed(2)}x`);
     if (jsonOut) {
-      process.stdout.write(`${JSON.stringify({ names, rounds, seconds, warmup, clients, outstanding, qpsCap, cli: useDist ? 'dist' : 'tsx', dnsmasq: version, node: process.version, pinned: pin, cases: rows, ratioA: ratio, ratioAMin: ratioMin, ratioARounds: ratios, srvRatioRounds: srvRatios, cpuRatioA: cpuRatio, cpuRatioAMin: cpuRatioMin, cpuRatioARounds: cpuRatios }, null, 2)}\n`);
+      process.stdout.write(`${JSON.stringify({ names, rounds, seconds, warmup, clients, outstanding, qpsCap, cli: useDist ? 'dist' : 'tsx', dnsmasq: version, node: process.version, pinned: pin ? { dnsperf: loadCpuId, servers: serverCpuId } : false, cases: rows, ratioA: ratio, ratioAMin: ratioMin, ratioARounds: ratios, srvRatioRounds: srvRatios, cpuRatioA: cpuRatio, cpuRatioAMin: cpuRatioMin, cpuRatioARounds: cpuRatios }, null, 2)}\n`);
     }
   } finally {
     for (const s of servers) await s.stop();
