@@ -167,6 +167,20 @@ function lineFault(line: string, rules: HostsLineRules, named: Set<string>): str
   return undefined;
 }
 
+/** Loopback lines lineFault found good, by suffix and line: their names (lower case). Bounded: cleared when full. */
+const goodLoopbackLines = new Map<string, string[]>();
+const maxGoodLines = 200_000;
+
+function namesOf(line: string): string[] {
+  return line.trim().split(/[ \t]+/).slice(1).map((n) => n.toLowerCase());
+}
+
+/** A good line whose verdict depends on nothing but itself and the suffix: a loopback address line (not a comment, a blank or a gateway line). */
+function goodLoopbackLine(line: string): boolean {
+  const trimmed = line.trim();
+  return trimmed !== '' && !trimmed.startsWith('#') && isLoopbackIPv4(trimmed.split(/[ \t]+/)[0] ?? '');
+}
+
 /**
  * Keeps the lines of a rendered hosts file (the run dir's `hosts`, untrusted: whoever can write the
  * run dir would otherwise write /etc/hosts as root) that are comments, blank, or `ADDRESS NAME
@@ -181,9 +195,23 @@ export function checkHostsLines(rendered: string, options: HostsLineRules = {}):
   const named = new Set<string>();
   const lines = rendered.split('\n');
   if (lines[lines.length - 1] === '') lines.pop();
+  const suffix = options.suffix ?? '';
   lines.forEach((raw, i) => {
     const line = raw.endsWith('\r') ? raw.slice(0, -1) : raw;
+    // A loopback line found good before (the same suffix) is good whatever else changed: thousands
+    // of unchanged lines are not checked again on every change.
+    const key = `${suffix}\u0000${line}`;
+    const good = goodLoopbackLines.get(key);
+    if (good !== undefined) {
+      for (const name of good) named.add(name);
+      kept.push(line);
+      return;
+    }
     const fault = lineFault(line, options, named);
+    if (fault === undefined && goodLoopbackLine(line)) {
+      if (goodLoopbackLines.size >= maxGoodLines) goodLoopbackLines.clear();
+      goodLoopbackLines.set(key, namesOf(line));
+    }
     if (fault === undefined) {
       kept.push(line);
       return;

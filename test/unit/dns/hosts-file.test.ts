@@ -371,3 +371,20 @@ test('a file bind-mounted writable in a read-only folder (ProtectSystem=strict +
   assert.equal(await readFile(path, 'utf8'), expectedAfterChild(result.pid));
   assert.deepEqual(await readdir(dir), ['hosts'], 'no temp file left behind');
 });
+
+test('lines checked before are not checked again, and the answer is the same: gateway lines still follow their loopback line, another suffix is checked anew', () => {
+  const gateways = new Map([['web.local', new Set(['10.77.77.129'])]]);
+  const text = '127.77.0.2 web.local\n10.77.77.129 web.local\n127.77.0.3 db.local\n';
+  const first = checkHostsLines(text, { suffix: 'local', gateways });
+  const again = checkHostsLines(text, { suffix: 'local', gateways });
+  assert.deepEqual(again, first);
+  assert.equal(again.text, text, 'the gateway line is kept after its (remembered) loopback line');
+  // The gateway line before its loopback line is dropped, remembered lines or not.
+  const early = checkHostsLines('10.77.77.129 web.local\n127.77.0.2 web.local\n', { suffix: 'local', gateways });
+  assert.equal(early.text, '127.77.0.2 web.local\n');
+  assert.equal(early.dropped.length, 1);
+  // A line good under .local is not good under another suffix.
+  const other = checkHostsLines('127.77.0.2 web.local\n', { suffix: 'mesh' });
+  assert.equal(other.text, '');
+  assert.match(other.dropped[0]?.problem.message ?? '', /not under \.mesh/);
+});
