@@ -63,8 +63,12 @@ export class ServiceProxy {
   }
 
   get key(): string {
-    return addressKey(this.spec.address, this.spec.port);
+    // Asked of every service on every apply: kept while the spec stays the same object.
+    if (this.keyOfSpec?.spec !== this.spec) this.keyOfSpec = { spec: this.spec, key: addressKey(this.spec.address, this.spec.port) };
+    return this.keyOfSpec.key;
   }
+
+  private keyOfSpec: { spec: ServiceSpec; key: string } | undefined;
 
   /** Where the current listener accepts, which differs from `key` while a move has not succeeded. */
   get listeningKey(): string | undefined {
