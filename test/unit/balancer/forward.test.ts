@@ -235,3 +235,16 @@ test('pooled reads tell once when the backend sent its first bytes (an onread so
   assert.equal((await got).bytes, 6);
   assert.equal(firstBytes, 1);
 });
+
+test('pooled reads of several backends at once share one read buffer and never mix their bytes', { timeout: 30_000 }, async (t) => {
+  const pairs = await Promise.all(Array.from({ length: 4 }, () => forwardedPair(t, { pooled: true })));
+  // Large and small reads interleaved across the pairs (each read is copied out of the shared buffer).
+  const data = pairs.map((_, i) => randomBytes(3 * 1024 * 1024 + i * 4099));
+  const got = pairs.map((p) => receive(p.client));
+  await Promise.all(pairs.map((p, i) => send(p.backend, data[i]!)));
+  const results = await Promise.all(got);
+  results.forEach((r, i) => {
+    assert.equal(r.bytes, data[i]!.length);
+    assert.equal(r.sha, sha(data[i]!));
+  });
+});
