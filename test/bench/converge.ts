@@ -123,6 +123,18 @@ function whoIs(address: string, port: number): Promise<string> {
   });
 }
 
+/**
+ * A restore is in service: new connections to the service's address reach the restored instance
+ * again (some of 20 in a row; the weights are equal). Without this the next change was timed while
+ * the agent still worked on the restore. Bounded: 10 s.
+ */
+async function settled(address: string, port: number, slot: string): Promise<void> {
+  await until(async () => {
+    for (let i = 0; i < 20; i++) if ((await whoIs(address, port)) === slot) return true;
+    return false;
+  }, 10_000);
+}
+
 async function until(check: () => Promise<boolean> | boolean, timeoutMs: number): Promise<number | undefined> {
   const started = performance.now();
   while (performance.now() - started < timeoutMs) {
@@ -226,6 +238,7 @@ async function run(): Promise<void> {
           return true;
         }, 10_000);
         await txn([instanceOps(target, 0, addressOf(0), 'passing')[1]]);
+        await settled(a, port, 'slot0');
       } else {
         // Instance 1 moves to a spare address: done when a connection reaches it there (weights equal, so poll).
         const spare = I + (round % 4);
@@ -233,10 +246,11 @@ async function run(): Promise<void> {
         const a = resolveName(hostsFile, target) ?? '';
         took = await until(async () => (await whoIs(a, port)) === `slot${spare}`, 10_000);
         await txn([instanceOps(target, 1, addressOf(1))[0]]);
+        await settled(a, port, 'slot1');
       }
       if (took === undefined) misses.push(`${kind} ${target}`);
       else times[kind].push(took);
-      // The restore of a flip or a move settles before the next change is timed.
+      // The restore of a flip or a move is in service (above) before the next change is timed.
       await new Promise((r) => setTimeout(r, 150));
     }
     const churnSeconds = (performance.now() - churnStarted) / 1000;
