@@ -128,9 +128,16 @@ describe('answers from Consul that cannot be trusted: a real Consul, behind Wron
     assert.deepEqual(await answers(node.agent, 'shop', 3), new Set(['shop-good']));
 
     const runDir = node.config.runDir;
-    const haproxy = await readFile(join(runDir, 'haproxy.cfg'), 'utf8');
-    const balancer = await readFile(join(runDir, 'balancer.json'), 'utf8');
-    assert.match(haproxy, new RegExp(`server s0 127\\.0\\.0\\.1:${good.port} `), 'the good instance is in haproxy.cfg');
+    // The agent serves a change before it writes the files (serve, then write): wait for the write.
+    const goodLine = new RegExp(`server s0 127\\.0\\.0\\.1:${good.port} `);
+    const haproxy = await eventually(async () => {
+      const text = await readFile(join(runDir, 'haproxy.cfg'), 'utf8').catch(() => '');
+      return goodLine.test(text) && text;
+    }, 5000, 'the good instance in haproxy.cfg');
+    const balancer = await eventually(async () => {
+      const text = await readFile(join(runDir, 'balancer.json'), 'utf8').catch(() => '');
+      return new RegExp(`"port":\\s*${good.port}\\b`).test(text) && text;
+    }, 5000, 'the good instance in balancer.json');
     for (const file of await readdir(runDir)) {
       const text = await readFile(join(runDir, file), 'utf8').catch(() => '');
       assert.doesNotMatch(text, /evil|6\.6\.6\.6|10\.0\.0\.9/, `${file} holds nothing of the bad address`);
