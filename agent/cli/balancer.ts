@@ -4,6 +4,7 @@ import { failingCodes, routeReport, servingProblems, type StatusReport } from '.
 import { AdminServer } from '../admin/server.js';
 import { DataPlane } from '../data-plane/data-plane.js';
 import { receiveHandover, reportHandover, type InheritedSockets } from '../hot-restart/handover.js';
+import { notifyServiceManager } from '../hot-restart/service-manager.js';
 import { errorCode, errorMessage } from '../errors.js';
 import { prepareRunDir } from '../fs/run-dir.js';
 import type { Logger, LogOptions } from '../log.js';
@@ -78,6 +79,8 @@ export async function runBalancer(argv: string[], makeLogger: (level: LogOptions
     return 1;
   }
   log.info({ runDir: config.runDir, admin: admin?.url(), hotRestart: inherited !== undefined }, inherited ? 'loopmesh data plane started on the sockets of the previous process' : 'loopmesh data plane started');
+  // Before the predecessor stops: systemd must follow this process from now on.
+  await notifyServiceManager(log);
   await reportHandover({ started: true });
   if (inherited && admin) void startAdminAfterPredecessor(admin, log);
   life.listenForStop();

@@ -3,6 +3,7 @@ import { Agent } from '../agent.js';
 import { ConfigError, codes, errorCode, errorMessage } from '../errors.js';
 import type { AgentConfig } from '../config/config.js';
 import { receiveHandover, reportHandover, type InheritedSockets } from '../hot-restart/handover.js';
+import { notifyServiceManager } from '../hot-restart/service-manager.js';
 import { SignalLife } from '../signals.js';
 import { createLogger, type Logger } from '../log.js';
 import { loadConfig, parseFlags, tokenInArgv, UsageError } from './args.js';
@@ -80,6 +81,8 @@ async function runAgent(argv: string[], mode: 'agent' | 'gateway'): Promise<numb
     { consul: config.consul, runDir: config.runDir, dns: config.dns, admin: agent.adminUrl(), hostsFile: config.hostsFile, suffix: config.suffix, gatewayRange: config.gatewayRange?.cidr, hotRestart: inherited !== undefined },
     `loopmesh ${mode} started`,
   );
+  // Before the predecessor stops: systemd must follow this process from now on.
+  await notifyServiceManager(log);
   await reportHandover({ started: true });
   const admin = agent.adminServer();
   if (inherited && admin) void startAdminAfterPredecessor(admin, log);

@@ -14,11 +14,19 @@ if [ "$(cat /etc/consul.d/consul.hcl 2>/dev/null)" != "$new" ]; then
   chmod 0640 /etc/consul.d/consul.hcl
   consul validate /etc/consul.d/ >/dev/null
   systemctl enable -q consul
-  systemctl restart consul
+  # --no-block: consul.service is Type=notify and a client reports ready only once it has joined,
+  # which waits for the server VM (they boot in parallel); the leader below is what counts.
+  systemctl restart --no-block consul
 fi
-systemctl enable -q --now consul
-for _ in $(seq 1 150); do
-  curl -sf --max-time 2 http://127.0.0.1:8500/v1/status/leader | grep -E '"[0-9.]+:[0-9]+"' >/dev/null && break
-  sleep 0.2
+systemctl enable -q consul
+systemctl start --no-block consul
+# The VMs boot in parallel, slowly under software emulation: wait for a leader for up to 10 minutes.
+leader=""
+for _ in $(seq 1 600); do
+  leader=$(curl -sf --max-time 2 http://127.0.0.1:8500/v1/status/leader 2>/dev/null || true)
+  [[ $leader =~ ^\"[0-9.]+:[0-9]+\"$ ]] && break
+  leader=""
+  sleep 1
 done
-echo "vm-consul: $node ($role) up; leader $(curl -s http://127.0.0.1:8500/v1/status/leader)"
+[ -n "$leader" ] || lm_die "vm-consul: $node's Consul agent has no leader after 10 minutes (is the server $server up? journalctl -u consul)"
+echo "vm-consul: $node ($role) up; leader $leader"

@@ -4,18 +4,29 @@
 #                              its only capability), the DNS responder, the /etc/hosts block
 #   loopmesh.service           the control plane (agent --render-only): watch Consul, plan, render
 # Both run as the unprivileged user loopmesh, restart on failure, and read /etc/default/loopmesh
-# (written by lib.sh's lm_loopmesh_env, as in the namespace lab).
+# (written by lib.sh's lm_loopmesh_env, as in the namespace lab). `systemctl reload
+# loopmesh-balancer` is its hot restart (hot-restart.sh).
+# Online, the VM builds loopmesh (npm ci); offline (LAB_OFFLINE=1) it takes dist/ and node_modules/
+# from the host's bundle (LOOPMESH_BUNDLE/loopmesh), built from the same sources.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
 src=${LOOPMESH_SRC:-/vagrant}
 dest=/opt/loopmesh
+offline=${LAB_OFFLINE:-0}
+bundle=${LOOPMESH_BUNDLE:-/opt/loopmesh-bundle}
 [ -f "$src/package.json" ] || lm_die "no loopmesh repository at $src (set LOOPMESH_SRC)"
 
 # A copy, so npm ci and the build never write into the synced folder.
 rsync -a --delete --exclude node_modules --exclude dist --exclude .git --exclude '.lab' "$src/" "$dest/src/"
 cd "$dest/src"
-if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+if [ "$offline" = 1 ]; then
+  if [ ! -f "$bundle/loopmesh/dist/agent/cli/main.js" ] || [ ! -d "$bundle/loopmesh/node_modules" ]; then
+    lm_die "offline, and no build at $bundle/loopmesh (dist/agent/cli/main.js, node_modules/): the host's bundle, LOOPMESH_BUNDLE"
+  fi
+  rsync -a --delete "$bundle/loopmesh/dist/" "$dest/src/dist/"
+  rsync -a --delete "$bundle/loopmesh/node_modules/" "$dest/src/node_modules/"
+elif [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 else
   npx tsc -p tsconfig.json
