@@ -77,6 +77,9 @@ export class AddressBook {
   private readonly reported = new Set<string>();
   /** The last reconcile that changed nothing: its KV table, the table it left, the labels KV gives another range. */
   private settled: { remote: RemoteTable; table: Record<string, string>; foreign: Set<string> } | undefined;
+  /** The cache writes, one after another (the last one holds the newest table). */
+  private saving: Promise<void> = Promise.resolve();
+  private savePending = false;
 
   constructor(private readonly options: AddressBookOptions) {
     this.watch = new BlockingQuery({
@@ -122,6 +125,20 @@ export class AddressBook {
 
   async stop(): Promise<void> {
     await this.watch.stop();
+    await this.saving;
+  }
+
+  /** Writes the cache after the writes already queued; each write takes the table as it is by then. */
+  private saveSoon(): void {
+    if (this.savePending) return;
+    this.savePending = true;
+    this.saving = this.saving.then(async () => {
+      this.savePending = false;
+      const table = this.current;
+      if (!(await this.save())) {
+        if (this.settled?.table === table) this.settled = undefined;
+      }
+    });
   }
 
   table(): AddressTable {
@@ -181,8 +198,9 @@ export class AddressBook {
       const error = err instanceof ConsulError ? err : new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err });
       logger.warn({ code: errorCode(error), key }, `cannot reconcile addresses with Consul KV now: ${error.message}`);
     }
-    // A cache not written is tried again on the next change.
-    if (!(await this.save())) this.settled = undefined;
+    // The cache is written beside the change, not before it is served (at 2,000 services its write
+    // was 10-15 ms of every new service's time); a cache not written is tried again on the next change.
+    this.saveSoon();
     return { table: this.current, missing: missingNow() };
   }
 

@@ -158,7 +158,7 @@ export class CatalogWatcher {
     this.queryCommon = common;
     this.checks = this.checkList(false);
     // A deregistration touches the service list and the checks within milliseconds: one read for both.
-    this.refresh = debounce(() => void this.flush(), 15, 150);
+    this.refresh = debounce(() => void this.flush(), 5, 150);
   }
 
   start(): void {

@@ -180,7 +180,7 @@ async function run(): Promise<void> {
     await writeFile(hostsFile, '127.0.0.1 localhost\n');
     const admin = `127.0.0.1:${await freePort()}`;
     const started = performance.now();
-    agent = execa('node', [...(agentProfile ? ['--cpu-prof', `--cpu-prof-dir=${agentProfile}`] : []), main, 'agent', '--consul', `http://127.0.0.1:${relay.port}`, '--run-dir', join(dir, 'run'), '--hosts-file', hostsFile, '--dns', 'off', '--admin', admin, '--range', '127.77.0.0/16', ...selection, '--log-level', agentLog ? 'debug' : 'warn'], { reject: false, stdio: agentLog ? ['ignore', 'ignore', { file: agentLog }] : 'ignore', env: { ...process.env, CONSUL_HTTP_ADDR: '', LOOPMESH_LOG_FORMAT: 'json' } });
+    agent = execa('node', [...(agentProfile ? ['--cpu-prof', `--cpu-prof-dir=${agentProfile}`] : []), main, 'agent', '--consul', `http://127.0.0.1:${relay.port}`, '--run-dir', join(dir, 'run'), '--hosts-file', hostsFile, '--dns', 'off', '--admin', admin, '--range', '127.77.0.0/16', ...selection, '--log-level', agentLog ? (process.env.BENCH_AGENT_LOG_LEVEL ?? 'debug') : 'warn'], { reject: false, stdio: agentLog ? ['ignore', 'ignore', { file: agentLog }] : 'ignore', env: { ...process.env, CONSUL_HTTP_ADDR: '', LOOPMESH_LOG_FORMAT: 'json' } });
     const pid = agent.pid as number;
     const synced = await until(() => {
       try {
