@@ -20,5 +20,5 @@ install -m 0644 "$here/systemd/loopmesh-gateway.service" /etc/systemd/system/
 systemctl daemon-reload
 systemctl enable -q loopmesh-gateway
 systemctl restart loopmesh-gateway
-lm_wait_http http://127.0.0.1:9191/health/live 60 "loopmesh gateway"
+lm_wait_http http://127.0.0.1:9191/health/live 300 "loopmesh gateway"
 echo "vm-gateway: loopmesh gateway serving on $range, registered in Consul as loopmesh-gateway"

@@ -54,5 +54,5 @@ install -m 0644 "$here/systemd/loopmesh.service" "$here/systemd/loopmesh-balance
 systemctl daemon-reload
 systemctl enable -q loopmesh-balancer loopmesh
 systemctl restart loopmesh-balancer loopmesh
-lm_wait_http http://127.0.0.1:9190/health 60 "loopmesh (control plane)"
+lm_wait_http http://127.0.0.1:9190/health 300 "loopmesh (control plane)"
 echo "vm-loopmesh: loopmesh-balancer and loopmesh running as user loopmesh"
