@@ -97,6 +97,20 @@ function percentile(values: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)] ?? NaN;
 }
 
+/** The agent's heap at rest, from its own /metrics (prom-client's default process metrics), in MB. */
+async function heapOf(admin: string): Promise<{ heapUsedMb?: number; heapTotalMb?: number; externalMb?: number }> {
+  try {
+    const text = await (await fetch(`http://${admin}/metrics`)).text();
+    const mb = (name: string): number | undefined => {
+      const m = new RegExp(`^${name} (\\S+)$`, 'm').exec(text);
+      return m ? Math.round(Number(m[1]) / 1e6) : undefined;
+    };
+    return { heapUsedMb: mb('nodejs_heap_size_used_bytes'), heapTotalMb: mb('nodejs_heap_size_total_bytes'), externalMb: mb('nodejs_external_memory_bytes') };
+  } catch {
+    return {};
+  }
+}
+
 /** NAME.local's address in the hosts file the agent writes (the resolver's view), or undefined. */
 function resolveName(hostsFile: string, name: string): string | undefined {
   const text = readFileSync(hostsFile, 'utf8');
@@ -180,7 +194,7 @@ async function run(): Promise<void> {
     await writeFile(hostsFile, '127.0.0.1 localhost\n');
     const admin = `127.0.0.1:${await freePort()}`;
     const started = performance.now();
-    agent = execa('node', [...(agentProfile ? ['--cpu-prof', `--cpu-prof-dir=${agentProfile}`] : []), main, 'agent', '--consul', `http://127.0.0.1:${relay.port}`, '--run-dir', join(dir, 'run'), '--hosts-file', hostsFile, '--dns', 'off', '--admin', admin, '--range', '127.77.0.0/16', ...selection, '--log-level', agentLog ? (process.env.BENCH_AGENT_LOG_LEVEL ?? 'debug') : 'warn'], { reject: false, stdio: agentLog ? ['ignore', 'ignore', { file: agentLog }] : 'ignore', env: { ...process.env, CONSUL_HTTP_ADDR: '', LOOPMESH_LOG_FORMAT: 'json' } });
+    agent = execa('node', [...(agentProfile ? ['--cpu-prof', `--cpu-prof-dir=${agentProfile}`] : []), ...(process.env.BENCH_HEAP_SNAPSHOT_DIR ? ['--heapsnapshot-signal=SIGUSR1', `--diagnostic-dir=${process.env.BENCH_HEAP_SNAPSHOT_DIR}`] : []), main, 'agent', '--consul', `http://127.0.0.1:${relay.port}`, '--run-dir', join(dir, 'run'), '--hosts-file', hostsFile, '--dns', 'off', '--admin', admin, '--range', '127.77.0.0/16', ...selection, '--log-level', agentLog ? (process.env.BENCH_AGENT_LOG_LEVEL ?? 'debug') : 'warn'], { reject: false, stdio: agentLog ? ['ignore', 'ignore', { file: agentLog }] : 'ignore', env: { ...process.env, CONSUL_HTTP_ADDR: '', LOOPMESH_LOG_FORMAT: 'json' } });
     const pid = agent.pid as number;
     const synced = await until(() => {
       try {
@@ -203,6 +217,14 @@ async function run(): Promise<void> {
     const paths0 = new Map(relay.counts.paths);
     await new Promise((r) => setTimeout(r, restSeconds * 1000));
     const rest1 = { ...relay.counts, ...usage(pid) };
+    // BENCH_HEAP_SNAPSHOT_DIR: a heap snapshot of the agent at rest (node --heapsnapshot-signal), to see what holds the memory.
+    if (process.env.BENCH_HEAP_SNAPSHOT_DIR) {
+      process.kill(pid, 'SIGUSR1');
+      await new Promise((r) => setTimeout(r, 15_000));
+    }
+    // After the snapshot: a scrape fills every series (its memory is part of what it measures).
+    const rssParts = readFileSync(`/proc/${pid}/status`, 'utf8').split('\n').filter((l) => /^Rss(Anon|File|Shmem):/.test(l)).map((l) => l.replace(/\s+/g, ' ')).join(', ');
+    const heap = await heapOf(admin);
     const restPaths = [...relay.counts.paths].map(([p, n]) => [p, n - (paths0.get(p) ?? 0)] as const).filter(([, n]) => n > 0);
     if (restPaths.length > 0) out(`requests at rest by path: ${restPaths.map(([p, n]) => `${p} ${n}`).join(', ')}`);
 
@@ -268,7 +290,7 @@ async function run(): Promise<void> {
       firstSyncSeconds: Number(firstSync.toFixed(2)),
       liveMs: Object.fromEntries([...kinds.map((k) => [k, { n: times[k].length, p50: Math.round(percentile(times[k], 50)), p99: Math.round(percentile(times[k], 99)), max: Math.round(Math.max(...times[k])) }]), ['all', { n: all.length, p50: Math.round(percentile(all, 50)), p99: Math.round(percentile(all, 99)), max: Math.round(Math.max(...all)) }]]),
       misses,
-      rest: { cpuPercent: Number(((100 * (rest1.cpu - rest0.cpu)) / restSeconds).toFixed(1)), rssMb: Math.round(rest1.rssMb), requestsPerMinute: Math.round(((rest1.requests - rest0.requests) * 60) / restSeconds), bytesPerMinute: Math.round(((rest1.bytesIn - rest0.bytesIn) * 60) / restSeconds) },
+      rest: { cpuPercent: Number(((100 * (rest1.cpu - rest0.cpu)) / restSeconds).toFixed(1)), rssMb: Math.round(rest1.rssMb), requestsPerMinute: Math.round(((rest1.requests - rest0.requests) * 60) / restSeconds), bytesPerMinute: Math.round(((rest1.bytesIn - rest0.bytesIn) * 60) / restSeconds), ...heap },
       churn: { cpuPercent: Number(((100 * (churn1.cpu - churn0.cpu)) / churnSeconds).toFixed(1)), rssMb: Math.round(churn1.rssMb), requestsPerChange: Number(((churn1.requests - churn0.requests) / writes).toFixed(1)), bytesPerChange: Math.round((churn1.bytesIn - churn0.bytesIn) / writes) },
     };
     out('');
@@ -281,6 +303,7 @@ async function run(): Promise<void> {
     out('');
     out(`first full sync ${result.firstSyncSeconds} s; misses ${misses.length}`);
     out(`at rest: CPU ${result.rest.cpuPercent}% of a core, RSS ${result.rest.rssMb} MB, ${result.rest.requestsPerMinute} requests and ${result.rest.bytesPerMinute} bytes from Consul per minute`);
+    if (heap.heapUsedMb !== undefined) out(`at rest, of the RSS: V8 heap ${heap.heapUsedMb} MB used of ${heap.heapTotalMb} MB, ${heap.externalMb} MB outside the heap (buffers); ${rssParts}`);
     out(`under churn: CPU ${result.churn.cpuPercent}% of a core, RSS ${result.churn.rssMb} MB, ${result.churn.requestsPerChange} requests and ${result.churn.bytesPerChange} bytes from Consul per write`);
     if (jsonOut) process.stdout.write(`${JSON.stringify(result)}\n`);
   } finally {
