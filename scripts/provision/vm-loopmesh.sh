@@ -18,6 +18,7 @@ bundle=${LOOPMESH_BUNDLE:-/opt/loopmesh-bundle}
 [ -f "$src/package.json" ] || lm_die "no loopmesh repository at $src (set LOOPMESH_SRC)"
 
 # A copy, so npm ci and the build never write into the synced folder.
+install -d -m 0755 "$dest/src"
 rsync -a --delete --exclude node_modules --exclude dist --exclude .git --exclude '.lab' "$src/" "$dest/src/"
 cd "$dest/src"
 if [ "$offline" = 1 ]; then
