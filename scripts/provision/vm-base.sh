@@ -65,4 +65,15 @@ if ! command -v consul >/dev/null; then
     apt_install consul
   fi
 fi
+# Vagrant, setting the hostname, restarts ifup@IFACE for every NIC before it has written the private
+# network's configuration: that start fails, then Vagrant brings the NIC up itself. Forget the failure
+# of a NIC that has its address, so `systemctl --failed` lists real failures only.
+for unit in $(systemctl list-units --failed --plain --no-legend 'ifup@*' | awk '{print $1}'); do
+  iface=${unit#ifup@}
+  iface=${iface%.service}
+  if ip -4 -o addr show dev "$iface" 2>/dev/null | grep -q ' inet '; then
+    systemctl reset-failed "$unit"
+    echo "vm-base: $iface is up (Vagrant configured it); cleared the failed $unit of the hostname step"
+  fi
+done
 echo "vm-base: node $(node --version), $(consul version | head -n 1)"
