@@ -85,13 +85,13 @@ async function curlWeb(vm: string, n: number): Promise<{ failed: number; answere
 }
 
 interface LoadResult { newOk: number; newFailed: number; slow: number; open: Array<{ ok: number; failed: number; sockets: number }>; addresses: string[]; failures: Record<string, number> }
-/** test/lab/load.mjs on vm (HTTP by name: 4 open connections + a new one every 50 ms) around `action`, run 2 s into it. */
-async function underLoad(vm: string, action: string, ms = 10_000): Promise<{ load: LoadResult; action: string }> {
+/** test/lab/load.mjs on vm (HTTP by name: 4 open connections + a new one every 100 ms) around `action`, run 2 s into it. */
+async function underLoad(vm: string, action: string, ms = 30_000): Promise<{ load: LoadResult; action: string }> {
   const out = await mustOnVm(
     vm,
-    `node /vagrant/test/lab/load.mjs web.local 80 ${ms} 50 4 >/tmp/lm-load.json & load=$!
+    `node /vagrant/test/lab/load.mjs web.local 80 ${ms} 100 4 >/tmp/lm-load.json & load=$!
 sleep 2
-${action} 2>&1 | sed 's/^/ACTION: /'
+{ ${action} || echo "failed with exit code $?"; } 2>&1 | sed 's/^/ACTION: /'
 wait $load
 cat /tmp/lm-load.json`,
     ms + 120_000,
@@ -152,7 +152,7 @@ for u in ${units.join(' ')}; do echo "unit $u $(systemctl is-active $u || true)"
 echo "failed $(systemctl --failed --plain --no-legend | awk '{print $1}' | paste -sd, -)"`);
       assert.match(out, /^pid1 \/(usr\/)?lib\/systemd\/systemd$/m, `${vm}: PID 1 is systemd`);
       for (const u of units) assert.match(out, new RegExp(`^unit ${u} active$`, 'm'), `${vm}: ${u} is active:\n${out}`);
-      assert.match(out, /^failed $/m, `${vm}: no failed unit:\n${out}`);
+      assert.match(out, /^failed *$/m, `${vm}: no failed unit:\n${out}`);
     }
   });
 
@@ -170,20 +170,21 @@ echo "hosts $(stat -c '%G %a' /etc/hosts)"`);
   test('names resolve through the hosts block for every program (getent as root and as nobody, Node.js, curl), the same address on every VM and from the DNS responder', async () => {
     const out = await mustOnVm('lm-node1', `grep '^hosts:' /etc/nsswitch.conf
 sed -n '/^# BEGIN loopmesh/,/^# END loopmesh/p' /etc/hosts
-echo "getent $(getent hosts web.local | awk '{print $1}')"
-echo "nobody $(runuser -u nobody -- getent hosts redis.local | awk '{print $1}')"
+echo "getent $(getent hosts web.local | awk 'NR == 1 {print $1}')"
+echo "nobody $(runuser -u nobody -- getent hosts redis.local | awk 'NR == 1 {print $1}')"
 echo "node $(runuser -u nobody -- node -e "require('dns').lookup('web.local', {family: 4}, (e, a) => console.log(e ? e.code : a))")"
 echo "dig $(dig +short +time=2 +tries=1 @127.0.0.1 -p 8653 web.local)"
 echo "curl $(curl -s -o /dev/null --max-time 5 -w '%{remote_ip}' http://web.local/)"`);
     assert.match(out, /^hosts:\s+files\b/m, 'nsswitch reads /etc/hosts first');
-    assert.match(out, /^# BEGIN loopmesh[\s\S]*\bweb\.local\b[\s\S]*\bredis\.local\b[\s\S]*^# END loopmesh/m, `the loopmesh block in /etc/hosts:\n${out}`);
+    const block = /^# BEGIN loopmesh[\s\S]*^# END loopmesh/m.exec(out)?.[0] ?? '';
+    for (const name of ['web.local', 'redis.local']) assert.match(block, new RegExp(`^127\\.\\S+ ${name.replace('.', '\\.')}$`, 'm'), `${name} in the loopmesh block of /etc/hosts:\n${out}`);
     const web = /^getent (\S+)$/m.exec(out)?.[1] ?? '';
     assert.match(web, /^127\.\d+\.\d+\.\d+$/, `getent hosts web.local: ${out}`);
     assert.notEqual(web, '127.0.0.1');
     assert.match(/^nobody (\S+)$/m.exec(out)?.[1] ?? '', /^127\./, `redis.local for the user nobody: ${out}`);
     for (const how of ['node', 'dig', 'curl']) assert.equal(new RegExp(`^${how} (\\S+)$`, 'm').exec(out)?.[1], web, `${how} gets web.local's address: ${out}`);
     for (const vm of ['lm-server', ...clients.slice(1)]) {
-      assert.equal(await mustOnVm(vm, "getent hosts web.local | awk '{print $1}'"), web, `web.local has the same address on ${vm}`);
+      assert.equal(await mustOnVm(vm, "getent hosts web.local | awk 'NR == 1 {print $1}'"), web, `web.local has the same address on ${vm}`);
     }
   });
 
@@ -198,7 +199,9 @@ redis-cli -h redis.local get loopmesh-lab`);
     t.diagnostic(`web answered by ${answered.join(', ')}; redis on ${redisNode}`);
   });
 
-  test('a service registered through another VM\'s Consul agent is reachable from lm-node1 by name within a second (10 services, one after another)', async (t) => {
+  // Within a second where the VMs run on KVM. Under QEMU's emulation every step is several times
+  // slower, Consul's own (the registration on lm-node2 seen in lm-node1's catalog) about 2 to 3 s.
+  test('a service registered through another VM\'s Consul agent is reachable from lm-node1 by name within a second (5 s under emulation; 10 services, one after another)', async (t) => {
     // converge.mjs on lm-node1 registers each with lm-node2's agent (over the private network),
     // pointing at lm-node2's web instance, and times until getent + an HTTP GET by name reach it.
     const other = 'lm-node2';
@@ -209,7 +212,8 @@ redis-cli -h redis.local get loopmesh-lab`);
     t.diagnostic(`registered on ${other} -> reachable from lm-node1 by name: ${sorted.join(', ')} ms`);
     assert.deepEqual(misses, [], 'every new service became reachable within 5 s');
     assert.equal(times.length, 10);
-    assert.ok((sorted.at(-1) ?? Infinity) <= 1000, `the slowest took ${sorted.at(-1)} ms; expected within 1 s`);
+    const bound = accelLine.startsWith('kvm') ? 1000 : 5000;
+    assert.ok((sorted.at(-1) ?? Infinity) <= bound, `the slowest took ${sorted.at(-1)} ms; expected within ${bound} ms (${accelLine.split(':')[0]})`);
   });
 
   test('systemctl restart loopmesh (the control plane) under load on lm-node1: no new connection refused, open connections carry on', async (t) => {
