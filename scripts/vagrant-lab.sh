@@ -70,11 +70,15 @@ ensure_libvirtd() {
   die "libvirtd does not answer on $uri after 20 s (see /var/log/libvirt/)"
 }
 
+pool_running() { virsh -c "$uri" pool-info default 2>/dev/null | grep -Eq '^State:[[:space:]]+running'; }
+
 ensure_pool() {
-  virsh -c "$uri" pool-info default >/dev/null 2>&1 && {
-    virsh -c "$uri" pool-info default | grep -q '^State: *running' || virsh -c "$uri" -q pool-start default >/dev/null
+  if virsh -c "$uri" pool-info default >/dev/null 2>&1; then
+    # libvirtd may be autostarting it this very moment.
+    pool_running || virsh -c "$uri" -q pool-start default >/dev/null 2>&1 || pool_running ||
+      die "libvirt's storage pool 'default' exists but does not start: virsh pool-start default"
     return 0
-  }
+  fi
   log "defining libvirt's storage pool 'default' in /var/lib/libvirt/images"
   virsh -c "$uri" -q pool-define-as default dir --target /var/lib/libvirt/images >/dev/null
   virsh -c "$uri" -q pool-build default >/dev/null
