@@ -70,7 +70,8 @@ ensure_libvirtd() {
   die "libvirtd does not answer on $uri after 20 s (see /var/log/libvirt/)"
 }
 
-pool_running() { virsh -c "$uri" pool-info default 2>/dev/null | grep -Eq '^State:[[:space:]]+running'; }
+# (Captured, not piped into grep -q: with pipefail, grep quitting early fails the pipeline.)
+pool_running() { [[ $(virsh -c "$uri" pool-info default 2>/dev/null) =~ State:[[:space:]]+running ]]; }
 
 ensure_pool() {
   if virsh -c "$uri" pool-info default >/dev/null 2>&1; then
@@ -179,9 +180,11 @@ make_bundle() {
 }
 
 add_box() {
-  if ! vagrant box list 2>/dev/null | grep -q "^$box_name "; then
+  local boxes
+  boxes=$(vagrant box list 2>/dev/null || true)
+  if ! grep -q "^$box_name " <<<"$boxes"; then
     local old
-    for old in $(vagrant box list 2>/dev/null | awk -v p="$box_prefix-" 'index($1, p) == 1 { print $1 }'); do
+    for old in $(awk -v p="$box_prefix-" 'index($1, p) == 1 { print $1 }' <<<"$boxes"); do
       log "removing the older lab box $old"
       vagrant box remove --force --all "$old" >/dev/null
     done
