@@ -15,12 +15,10 @@ import { SignalLife } from '../signals.js';
 import { runSupervisor } from '../workers/run.js';
 import { runWorker } from '../workers/worker.js';
 
-/** How long a successor gets to take over the sockets and serve. */
-const handoverTimeoutMs = 15_000;
 
 /** The data plane alone, from the rendered files: what keeps serving when the control plane is gone. */
 export async function runBalancer(argv: string[], makeLogger: (level: LogOptions['level']) => Logger): Promise<number> {
-  const flags = parseFlags(argv, { config: { type: 'string' } }, ['run-dir', 'dns', 'hosts-file', 'suffix', 'log-level', 'drain-timeout', 'connect-timeout', 'idle-timeout', 'max-connections', 'queue', 'queue-timeout', 'backend-drain', 'admin', 'admin-public', 'workers', 'gateway-range']);
+  const flags = parseFlags(argv, { config: { type: 'string' } }, ['run-dir', 'dns', 'hosts-file', 'suffix', 'log-level', 'drain-timeout', 'handover-timeout', 'connect-timeout', 'idle-timeout', 'max-connections', 'queue', 'queue-timeout', 'backend-drain', 'admin', 'admin-public', 'workers', 'gateway-range']);
   if (flags.help) {
     process.stdout.write(usage.balancer);
     return 0;
@@ -37,7 +35,7 @@ export async function runBalancer(argv: string[], makeLogger: (level: LogOptions
   // Started by a running balancer's hot restart (SIGUSR2)? Then take over its sockets and config.
   let inherited: InheritedSockets | undefined;
   try {
-    inherited = await receiveHandover(handoverTimeoutMs, { gatewayRange: config.gatewayRange });
+    inherited = await receiveHandover(config.handoverTimeoutMs, { gatewayRange: config.gatewayRange });
   } catch (err) {
     log.fatal({ code: errorCode(err) }, errorMessage(err));
     await reportHandover({ started: false, message: errorMessage(err) });
@@ -53,7 +51,7 @@ export async function runBalancer(argv: string[], makeLogger: (level: LogOptions
   const life: SignalLife = new SignalLife({
     hotRestart: () => {
       log.info('SIGUSR2: handing the listening sockets over to a new balancer process');
-      plane.handOver({ timeoutMs: handoverTimeoutMs }).then(
+      plane.handOver({ timeoutMs: config.handoverTimeoutMs }).then(
         (pid) => {
           log.info({ successor: pid }, `balancer process ${pid} serves now; this one stops accepting and drains`);
           life.stop();
@@ -82,7 +80,7 @@ export async function runBalancer(argv: string[], makeLogger: (level: LogOptions
   // Before the predecessor stops: systemd must follow this process from now on.
   await notifyServiceManager(log);
   await reportHandover({ started: true });
-  if (inherited && admin) void startAdminAfterPredecessor(admin, log);
+  if (inherited && admin) void startAdminAfterPredecessor(admin, log, config.handoverTimeoutMs);
   life.listenForStop();
   life.serving();
   return new Promise<number>(() => undefined);
@@ -107,8 +105,8 @@ export function balancerReport(plane: DataPlane): StatusReport {
 }
 
 /** The predecessor closes its admin once it has our report; until then the port is taken. */
-export async function startAdminAfterPredecessor(admin: AdminServer, log: Logger): Promise<void> {
-  const deadline = Date.now() + handoverTimeoutMs;
+export async function startAdminAfterPredecessor(admin: AdminServer, log: Logger, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
   for (;;) {
     try {
       await admin.start();

@@ -19,7 +19,6 @@ function logger(level: Parameters<typeof createLogger>[0]['level']): Logger {
 }
 
 /** How long a successor gets to take over the sockets and serve (hot restart). */
-const handoverTimeoutMs = 15_000;
 /** Flags only `loopmesh gateway` takes. */
 const gatewayOnly = ['gateway-range', 'gateway-id', 'gateway-check'];
 
@@ -41,7 +40,7 @@ async function runAgent(argv: string[], mode: 'agent' | 'gateway'): Promise<numb
   // Started by a running agent's hot restart? Then take over its sockets and routes.
   let inherited: InheritedSockets | undefined;
   try {
-    inherited = await receiveHandover(handoverTimeoutMs, { gatewayRange: config.gatewayRange });
+    inherited = await receiveHandover(config.handoverTimeoutMs, { gatewayRange: config.gatewayRange });
   } catch (err) {
     log.fatal({ code: errorCode(err) }, errorMessage(err));
     await reportHandover({ started: false, message: errorMessage(err) });
@@ -53,7 +52,7 @@ async function runAgent(argv: string[], mode: 'agent' | 'gateway'): Promise<numb
       const plane = agent.dataPlane;
       if (!plane) return log.warn('SIGUSR2: with --render-only there is no data plane here to hand over; restart this process instead');
       log.info(`SIGUSR2: handing the listening sockets over to a new ${mode} process`);
-      plane.handOver({ timeoutMs: handoverTimeoutMs }).then(
+      plane.handOver({ timeoutMs: config.handoverTimeoutMs }).then(
         (pid) => {
           log.info({ successor: pid }, `${mode} process ${pid} serves now; this one stops its control plane and drains`);
           life.stop({ handedOver: true });
@@ -85,7 +84,7 @@ async function runAgent(argv: string[], mode: 'agent' | 'gateway'): Promise<numb
   await notifyServiceManager(log);
   await reportHandover({ started: true });
   const admin = agent.adminServer();
-  if (inherited && admin) void startAdminAfterPredecessor(admin, log);
+  if (inherited && admin) void startAdminAfterPredecessor(admin, log, config.handoverTimeoutMs);
   life.listenForStop();
   life.serving();
   return new Promise<number>(() => undefined);

@@ -99,7 +99,7 @@ Consul or to disk). Takes the agent's flags.
 ${flagLines()}
 `,
   balancer: `Usage: loopmesh balancer [--run-dir DIR] [--dns ADDR:PORT|off] [--hosts-file FILE|off] [--suffix DOMAIN]
-                         [--drain-timeout S] [--connect-timeout S] [--log-level LEVEL] [--config FILE]
+                         [--drain-timeout S] [--handover-timeout S] [--connect-timeout S] [--log-level LEVEL] [--config FILE]
                          [--admin ADDR:PORT [--admin-public]] [--workers N|auto] [--gateway-range CIDR]
 
 Runs the data plane alone from the rendered files in --run-dir (balancer.json, hosts), reloading

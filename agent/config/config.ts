@@ -62,6 +62,8 @@ export interface AgentConfig {
   empty: EmptyPolicy;
   kvPrefix: string;
   drainTimeoutMs: number;
+  /** Hot restart (SIGUSR2): how long the new process gets to take the sockets over and serve. */
+  handoverTimeoutMs: number;
   connectTimeoutMs: number;
   /** A balanced connection with no bytes either way for this long is closed on both sides. */
   idleTimeoutMs: number;
@@ -127,6 +129,7 @@ export const settings: readonly Setting[] = [
   { key: 'empty', flag: 'empty', env: ['LOOPMESH_EMPTY'], value: emptyPolicies.join('|'), default: 'reject', help: 'when a service has no healthy instance' },
   { key: 'kvPrefix', flag: 'kv-prefix', env: ['LOOPMESH_KV_PREFIX'], value: 'PREFIX', default: 'loopmesh', help: 'Consul KV prefix: PREFIX/addresses (the address table) and PREFIX/traffic/NAME (splits, policy, limits)' },
   { key: 'drainTimeout', flag: 'drain-timeout', env: ['LOOPMESH_DRAIN_TIMEOUT'], value: 'SECONDS', default: '30', help: "how long a removed service's connections may drain" },
+  { key: 'handoverTimeout', flag: 'handover-timeout', env: ['LOOPMESH_HANDOVER_TIMEOUT'], value: 'SECONDS', default: '15', help: 'hot restart (SIGUSR2): how long the new process gets to take over the sockets and serve; past it the old one keeps serving (1 to 600; raise it where Node.js starts slowly, e.g. under CPU emulation)' },
   { key: 'connectTimeout', flag: 'connect-timeout', env: ['LOOPMESH_CONNECT_TIMEOUT'], value: 'SECONDS', default: '2', help: 'connect timeout to a backend before trying another' },
   { key: 'idleTimeout', flag: 'idle-timeout', env: ['LOOPMESH_IDLE_TIMEOUT'], value: 'SECONDS', default: '3600', help: 'close a balanced connection with no bytes either way for this long (both sides)' },
   { key: 'lbPolicy', flag: 'lb-policy', env: ['LOOPMESH_LB_POLICY'], value: balancePolicies.join('|'), default: 'p2c-ewma', help: 'balancing policy of a service that sets none (meta loopmesh-lb or KV traffic/NAME)' },
@@ -208,6 +211,12 @@ function endpoint(value: string, flag: string): Endpoint | undefined {
 function seconds(value: string, flag: string): number {
   const n = Number(value);
   if (value.trim() === '' || !Number.isFinite(n) || n < 0 || n > 86_400) throw invalid(`--${flag}: expected a number of seconds from 0 to 86400, got "${value}"`);
+  return Math.round(n * 1000);
+}
+
+function handoverTimeout(value: string): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isFinite(n) || n < 1 || n > 600) throw invalid(`--handover-timeout: expected a number of seconds from 1 to 600, got "${value}"`);
   return Math.round(n * 1000);
 }
 
@@ -456,6 +465,7 @@ export function resolveConfig(...layers: RawConfig[]): AgentConfig {
     empty,
     kvPrefix,
     drainTimeoutMs: seconds(get('drainTimeout'), 'drain-timeout'),
+    handoverTimeoutMs: handoverTimeout(get('handoverTimeout')),
     connectTimeoutMs: Math.max(1, seconds(get('connectTimeout'), 'connect-timeout')),
     idleTimeoutMs: Math.max(1, seconds(get('idleTimeout'), 'idle-timeout')),
     consulWaitMs: consulWait(get('consulWait')),

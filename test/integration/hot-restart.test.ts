@@ -153,6 +153,46 @@ describe('hot restart of loopmesh balancer (SIGUSR2): a new process takes over t
     await eventually(() => !alive(successor), 10_000, 'the successor stops on SIGTERM');
   });
 
+  test('--handover-timeout: a successor slower to start than it is given up on, the old process keeps serving; given longer, it takes over', async (t) => {
+    const log = join(dir, 'slow.log');
+    const entry = join(dir, 'slow-entry.mjs');
+    const good = `import ${JSON.stringify(pathToFileURL(main).href)};\n`;
+    await writeFile(entry, good);
+    const slowArgs = (seconds: number): string[] => [...args(), '--handover-timeout', String(seconds)];
+    // The successor runs the same command line: the timeout is read from it, so the first start sets it.
+    const old = startBalancer(entry, slowArgs(2), log);
+    started.push(old);
+    await untilStarted(old, log, address, port);
+    // As under CPU emulation: Node.js takes seconds to load loopmesh.
+    await writeFile(entry, `await new Promise((r) => setTimeout(r, 4000));\nawait import(${JSON.stringify(pathToFileURL(main).href)});\n`);
+    const load = steadyLoad(address, port, 10);
+    t.after(() => load.stop());
+    old.child.kill('SIGUSR2');
+    const failure = await eventually(async () => (await logLines(log)).find((l) => l.code === 'LM_ERR_HANDOVER'), 15_000, 'the handover given up after 2 s');
+    assert.match(String(failure.msg), /the successor did not serve within 2000 ms; this process keeps serving/);
+    const during = await load.stop();
+    assert.deepEqual(during.failed, [], 'nothing refused meanwhile');
+    assert.equal(old.child.exitCode, null, 'the old process still runs');
+    assert.equal(await whoAnswers(address, port, 2000), 'web-a');
+    old.child.kill('SIGKILL');
+    await old.exited;
+
+    const log2 = join(dir, 'slow-ok.log');
+    await writeFile(entry, good);
+    const patient = startBalancer(entry, slowArgs(30), log2);
+    started.push(patient);
+    await untilStarted(patient, log2, address, port);
+    await writeFile(entry, `await new Promise((r) => setTimeout(r, 4000));\nawait import(${JSON.stringify(pathToFileURL(main).href)});\n`);
+    patient.child.kill('SIGUSR2');
+    const handedOver = await eventually(async () => (await logLines(log2)).find((l) => typeof l.successor === 'number'), 40_000, 'the slow successor taking over within 30 s');
+    const successor = handedOver.successor as number;
+    pids.push(successor);
+    assert.equal(await Promise.race([patient.exited, new Promise((r) => setTimeout(() => r('timeout'), 10_000))]), 0, 'the old process exits');
+    assert.equal(await whoAnswers(address, port, 2000), 'web-a', 'the successor serves');
+    process.kill(successor, 'SIGTERM');
+    await eventually(() => !alive(successor), 10_000, 'the successor stops on SIGTERM');
+  });
+
   // Node's wrapper server accepts on a handed-over socket the moment it arrives, before the `end`
   // message; a connection accepted then once hung unanswered (1 in ~300 under load). The test drives
   // the protocol itself, so connections land in exactly that window.

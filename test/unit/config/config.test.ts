@@ -47,6 +47,9 @@ test('every bad value gets a message naming it and what was expected', () => {
     [{ logLevel: 'loud' }, /--log-level: expected one of fatal, .* got "loud"/],
     [{ empty: 'drop' }, /--empty: expected one of reject, keep-last, got "drop"/],
     [{ drainTimeout: '-1' }, /--drain-timeout: expected a number of seconds .* got "-1"/],
+    [{ handoverTimeout: '0' }, /--handover-timeout: expected a number of seconds from 1 to 600, got "0"/],
+    [{ handoverTimeout: '601' }, /--handover-timeout: expected a number of seconds from 1 to 600, got "601"/],
+    [{ handoverTimeout: 'slow' }, /--handover-timeout: expected a number of seconds from 1 to 600, got "slow"/],
     [{ allowWarning: 'maybe' }, /--allow-warning: expected true or false, got "maybe"/],
     [{ consulWait: '0' }, /--consul-wait: expected a whole number of seconds from 1 to 600 .* got "0"/],
     [{ consulWait: '601' }, /--consul-wait: expected a whole number of seconds from 1 to 600 .* got "601"/],
@@ -70,6 +73,7 @@ test('config file: JSON with known keys only', async (t) => {
   assert.deepEqual(c.services, ['web', 'redis']);
   assert.equal(c.allowWarning, true);
   assert.equal(c.drainTimeoutMs, 5000);
+  assert.equal(c.handoverTimeoutMs, 15_000, 'the hot restart waits 15 s for its successor by default');
   const unknown = join(dir, 'unknown.json');
   await writeFile(unknown, '{"colour": "blue"}');
   assert.throws(() => readConfigFile(unknown), /unknown key "colour"; expected one of consul, /);
