@@ -15,6 +15,7 @@ LOOPMESH_RUN_DIR=/var/lib/loopmesh-gateway
 LOOPMESH_ADMIN=127.0.0.1:9191
 LOOPMESH_GATEWAY_RANGE=$range
 LOOPMESH_LOG_FORMAT=json
+LOOPMESH_HANDOVER_TIMEOUT=60
 ENV
 install -m 0644 "$here/systemd/loopmesh-gateway.service" /etc/systemd/system/
 systemctl daemon-reload

@@ -50,7 +50,9 @@ if ! grep -E '^hosts:[[:space:]]+files' /etc/nsswitch.conf >/dev/null; then
   echo "vm-loopmesh: /etc/nsswitch.conf now reads /etc/hosts first"
 fi
 
-lm_loopmesh_env /var/lib/loopmesh /etc/hosts 127.0.0.1:8653 127.0.0.1:9190 >/etc/default/loopmesh
+# A hot restart's successor gets 60 s to serve (loopmesh's default 15 s is too short for a VM under
+# CPU emulation, where Node.js alone takes 5 to 8 s to load loopmesh).
+{ lm_loopmesh_env /var/lib/loopmesh /etc/hosts 127.0.0.1:8653 127.0.0.1:9190; echo LOOPMESH_HANDOVER_TIMEOUT=60; } >/etc/default/loopmesh
 install -m 0644 "$here/systemd/loopmesh.service" "$here/systemd/loopmesh-balancer.service" /etc/systemd/system/
 systemctl daemon-reload
 systemctl enable -q loopmesh-balancer loopmesh

@@ -233,9 +233,9 @@ redis-cli -h redis.local get loopmesh-lab`);
     await eventually(async () => (await onVm('lm-node1', 'curl -sf --max-time 3 http://127.0.0.1:9190/health >/dev/null')).exitCode === 0, 120_000, 'the restarted control plane healthy');
   });
 
-  // Under QEMU's emulation Node.js alone takes 5 to 8 s to load loopmesh: the successor does not
-  // serve within loopmesh's 15 s handover timeout there, and what is checked is that a failed hot
-  // restart changes nothing (the old process serves on, systemd keeps it, nothing is refused).
+  // Under QEMU's emulation Node.js alone takes 5 to 8 s to load loopmesh: with loopmesh's default
+  // 15 s handover timeout the successor did not serve in time (the VMs now set 60 s). Should it still
+  // miss under emulation, what is checked is that the failed hot restart changes nothing.
   test('systemctl reload loopmesh-balancer under load is a hot restart: systemd follows the new process, nothing refused, the old one drains and exits (under emulation: the successor is too slow, and the failed handover changes nothing)', async (t) => {
     const before = Number(await mustOnVm('lm-node1', 'systemctl show -p MainPID --value loopmesh-balancer'));
     const since = (await mustOnVm('lm-node1', 'date +%s')).trim();
@@ -252,7 +252,7 @@ journalctl -u loopmesh-balancer --since @${since} -o cat | grep -o 'handover to 
       t.diagnostic(`under emulation: ${out.replace(/\n/g, '; ')}`);
       assert.match(out, new RegExp(`^main ${before} active$`, 'm'), `the old process serves on and systemd keeps it: ${out}`);
       assert.match(out, /^balancers 1$/m, `the successor is gone: ${out}`);
-      assert.match(out, /the successor did not serve within 15000 ms/, `the handover failed for its timeout (not for systemd): ${out}`);
+      assert.match(out, /the successor did not serve within \d+ ms/, `the handover failed for its timeout (not for systemd): ${out}`);
       return;
     }
     assert.match(action, /reloaded/, `systemctl reload succeeded: ${action}`);
