@@ -129,6 +129,10 @@ describe('the Vagrant lab on virtual machines (scripts/vagrant-lab.sh, vagrant/,
   });
 
   after(async () => {
+    // The shared ssh connections (ControlPersist) end with the test, not 10 minutes later.
+    for (const vm of ['lm-server', ...clients]) {
+      await execa('ssh', ['-F', sshConfig, '-o', `ControlPath=${state}/cm-%h`, '-O', 'exit', vm], { reject: false, timeout: 10_000 });
+    }
     if (!owned) return;
     const started = Date.now();
     const down = await lab(['down'], 900_000);
