@@ -240,7 +240,7 @@ redis-cli -h redis.local get loopmesh-lab`);
   // Under QEMU's emulation Node.js alone takes 5 to 8 s to load loopmesh: with loopmesh's default
   // 15 s handover timeout the successor did not serve in time (the VMs now set 60 s). Should it still
   // miss under emulation, what is checked is that the failed hot restart changes nothing.
-  test('systemctl reload loopmesh-balancer under load is a hot restart: systemd follows the new process, nothing refused, the old one drains and exits (under emulation: the successor is too slow, and the failed handover changes nothing)', async (t) => {
+  test('systemctl reload loopmesh-balancer under load is a hot restart: systemd follows the new process, nothing refused, the old one drains and exits', async (t) => {
     const before = Number(await mustOnVm('lm-node1', 'systemctl show -p MainPID --value loopmesh-balancer'));
     const since = (await mustOnVm('lm-node1', 'date +%s')).trim();
     const { load, action } = await underLoad('lm-node1', 'systemctl reload loopmesh-balancer && echo reloaded');
@@ -248,17 +248,6 @@ redis-cli -h redis.local get loopmesh-lab`);
     assert.equal(load.newFailed, 0, `no new connection fails during the hot restart: ${JSON.stringify(load.failures)}`);
     assert.ok(load.newOk >= 20, `the load ran (${load.newOk} new connections)`);
     for (const o of load.open) assert.deepEqual([o.failed, o.sockets], [0, 1], 'each open connection finished on its socket (drained by the old process)');
-    if (!/reloaded/.test(action) && accelLine.startsWith('tcg')) {
-      const out = await mustOnVm('lm-node1', `echo "main $(systemctl show -p MainPID --value loopmesh-balancer) $(systemctl is-active loopmesh-balancer)"
-for i in $(seq 1 40); do [ "$(pgrep -c -u loopmesh -f 'main.js balancer')" = 1 ] && break; sleep 0.5; done
-echo "balancers $(pgrep -c -u loopmesh -f 'main.js balancer')"
-journalctl -u loopmesh-balancer --since @${since} -o cat | grep -o 'handover to a new balancer process failed: [^;]*' | head -n 1`);
-      t.diagnostic(`under emulation: ${out.replace(/\n/g, '; ')}`);
-      assert.match(out, new RegExp(`^main ${before} active$`, 'm'), `the old process serves on and systemd keeps it: ${out}`);
-      assert.match(out, /^balancers 1$/m, `the successor is gone: ${out}`);
-      assert.match(out, /the successor did not serve within \d+ ms/, `the handover failed for its timeout (not for systemd): ${out}`);
-      return;
-    }
     assert.match(action, /reloaded/, `systemctl reload succeeded: ${action}`);
     const after = Number(await mustOnVm('lm-node1', 'systemctl show -p MainPID --value loopmesh-balancer'));
     assert.ok(after > 0 && after !== before, `systemd's main pid moved from ${before} to the successor (${after})`);
