@@ -79,6 +79,29 @@ describe('hot restart of loopmesh balancer (SIGUSR2): a new process takes over t
   });
 
   const args = (): string[] => ['--run-dir', dir, '--hosts-file', 'off', '--dns', `127.0.0.1:${dnsPort}`, '--drain-timeout', '20'];
+  /** The entry the balancer runs is a file the test rewrites, as an upgrade replaces the code on disk. */
+  const good = (): string => `import ${JSON.stringify(pathToFileURL(main).href)};\n`;
+  /** Puts `code` in place of the entry, sends SIGUSR2: a successor serves, the old process (no open connections) exits; then the successor is stopped. */
+  async function handsOver(old: BalancerProcess, log: string, entry: string, code: string, withinMs: number): Promise<void> {
+    await writeFile(entry, code);
+    old.child.kill('SIGUSR2');
+    const handedOver = await eventually(async () => (await logLines(log)).find((l) => typeof l.successor === 'number'), withinMs, 'a hot restart succeeding');
+    const successor = handedOver.successor as number;
+    pids.push(successor);
+    assert.equal(await Promise.race([old.exited, new Promise((r) => setTimeout(() => r('timeout'), 10_000))]), 0, 'the old process exits (no open connections to drain)');
+    assert.equal(await whoAnswers(address, port, 2000), 'web-a', 'the successor serves');
+    process.kill(successor, 'SIGTERM');
+    await eventually(() => !alive(successor), 10_000, 'the successor stops on SIGTERM');
+  }
+  async function startFromEntry(name: string, extra: string[] = []): Promise<{ b: BalancerProcess; log: string; entry: string }> {
+    const log = join(dir, `${name}.log`);
+    const entry = join(dir, `${name}-entry.mjs`);
+    await writeFile(entry, good());
+    const b = startBalancer(entry, [...args(), ...extra], log);
+    started.push(b);
+    await untilStarted(b, log, address, port);
+    return { b, log, entry };
+  }
 
   test('under load: no new connection fails, the open one keeps working, the old process drains and exits, DNS answers from the new one', async (t) => {
     const log = join(dir, 'ok.log');
@@ -121,13 +144,7 @@ describe('hot restart of loopmesh balancer (SIGUSR2): a new process takes over t
   });
 
   test('a successor that cannot start (a broken upgrade): the running process keeps serving, and a later hot restart works', async (t) => {
-    const log = join(dir, 'broken.log');
-    const entry = join(dir, 'entry.mjs');
-    const good = `import ${JSON.stringify(pathToFileURL(main).href)};\n`;
-    await writeFile(entry, good);
-    const old = startBalancer(entry, args(), log);
-    started.push(old);
-    await untilStarted(old, log, address, port);
+    const { b: old, log, entry } = await startFromEntry('broken');
 
     await writeFile(entry, "process.stderr.write('this upgrade is broken\\n');\nprocess.exit(3);\n");
     const load = steadyLoad(address, port, 10);
@@ -142,29 +159,16 @@ describe('hot restart of loopmesh balancer (SIGUSR2): a new process takes over t
     assert.equal(await whoAnswers(address, port, 2000), 'web-a');
     assert.deepEqual((await dig({ host: '127.0.0.1', port: dnsPort }, 'web.local', 'A')).answers, [address], 'DNS still answers');
 
-    await writeFile(entry, good);
-    old.child.kill('SIGUSR2');
-    const handedOver = await eventually(async () => (await logLines(log)).find((l) => typeof l.successor === 'number'), 15_000, 'a second hot restart succeeding');
-    const successor = handedOver.successor as number;
-    pids.push(successor);
-    assert.equal(await Promise.race([old.exited, new Promise((r) => setTimeout(() => r('timeout'), 10_000))]), 0, 'the old process exits (no open connections to drain)');
-    assert.equal(await whoAnswers(address, port, 2000), 'web-a', 'the successor serves');
-    process.kill(successor, 'SIGTERM');
-    await eventually(() => !alive(successor), 10_000, 'the successor stops on SIGTERM');
+    await handsOver(old, log, entry, good(), 15_000);
   });
 
   test('--handover-timeout: a successor slower to start than it is given up on, the old process keeps serving; given longer, it takes over', async (t) => {
-    const log = join(dir, 'slow.log');
-    const entry = join(dir, 'slow-entry.mjs');
-    const good = `import ${JSON.stringify(pathToFileURL(main).href)};\n`;
-    await writeFile(entry, good);
-    const slowArgs = (seconds: number): string[] => [...args(), '--handover-timeout', String(seconds)];
     // The successor runs the same command line: the timeout is read from it, so the first start sets it.
-    const old = startBalancer(entry, slowArgs(2), log);
-    started.push(old);
-    await untilStarted(old, log, address, port);
+    const { b: old, log, entry } = await startFromEntry('slow', ['--handover-timeout', '2']);
     // As under CPU emulation: Node.js takes seconds to load loopmesh.
-    await writeFile(entry, `await new Promise((r) => setTimeout(r, 4000));\nawait import(${JSON.stringify(pathToFileURL(main).href)});\n`);
+    // A dynamic import: a static one is loaded before the module's body runs.
+    const slow = `await new Promise((r) => setTimeout(r, 4000));\nawait import(${JSON.stringify(pathToFileURL(main).href)});\n`;
+    await writeFile(entry, slow);
     const load = steadyLoad(address, port, 10);
     t.after(() => load.stop());
     old.child.kill('SIGUSR2');
@@ -177,20 +181,8 @@ describe('hot restart of loopmesh balancer (SIGUSR2): a new process takes over t
     old.child.kill('SIGKILL');
     await old.exited;
 
-    const log2 = join(dir, 'slow-ok.log');
-    await writeFile(entry, good);
-    const patient = startBalancer(entry, slowArgs(30), log2);
-    started.push(patient);
-    await untilStarted(patient, log2, address, port);
-    await writeFile(entry, `await new Promise((r) => setTimeout(r, 4000));\nawait import(${JSON.stringify(pathToFileURL(main).href)});\n`);
-    patient.child.kill('SIGUSR2');
-    const handedOver = await eventually(async () => (await logLines(log2)).find((l) => typeof l.successor === 'number'), 40_000, 'the slow successor taking over within 30 s');
-    const successor = handedOver.successor as number;
-    pids.push(successor);
-    assert.equal(await Promise.race([patient.exited, new Promise((r) => setTimeout(() => r('timeout'), 10_000))]), 0, 'the old process exits');
-    assert.equal(await whoAnswers(address, port, 2000), 'web-a', 'the successor serves');
-    process.kill(successor, 'SIGTERM');
-    await eventually(() => !alive(successor), 10_000, 'the successor stops on SIGTERM');
+    const { b: patient, log: log2, entry: entry2 } = await startFromEntry('slow-ok', ['--handover-timeout', '30']);
+    await handsOver(patient, log2, entry2, slow, 40_000);
   });
 
   // Node's wrapper server accepts on a handed-over socket the moment it arrives, before the `end`
