@@ -159,8 +159,11 @@ describe('loopmesh gateway: the proxy cluster a node falls back to', { skip, tim
     process.stdout.write(`# gateway hot restart: ${ok} requests to the gateway address, ${failed.length} failed\n`);
     assert.deepEqual(failed, []);
     assert.ok(ok > 5, `requests went on (${ok})`);
-    const list = (await consulGet('/v1/health/service/loopmesh-gateway?passing')) as unknown[] | undefined;
-    assert.equal(list?.length, 1, 'still registered and passing after the old process left');
+    const list = (await consulGet('/v1/health/service/loopmesh-gateway')) as unknown[] | undefined;
+    assert.equal(list?.length, 1, 'still registered after the old process left (not deregistered)');
+    // Consul's HTTP check (every 1 s) may have hit the admin port while it passed from the old process
+    // to the new one (CI saw it critical once, 500 ms after the old process left): passing again soon.
+    await eventually(async () => ((await consulGet('/v1/health/service/loopmesh-gateway?passing')) as unknown[] | undefined)?.length === 1, 5000, 'the registration passing with the successor');
     const pids = String((await run(['pgrep', '-f', 'main.ts gateway'])).stdout).trim().split('\n').filter(Boolean);
     assert.equal(pids.length, 1, 'one gateway process: the successor');
   });

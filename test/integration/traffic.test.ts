@@ -58,6 +58,11 @@ describe('traffic document in Consul KV (gray release) with a real Consul', { ti
     return JSON.stringify(spec?.split ?? []) === JSON.stringify(split);
   }
 
+  /** Served, and written to balancer.json (the agent serves a change before it writes the files). */
+  async function servedAndWritten(split: Array<{ name: string; weight: number }>): Promise<boolean> {
+    return served(split) && JSON.stringify((await web())?.split ?? []) === JSON.stringify(split);
+  }
+
   async function routesReport(): Promise<ReturnType<typeof parseStatusReport>> {
     const res = await fetch(`${node.agent.adminUrl()}/v1/routes`, { signal: AbortSignal.timeout(5000) });
     assert.equal(res.status, 200);
@@ -119,7 +124,7 @@ describe('traffic document in Consul KV (gray release) with a real Consul', { ti
 
   test('split canary 100: every connection reaches the canary', async () => {
     await kvPut(consul, 'loopmesh/traffic/web', '{"split":[{"tag":"canary","weight":100}]}');
-    await eventually(() => served([{ name: 'canary', weight: 100 }, { name: '', weight: 0 }]), 5000, 'the split at 100');
+    await eventually(() => servedAndWritten([{ name: 'canary', weight: 100 }, { name: '', weight: 0 }]), 5000, 'the split at 100');
     const w = (await web())!;
     const counts = await tally(w.address, w.port, 50);
     assert.deepEqual([...counts], [['web-canary', 50]]);
@@ -182,7 +187,7 @@ describe('traffic document in Consul KV (gray release) with a real Consul', { ti
 
   test('the key deleted: no split, both instances get connections, and the problem is gone', async () => {
     await kvDelete(consul, 'loopmesh/traffic/web');
-    await eventually(() => served([]), 5000, 'no split');
+    await eventually(() => servedAndWritten([]), 5000, 'no split');
     assert.deepEqual((await web())!.split, []);
     const w = (await web())!;
     const counts = await tally(w.address, w.port, 20);
