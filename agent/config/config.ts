@@ -203,33 +203,33 @@ function endpoint(value: string, flag: string): Endpoint | undefined {
     throw invalid(`${(err as Error).message}, or "off"`);
   }
   if (isIP(parsed.host) === 0 && parsed.host !== 'localhost') {
-    throw invalid(`--${flag}: expected an IP address before the port (for example 127.0.0.1:${parsed.port}), got "${parsed.host}" in "${value}"`);
+    throw invalid(`--${flag}: expected an IP address before the port (for example 127.0.0.1:${parsed.port}), got ${JSON.stringify(parsed.host)} in "${value}"`);
   }
   return parsed;
 }
 
 function seconds(value: string, flag: string): number {
   const n = Number(value);
-  if (value.trim() === '' || !Number.isFinite(n) || n < 0 || n > 86_400) throw invalid(`--${flag}: expected a number of seconds from 0 to 86400, got "${value}"`);
+  if (value.trim() === '' || !Number.isFinite(n) || n < 0 || n > 86_400) throw invalid(`--${flag}: expected a number of seconds from 0 to 86400, got ${JSON.stringify(value)}`);
   return Math.round(n * 1000);
 }
 
 function handoverTimeout(value: string): number {
   const n = Number(value);
-  if (value.trim() === '' || !Number.isFinite(n) || n < 1 || n > 600) throw invalid(`--handover-timeout: expected a number of seconds from 1 to 600, got "${value}"`);
+  if (value.trim() === '' || !Number.isFinite(n) || n < 1 || n > 600) throw invalid(`--handover-timeout: expected a number of seconds from 1 to 600, got ${JSON.stringify(value)}`);
   return Math.round(n * 1000);
 }
 
 function count(value: string, flag: string): number {
   const n = Number(value);
-  if (value.trim() === '' || !Number.isInteger(n) || n < 0 || n > 1_000_000) throw invalid(`--${flag}: expected a whole number from 0 to 1000000, got "${value}"`);
+  if (value.trim() === '' || !Number.isInteger(n) || n < 0 || n > 1_000_000) throw invalid(`--${flag}: expected a whole number from 0 to 1000000, got ${JSON.stringify(value)}`);
   return n;
 }
 
 /** Whole seconds, because Consul's `wait` parameter is sent in whole seconds. */
 function consulWait(value: string): number {
   const n = Number(value);
-  if (value.trim() === '' || !Number.isInteger(n) || n < 1 || n > 600) throw invalid(`--consul-wait: expected a whole number of seconds from 1 to 600 (Consul caps a blocking wait at 10 minutes), got "${value}"`);
+  if (value.trim() === '' || !Number.isInteger(n) || n < 1 || n > 600) throw invalid(`--consul-wait: expected a whole number of seconds from 1 to 600 (Consul caps a blocking wait at 10 minutes), got ${JSON.stringify(value)}`);
   return n * 1000;
 }
 
@@ -237,14 +237,14 @@ function consulWait(value: string): number {
 function workers(value: string): number {
   if (value.trim().toLowerCase() === 'auto') return Math.min(64, Math.max(1, availableParallelism()));
   const n = Number(value);
-  if (value.trim() === '' || !Number.isInteger(n) || n < 1 || n > 64) throw invalid(`--workers: expected a whole number from 1 to 64, or "auto" (one per CPU), got "${value}"`);
+  if (value.trim() === '' || !Number.isInteger(n) || n < 1 || n > 64) throw invalid(`--workers: expected a whole number from 1 to 64, or "auto" (one per CPU), got ${JSON.stringify(value)}`);
   return n;
 }
 
 function maxWatches(value: string): number {
   const n = Number(value);
   if (value.trim() === '' || !Number.isInteger(n) || n < 0 || n > maxWatchesCeiling) {
-    throw invalid(`--max-watches: expected a whole number from 0 to ${maxWatchesCeiling} (each is a connection to the local Consul agent, which allows 200 per client), got "${value}"`);
+    throw invalid(`--max-watches: expected a whole number from 0 to ${maxWatchesCeiling} (each is a connection to the local Consul agent, which allows 200 per client), got ${JSON.stringify(value)}`);
   }
   return n;
 }
@@ -254,7 +254,7 @@ function servicesKv(value: string | undefined, services: string | undefined): st
   if (value === undefined) return undefined;
   if (services !== undefined && services.trim() !== '') throw invalid('--services-kv and --services both name the services to route; expected one of them');
   if (!/^[A-Za-z0-9_.-]+(?:\/[A-Za-z0-9_.-]+)*$/.test(value) || value.split('/').some((seg) => seg === '.' || seg === '..') || value.length > 512) {
-    throw invalid(`--services-kv: expected a Consul KV key like loopmesh/services/NODE (letters, digits, "_", ".", "-" in "/"-separated parts), got "${value}"`);
+    throw invalid(`--services-kv: expected a Consul KV key like loopmesh/services/NODE (letters, digits, "_", ".", "-" in "/"-separated parts), got ${JSON.stringify(value)}`);
   }
   return value;
 }
@@ -263,7 +263,7 @@ const consulName = /^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?$/;
 
 function gatewayService(value: string): string | undefined {
   if (value === 'off') return undefined;
-  if (!consulName.test(value)) throw invalid(`--gateway-service: expected a Consul service name (letters, digits, "-", "_", ".", at most 128) or "off", got "${value}"`);
+  if (!consulName.test(value)) throw invalid(`--gateway-service: expected a Consul service name (letters, digits, "-", "_", ".", at most 128) or "off", got ${JSON.stringify(value)}`);
   return value;
 }
 
@@ -277,7 +277,7 @@ function gatewayRange(value: string | undefined): AddressRange | undefined {
 }
 
 function gatewayId(value: string | undefined): string | undefined {
-  if (value !== undefined && !consulName.test(value)) throw invalid(`--gateway-id: expected a Consul service ID (letters, digits, "-", "_", ".", at most 128), got "${value}"`);
+  if (value !== undefined && !consulName.test(value)) throw invalid(`--gateway-id: expected a Consul service ID (letters, digits, "-", "_", ".", at most 128), got ${JSON.stringify(value)}`);
   return value;
 }
 
@@ -287,9 +287,9 @@ function gatewayCheck(value: string | undefined): string | undefined {
   try {
     url = new URL(value);
   } catch {
-    throw invalid(`--gateway-check: expected an http:// or https:// URL such as http://127.0.0.1:9190/health, got "${value}"`);
+    throw invalid(`--gateway-check: expected an http:// or https:// URL such as http://127.0.0.1:9190/health, got ${JSON.stringify(value)}`);
   }
-  if (url.protocol !== 'http:' && url.protocol !== 'https:') throw invalid(`--gateway-check: expected an http:// or https:// URL, got "${value}"`);
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') throw invalid(`--gateway-check: expected an http:// or https:// URL, got ${JSON.stringify(value)}`);
   return url.href;
 }
 
@@ -298,7 +298,7 @@ function bool(value: string, flag: string): boolean {
   const v = value.toLowerCase();
   if (['true', '1', 'yes', 't'].includes(v)) return true;
   if (['false', '0', 'no', 'f', ''].includes(v)) return false;
-  throw invalid(`--${flag}: expected true or false, got "${value}"`);
+  throw invalid(`--${flag}: expected true or false, got ${JSON.stringify(value)}`);
 }
 
 const loopbackNames: ReadonlySet<string> = new Set(['localhost', '::1']);
@@ -349,7 +349,7 @@ function consulTls(get: (key: string) => string | undefined, url: URL, given: st
     throw invalid(certFile ? `--client-cert "${certFile}" is set without --client-key; expected both (CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY)` : `--client-key "${keyFile}" is set without --client-cert; expected both (CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY)`);
   }
   if (serverName !== undefined && !/^[A-Za-z0-9.-]{1,253}$/.test(serverName) && isIP(serverName) === 0) {
-    throw invalid(`--tls-server-name: expected a DNS name such as server.dc1.consul, got "${serverName}"`);
+    throw invalid(`--tls-server-name: expected a DNS name such as server.dc1.consul, got ${JSON.stringify(serverName)}`);
   }
   const ca = caFile === undefined ? undefined : readCertificates(caFile, 'ca-file');
   const cert = certFile === undefined ? undefined : readCertificates(certFile, 'client-cert');
@@ -386,7 +386,7 @@ export function resolveConfig(...layers: RawConfig[]): AgentConfig {
     consul = new URL(hasScheme ? given : `${ssl ? 'https' : 'http'}://${given}`);
     if (consul.protocol !== 'http:' && consul.protocol !== 'https:') throw new Error();
   } catch {
-    throw invalid(`--consul: expected a URL such as http://127.0.0.1:8500, got "${given}"`);
+    throw invalid(`--consul: expected a URL such as http://127.0.0.1:8500, got ${JSON.stringify(given)}`);
   }
   if (ssl && consul.protocol === 'http:') {
     throw invalid(`--consul-ssl (CONSUL_HTTP_SSL) is true but --consul "${given}" says http://; expected an https:// address or one without a scheme`);

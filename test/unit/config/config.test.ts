@@ -174,3 +174,8 @@ test('isLoopbackHost: 127/8, ::1 (also IPv4-mapped), localhost; nothing else', (
   for (const h of yes) assert.equal(isLoopbackHost(h), true, h);
   for (const h of no) assert.equal(isLoopbackHost(h), false, h);
 });
+
+test('a bad value with a newline is quoted in the message, not printed across lines', () => {
+  assert.throws(() => resolveConfig({ handoverTimeout: '5\nx' }), (err: Error) => err.message === '--handover-timeout: expected a number of seconds from 1 to 600, got "5\\nx"' && !err.message.includes('\n'));
+  assert.throws(() => resolveConfig({ drainTimeout: '1\n2' }), (err: Error) => !err.message.includes('\n') && err.message.includes('"1\\n2"'));
+});
