@@ -125,7 +125,17 @@ start_proc() {
   # setsid: its own session, so the lab's processes outlive this script and its terminal.
   # ip netns exec, setsid (not a group leader here) and env all exec, so $! is CMD's own pid.
   ip netns exec "$node" setsid "$@" </dev/null >>"$LAB_STATE/$node/$name.log" 2>&1 &
-  echo $! >"$(pidfile "$node" "$name")"
+  local pid=$! tries=0
+  echo "$pid" >"$(pidfile "$node" "$name")"
+  # `ip netns exec` joins the namespace before it execs CMD, which on a loaded machine can take
+  # well over 50 ms: until then the pid runs but is not yet in the namespace. Wait for it to
+  # join (at most 10 s) and only call it dead when the process itself is gone.
+  while ! alive "$node" "$name"; do
+    kill -0 "$pid" 2>/dev/null || die "$name on $node exited at once; see $LAB_STATE/$node/$name.log: $(tail -n 5 "$LAB_STATE/$node/$name.log" 2>/dev/null)"
+    tries=$((tries + 1))
+    [ "$tries" -lt 200 ] || die "$name on $node (pid $pid) did not join namespace $node within 10 s"
+    sleep 0.05
+  done
   sleep 0.05
   alive "$node" "$name" || die "$name on $node exited at once; see $LAB_STATE/$node/$name.log: $(tail -n 5 "$LAB_STATE/$node/$name.log" 2>/dev/null)"
 }
