@@ -32,6 +32,8 @@ const maxProbedRegistrations = 1000;
 const maxSweptNodes = 1000;
 /** The filtered check list: what Consul sends when the catalog is large (see pickCheckList). */
 const notPassing = 'Status != "passing"';
+/** Matches no registration (Consul gives every service an ID): a node's change signal carries no services. */
+const noService = 'ID == ""';
 
 function withoutPassing(states: ReadonlyMap<string, CheckState>): Map<string, CheckState> {
   return new Map([...states].filter(([, c]) => c.status !== 'passing'));
@@ -58,6 +60,8 @@ export interface ConsulStatus {
   probes?: number;
   /** Node reads (/v1/catalog/node/NAME) that looked for registrations modified since their service's last read. */
   nodeReads?: number;
+  /** Per-node change signals held (long polls on /v1/catalog/node/NAME that carry no services; see syncNodeSignals). */
+  nodeSignals?: number;
   /** Which check list is watched: every check, or (a large catalog) only those not passing. */
   checkList?: 'all' | 'not-passing';
   /** How the catalog is watched: one long poll per listed service, or catalog-wide (see SelectedWatcher). */
@@ -80,6 +84,11 @@ export interface CatalogWatcherOptions {
   concurrency?: number;
   /** Most reads in flight at once for a sweep (every selected service), beside the targeted ones. */
   sweepConcurrency?: number;
+  /**
+   * On a large catalog, up to this many nodes get a change signal each (one long poll, see
+   * syncNodeSignals), so a node sweep reads only the nodes that changed. 0 (the default): none.
+   */
+  maxNodeSignals?: number;
 }
 
 /**
@@ -139,6 +148,12 @@ export class CatalogWatcher {
   private readonly consul: ConsulContact;
   /** What the watcher counts besides contact (reads, sweeps...): the same object as consul.status. */
   private readonly statusValue: ConsulStatus;
+  /** Node -> its change signal (see syncNodeSignals). */
+  private readonly nodeSignals = new Map<string, BlockingQuery>();
+  /** Nodes whose signal has answered and not failed since: a change there will show. */
+  private readonly armedNodes = new Set<string>();
+  /** Nodes whose signal fired since a node sweep last read them. */
+  private readonly changedNodes = new Set<string>();
   private resolveReady!: () => void;
   /** Resolves once the first full catalog has been read and handed to onCatalog. */
   readonly ready = new Promise<void>((resolve) => (this.resolveReady = resolve));
@@ -171,7 +186,7 @@ export class CatalogWatcher {
     this.refresh.cancel();
     clearTimeout(this.retryTimer);
     clearTimeout(this.sweepTimer);
-    await Promise.all([this.services.stop(), this.checks.stop()]);
+    await Promise.all([this.services.stop(), this.checks.stop(), ...[...this.nodeSignals.values()].map((q) => q.stop())]);
     await this.flushing;
     await this.sweeping;
   }
@@ -277,6 +292,52 @@ export class CatalogWatcher {
     this.checks.start();
   }
 
+  /**
+   * A change the lists cannot explain (an address, port, meta or weight change) makes a node sweep,
+   * and reading every node costs Consul the encoding of the whole catalog (about 6 MB and 100-200 ms
+   * at 2,000 x 5). A blocking query on one node's registrations returns only when that node's
+   * registrations change; with a filter that matches nothing it carries no services. So on a large
+   * catalog (the filtered check list is watched), each node gets such a signal, at most
+   * --max-watches of them (each is a connection to the local agent), and a node sweep reads only the
+   * nodes whose signal fired since it last read them (see nodeSweep).
+   */
+  private syncNodeSignals(): void {
+    if (this.stopped.signal.aborted) return;
+    const byNode = this.checksFilteredQuery ? this.sweptNodes() : undefined;
+    const wanted = byNode !== undefined && byNode.size <= (this.options.maxNodeSignals ?? 0) ? byNode : new Map<string, unknown>();
+    for (const [node, query] of this.nodeSignals) {
+      if (wanted.has(node)) continue;
+      this.nodeSignals.delete(node);
+      this.armedNodes.delete(node);
+      this.changedNodes.delete(node);
+      void query.stop();
+    }
+    const read = this.options.client.catalogNode?.bind(this.options.client);
+    if (!read) return;
+    const waitMs = this.options.waitMs ?? 60_000;
+    for (const node of wanted.keys()) {
+      if (this.nodeSignals.has(node)) continue;
+      const query = new BlockingQuery({
+        ...this.queryCommon,
+        name: `catalog/node/${node}?filter=none`,
+        fetch: (index, signal) => read(node, { index, waitMs, signal, filter: noService }),
+        // Every answer whose index moved (the first included: what changed before it is not known).
+        onChange: () => {
+          this.armedNodes.add(node);
+          this.changedNodes.add(node);
+        },
+        // While it fails, a change there may go unseen: the node is read by every node sweep.
+        onError: (err) => {
+          this.armedNodes.delete(node);
+          this.queryCommon.onError(err);
+        },
+      });
+      this.nodeSignals.set(node, query);
+      query.start();
+    }
+    this.statusValue.nodeSignals = this.nodeSignals.size;
+  }
+
   /** Throws on a wrong-shaped answer: the BlockingQuery keeps the last good one and asks again. */
   private checksChanged(body: unknown, filtered: boolean): void {
     this.recovered();
@@ -326,6 +387,7 @@ export class CatalogWatcher {
     if (this.unexplained !== undefined) this.scheduleSweep();
     this.afterReads(failures);
     this.pickCheckList();
+    this.syncNodeSignals();
   }
 
   /**
@@ -415,7 +477,8 @@ export class CatalogWatcher {
       const target = this.unexplained;
       if (this.stopped.signal.aborted || target === undefined) return;
       // One probe per unexplained index: if reading what it found did not explain it, sweep.
-      if (this.probed === target) return this.sweep();
+      // A node signal that fired since may still explain it (signals and lists answer independently).
+      if (this.probed === target && this.changedNodes.size === 0) return this.sweep();
       this.probed = target;
       this.probing = true;
       void this.probe().then(async (probed) => probed.length > 0 ? probed : (await this.nodeSweep()) ?? []).finally(() => (this.probing = false)).then(
@@ -463,7 +526,20 @@ export class CatalogWatcher {
     const byNode = this.sweptNodes();
     if (!read || !byNode) return undefined;
     const found = new Set<string>();
-    const queue = [...byNode.keys()];
+    // With signals (syncNodeSignals): first the nodes whose signal fired or that have none working.
+    const first = [...byNode.keys()].filter((node) => this.changedNodes.has(node) || !this.armedNodes.has(node));
+    for (const node of first) this.changedNodes.delete(node);
+    await this.readNodes(read, first, byNode, found);
+    // Found nothing: a signal may still be on its way (it and the service list answer independently).
+    // Read the other nodes too, rather than reading every service.
+    if (found.size === 0 && first.length < byNode.size) await this.readNodes(read, [...byNode.keys()].filter((node) => !first.includes(node)), byNode, found);
+    this.options.logger.debug({ nodes: byNode.size, signalled: first.length, found: [...found].slice(0, 20) }, 'node sweep');
+    return [...found];
+  }
+
+  /** Reads the given nodes (8 at a time) and adds to `found` the services changed there (see nodeSweep). */
+  private async readNodes(read: NonNullable<CatalogReader['catalogNode']>, nodes: readonly string[], byNode: ReadonlyMap<string, ReadonlyArray<{ service: string; id: string }>>, found: Set<string>): Promise<void> {
+    const queue = [...nodes];
     const worker = async (): Promise<void> => {
       for (let node = queue.shift(); node !== undefined; node = queue.shift()) {
         if (this.stopped.signal.aborted) return;
@@ -485,8 +561,6 @@ export class CatalogWatcher {
       }
     };
     await Promise.all(Array.from({ length: Math.min(8, queue.length) }, worker));
-    this.options.logger.debug({ nodes: byNode.size, found: [...found].slice(0, 20) }, 'node sweep');
-    return [...found];
   }
 
   /** Node -> the known instances on it, when a node sweep applies (services outnumber nodes); else undefined. */
@@ -527,6 +601,7 @@ export class CatalogWatcher {
       this.emit();
       this.afterReads(failures);
       this.pickCheckList();
+      this.syncNodeSignals();
     })().finally(() => {
       this.sweeping = undefined;
       if (this.sweepAgain) {

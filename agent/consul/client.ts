@@ -143,9 +143,15 @@ export class ConsulClient {
     return this.read('catalog.service.list(filter)', (o) => this.consul.catalog.service.list(o as never), { filter }, opts);
   }
 
-  /** /v1/catalog/node/NODE: the node and every service registered on it, each with its ModifyIndex. */
-  catalogNode(node: string, opts: ReadOptions = {}): Promise<QueryResult> {
-    return this.read(`catalog.node.services(${node})`, (o) => this.consul.catalog.node.services(o as never), { node }, opts);
+  /**
+   * /v1/catalog/node/NODE: the node and every service registered on it, each with its ModifyIndex.
+   * With `filter`, only the services it matches; as a blocking query it returns when a registration
+   * on this node changes (not on other nodes' changes), so a filter matching nothing makes it a
+   * cheap per-node change signal.
+   */
+  catalogNode(node: string, opts: ReadOptions & { filter?: string } = {}): Promise<QueryResult> {
+    const { filter, ...read } = opts;
+    return this.read(`catalog.node.services(${node}${filter ? ', filter' : ''})`, (o) => this.consul.catalog.node.services(o as never), filter ? { node, filter } : { node }, read);
   }
 
   healthService(service: string, opts: ReadOptions = {}): Promise<QueryResult> {

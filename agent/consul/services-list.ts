@@ -198,6 +198,8 @@ export class SelectedWatcher implements CatalogSource {
         selection: { services: explicit ? listed : [], tag: options.tag, always: options.always },
         filter: options.filter,
         waitMs: options.waitMs,
+        // The same budget of long polls as the per-service mode: a signal per node on a large catalog.
+        maxNodeSignals: options.maxWatches,
         onCatalog,
         onProblems,
       });

@@ -213,4 +213,37 @@ describe('catalog watcher on a large catalog (1,250 registrations on 5 nodes): o
     assert.equal((now.sweeps ?? 0) - (before.sweeps ?? 0), 0);
     assert.ok(nodeReads >= 5 && nodeReads <= 10, `${nodeReads} node reads (5 nodes, twice)`);
   });
+
+  test('with a change signal per node (maxNodeSignals): an address change is found by reading the node it happened on, not all five', async () => {
+    let seen: Catalog = new Map();
+    const signalled = new CatalogWatcher({ client, logger: silentLogger(), selection: { services: [], tag: undefined }, filter: { allowWarning: false }, waitMs: 30_000, maxNodeSignals: 10, onCatalog: (c) => (seen = c) });
+    signalled.start();
+    try {
+      await eventually(() => (seen.size >= serviceCount && signalled.status().nodeSignals === 5 ? true : undefined), 30_000, 'the first sync and a signal for each of the 5 nodes');
+      await new Promise((r) => setTimeout(r, 500));
+      // A signal's first answer marks its node changed (what happened before it is not known): the
+      // first node sweep reads every node. Measure after one.
+      const move = async (i: number): Promise<void> => {
+        const k = i % 5;
+        const address = `10.50.${i}.${k + 1}`;
+        await consul.api('PUT', '/v1/txn', [{ Service: { Verb: 'set', Node: `big${k}`, Service: { ID: `b${20 + i}-${k}`, Service: `b${20 + i}`, Port: 7000, Address: address } } }]);
+        await eventually(() => (seen.get(`b${20 + i}`)?.some((x) => x.address === address) ? true : undefined), 10_000, `b${20 + i} at ${address}`);
+        await new Promise((r) => setTimeout(r, 200));
+      };
+      await move(0);
+      const before = signalled.status();
+      const changes = 4;
+      for (let i = 1; i <= changes; i++) await move(i);
+      const now = signalled.status();
+      const nodeReads = (now.nodeReads ?? 0) - (before.nodeReads ?? 0);
+      process.stdout.write(`# watch cost: large catalog with node signals: ${changes} address changes on different nodes: ${(now.serviceReads ?? 0) - (before.serviceReads ?? 0)} service reads, ${nodeReads} node reads, ${(now.sweeps ?? 0) - (before.sweeps ?? 0)} sweeps\n`);
+      assert.equal((now.sweeps ?? 0) - (before.sweeps ?? 0), 0, 'no sweep');
+      // Without signals each change reads all 5 nodes (20); a signal late for one change costs 4 more.
+      assert.ok(nodeReads >= changes && nodeReads <= changes + 4, `${nodeReads} node reads for ${changes} changes`);
+      // The other watcher (no signals) holds none.
+      assert.equal(watcher.status().nodeSignals ?? 0, 0);
+    } finally {
+      await signalled.stop();
+    }
+  });
 });
