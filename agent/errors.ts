@@ -29,6 +29,8 @@ export const codes = {
   planNoPort: 'LM_ERR_PLAN_NO_PORT',
   planAddressesExhausted: 'LM_ERR_PLAN_ADDRESSES_EXHAUSTED',
   planNoAddress: 'LM_ERR_PLAN_NO_ADDRESS',
+  /** The address table could not be read or written in Consul KV: new services wait for an address. */
+  addressTableWrite: 'LM_ERR_ADDRESS_TABLE_WRITE',
   renderTemplate: 'LM_ERR_RENDER_TEMPLATE',
   renderWrite: 'LM_ERR_RENDER_WRITE',
   balancerConfig: 'LM_ERR_BALANCER_CONFIG',

@@ -5,7 +5,7 @@ import { readRunDirFileIfExists } from '../fs/run-dir.js';
 import { addressOf, reconcileAddresses, type AddressRange, type AddressTable } from '../plan/addresses.js';
 import { describe, isRecord } from '../validate.js';
 import { BlockingQuery } from './blocking-query.js';
-import type { ConsulClient, QueryResult } from './client.js';
+import { isHttpStatus, type ConsulClient, type QueryResult } from './client.js';
 
 /** The KV document: one key, so a whole allocation round is one check-and-set. */
 interface AddressDocument {
@@ -73,6 +73,8 @@ export class AddressBook {
   private current: Record<string, string> = {};
   private remote: RemoteTable | undefined;
   private problemsValue: Problem[] = [];
+  /** Why the last reconcile could not read or write the table in KV; cleared by one that could. */
+  private kvProblem: Problem | undefined;
   private readonly watch: BlockingQuery;
   private readonly reported = new Set<string>();
   /** The last reconcile that changed nothing: its KV table, the table it left, the labels KV gives another range. */
@@ -145,9 +147,9 @@ export class AddressBook {
     return this.current;
   }
 
-  /** Entries refused or moved by the last reconcile (invalid, duplicate, range full). */
+  /** Entries refused or moved by the last reconcile (invalid, duplicate, range full), and why KV could not be used. */
   problems(): readonly Problem[] {
-    return this.problemsValue;
+    return this.kvProblem ? [...this.problemsValue, this.kvProblem] : this.problemsValue;
   }
 
   /**
@@ -177,6 +179,7 @@ export class AddressBook {
         this.problemsValue = result.problems;
         this.report(result.problems);
         if (!result.changed) {
+          this.kvProblem = undefined;
           this.current = result.table;
           this.settled = { remote, table: result.table, foreign: new Set(Object.keys(result.document).filter((l) => addressOf(result.table, l) === undefined)) };
           break;
@@ -184,6 +187,7 @@ export class AddressBook {
         const doc: AddressDocument = { version: 1, addresses: sortedRecord(result.document) };
         if (await client.kvCas(key, JSON.stringify(doc, null, 1), remote.modifyIndex)) {
           const added = Object.entries(result.table).filter(([label, address]) => addressOf(this.current, label) !== address);
+          this.kvProblem = undefined;
           this.current = result.table;
           // The write's own index is not returned: read it, so the next check-and-set is based on it.
           this.remote = undefined;
@@ -197,6 +201,14 @@ export class AddressBook {
     } catch (err) {
       const error = err instanceof ConsulError ? err : new ConsulError(codes.consulInvalidData, errorMessage(err), { cause: err });
       logger.warn({ code: errorCode(error), key }, `cannot reconcile addresses with Consul KV now: ${error.message}`);
+      // The whole table is one KV value (one check-and-set per round): past Consul's value size limit
+      // no new service gets an address, while every service that has one keeps it.
+      const tooLarge = isHttpStatus(error, 413);
+      const missing = labels.filter((l) => addressOf(this.current, l) === undefined).length;
+      this.kvProblem = {
+        code: codes.addressTableWrite,
+        message: `the address table (Consul KV ${JSON.stringify(key)}) cannot be updated, ${missing} service(s) wait for an address: ${error.message.replace(/\.$/, '')}${tooLarge ? `; the table is one KV value and has outgrown Consul's limit: raise limits { kv_max_value_size } on the Consul servers and agents, or route fewer services (--services, --services-kv, --tag)` : ''}`,
+      };
     }
     // The cache is written beside the change, not before it is served (at 2,000 services its write
     // was 10-15 ms of every new service's time); a cache not written is tried again on the next change.

@@ -158,7 +158,7 @@ function planService(service: string, label: string, addresses: AddressTable, ad
   const traffic = options.traffic?.get(service) ?? emptyTrafficDoc;
   const address = addressOf(addresses, label);
   if (address === undefined) {
-    local.push({ service, code: codes.planNoAddress, message: `service "${service}" has no address allocated yet (Consul KV not reachable or range exhausted)` });
+    local.push({ service, code: codes.planNoAddress, message: `service "${service}" has no address allocated yet (Consul KV not reachable, the address table not writable there (LM_ERR_ADDRESS_TABLE_WRITE says why), or the range exhausted)` });
     return { problems: local };
   }
   if (addressOwner.get(address) !== service) return { problems: local };
