@@ -26,6 +26,11 @@ import {
 const sweepDelayMs = 100;
 /** The same with the filtered check list (a large catalog), which shows no registration: a short pause that lets a burst of changes land. */
 const filteredSweepDelayMs = 20;
+/**
+ * After a list change its names or tags explained, how long until a change hidden in the same answer
+ * is looked for (see verifyExplained): one look per burst of changes, off the served path.
+ */
+const verifyDelayMs = 1000;
 /** Above this many known registrations an unexplained change is a sweep, not a probe. */
 const maxProbedRegistrations = 1000;
 /** A node sweep reads each node once: worth it only while there are far fewer nodes than services. */
@@ -139,6 +144,8 @@ export class CatalogWatcher {
   /** Service -> every registration of it (healthy or not) from its last good read: what a probe compares with. */
   private readonly registered = new Map<string, readonly Registration[]>();
   private catalogSeen = false;
+  /** A look for changes hidden behind explained ones is due (see verifyExplained). */
+  private verifyTimer: NodeJS.Timeout | undefined;
   private flushing: Promise<void> | undefined;
   private retryAttempt = 0;
   /** Service -> its instances as last emitted (JSON): a read that changed nothing emits nothing. */
@@ -186,6 +193,7 @@ export class CatalogWatcher {
     this.refresh.cancel();
     clearTimeout(this.retryTimer);
     clearTimeout(this.sweepTimer);
+    clearTimeout(this.verifyTimer);
     await Promise.all([this.services.stop(), this.checks.stop(), ...[...this.nodeSignals.values()].map((q) => q.stop())]);
     await this.flushing;
     await this.sweeping;
@@ -247,6 +255,7 @@ export class CatalogWatcher {
     }
     for (const name of previous.keys()) if (!this.known.has(name)) explained = true;
     if (!explained && this.catalogSeen && index !== undefined && (this.unexplained === undefined || index > this.unexplained)) this.unexplained = index;
+    if (explained && this.catalogSeen) this.scheduleVerify();
     for (const map of [this.instances, this.nodes, this.problems, this.staleServices, this.serviceIndex, this.registered, this.readStartedAt, this.emittedFingerprints]) {
       for (const name of [...map.keys()]) {
         if (this.known.has(name)) continue;
@@ -495,6 +504,48 @@ export class CatalogWatcher {
       );
       // The filtered check list cannot explain a registration: waiting for it only delays the node sweep.
     }, this.checksFilteredQuery ? filteredSweepDelayMs : sweepDelayMs);
+  }
+
+  /**
+   * A list answer whose names or tags changed is taken as explained by them, but a change the lists
+   * cannot show (an address move) may have landed in the same answer, even in the same transaction.
+   * So a moment later, once per burst, look for it the narrow way: the probe (up to 1,000
+   * registrations), or the nodes whose change signal fired since they were last read. What either
+   * finds is read; finding nothing is the common case and costs nothing more (never a sweep). On a
+   * large catalog with more nodes than --max-watches (no signals) such a change waits for the next
+   * change nothing explains.
+   */
+  private scheduleVerify(): void {
+    if (this.verifyTimer !== undefined || this.stopped.signal.aborted) return;
+    this.verifyTimer = setTimeout(() => {
+      this.verifyTimer = undefined;
+      if (this.stopped.signal.aborted) return;
+      // An unexplained change under way looks at least as far.
+      if (this.probing || this.sweepTimer !== undefined || this.sweeping) return this.scheduleVerify();
+      this.probing = true;
+      void this.verifyExplained().finally(() => (this.probing = false)).then(
+        (found) => {
+          if (this.stopped.signal.aborted || found.length === 0) return;
+          this.options.logger.debug({ found: found.slice(0, 20) }, 'a change hidden behind an explained one');
+          for (const name of found) this.dirty.add(name);
+          this.refresh();
+        },
+        (err: unknown) => this.options.logger.debug({ code: errorCode(err) }, `looking for changes hidden behind explained ones failed: ${errorMessage(err)}; the next change looks again`),
+      );
+    }, verifyDelayMs);
+  }
+
+  private async verifyExplained(): Promise<string[]> {
+    const probed = await this.probe();
+    if (probed.length > 0) return probed;
+    const read = this.options.client.catalogNode?.bind(this.options.client);
+    const byNode = this.sweptNodes();
+    if (!read || !byNode || this.nodeSignals.size === 0) return [];
+    const nodes = [...byNode.keys()].filter((node) => this.changedNodes.has(node) || (this.nodeSignals.has(node) && !this.armedNodes.has(node)));
+    for (const node of nodes) this.changedNodes.delete(node);
+    const found = new Set<string>();
+    await this.readNodes(read, nodes, byNode, found);
+    return [...found];
   }
 
   /** The known services with a registration Consul holds and this watcher does not know. */
