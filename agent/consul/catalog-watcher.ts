@@ -1,3 +1,4 @@
+import { setMaxListeners } from 'node:events';
 import type { Logger } from '../log.js';
 import { isRecord } from '../validate.js';
 import { debounce, type Debounced } from '../debounce.js';
@@ -167,6 +168,9 @@ export class CatalogWatcher {
 
   constructor(private readonly options: CatalogWatcherOptions) {
     const { client, logger } = options;
+    // Every read in flight listens on this signal (up to 24 targeted, 16 sweeping and 8 node reads
+    // at once): more than Node's default of 10, which would print a leak warning outside the log.
+    setMaxListeners(64, this.stopped.signal);
     this.consul = new ConsulContact(logger, client.url);
     this.statusValue = this.consul.status;
     const common = { logger, minIntervalMs: options.minIntervalMs ?? 50, onError: (err: unknown) => this.failed(err), onRecover: () => this.recovered() };
