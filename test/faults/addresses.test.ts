@@ -135,51 +135,43 @@ describe('faults: the address table', { timeout: 180_000 }, () => {
 });
 
 describe("faults: the address table outgrows Consul's KV value size limit", { timeout: 120_000 }, () => {
-  let consul: TestConsul;
-  let backend: IdServer;
-  let port: number;
-  let node: Awaited<ReturnType<typeof startAgent>>;
-  const log = captureLogger('info');
   // Small enough that a few services fill it: the table is written whole on every allocation.
   const limit = 600;
 
-  before(async () => {
-    consul = await TestConsul.start({ hcl: `limits { kv_max_value_size = ${limit} }` });
-    backend = await startIdServer('backend');
-    port = await freePort();
-  });
-
-  after(async () => {
-    await node?.stop().catch(() => undefined);
-    await backend?.close();
-    await consul?.close();
-    if (node) await removeDir(node.dir);
-  });
-
   test('services that have an address keep serving; the others are named, with the 413 and the setting to raise', async () => {
-    const register = (name: string): Promise<void> => consul.register({ id: `${name}-1`, name, port: backend.port, meta: { 'loopmesh-port': String(port) }, ttlCheck: { passing: true } });
-    const early = ['web', 'api'];
-    for (const name of early) await register(name);
-    node = await startAgent(consul.url, {}, undefined, log.logger);
-    await eventually(() => allListeningApart(node.agent, early), 10_000, 'web and api listening');
-    // Each entry is about 50 bytes: 20 of them cannot fit in 600.
-    const late = Array.from({ length: 20 }, (_, i) => `a-service-with-a-long-name-${i}`);
-    for (const name of late) await register(name);
-    const problem = await eventually(async () => (await health(node.agent)).reasons.find((r) => r.code === 'LM_ERR_PLAN_NO_ADDRESS') ? node.agent.problems().find((p) => p.code === 'LM_ERR_ADDRESS_TABLE_WRITE') : undefined, 10_000, 'the address table write refused and reported');
-    process.stdout.write(`# ${problem.message}\n`);
-    assert.match(problem.message, /413/);
-    assert.match(problem.message, /kv_max_value_size/);
-    assert.match(problem.message, /\d+ service\(s\) wait for an address/);
-    const table = await kvTable(consul);
-    assert.ok(table !== undefined && JSON.stringify(table).length < limit, 'KV still holds the last table that fit');
-    // What had an address still serves, on the address KV gave it.
-    for (const name of early) {
-      assert.equal(served(node.agent).get(name)?.address, table[name]);
-      assert.equal(await whoAnswers(table[name]!, port), 'backend');
+    const consul = await TestConsul.start({ hcl: `limits { kv_max_value_size = ${limit} }` });
+    const backend = await startIdServer('backend');
+    const port = await freePort();
+    let node: Awaited<ReturnType<typeof startAgent>> | undefined;
+    try {
+      const register = (name: string): Promise<void> => consul.register({ id: `${name}-1`, name, port: backend.port, meta: { 'loopmesh-port': String(port) }, ttlCheck: { passing: true } });
+      const early = ['web', 'api'];
+      for (const name of early) await register(name);
+      const agent = (node = await startAgent(consul.url, {}, undefined, captureLogger('info').logger)).agent;
+      await eventually(() => allListeningApart(agent, early), 10_000, 'web and api listening');
+      // Each entry is about 50 bytes: 20 of them cannot fit in 600.
+      const late = Array.from({ length: 20 }, (_, i) => `a-service-with-a-long-name-${i}`);
+      for (const name of late) await register(name);
+      const problem = await eventually(async () => ((await health(agent)).reasons.find((r) => r.code === 'LM_ERR_PLAN_NO_ADDRESS') ? agent.problems().find((p) => p.code === 'LM_ERR_ADDRESS_TABLE_WRITE') : undefined), 10_000, 'the address table write refused and reported');
+      process.stdout.write(`# ${problem.message}\n`);
+      assert.match(problem.message, /413/);
+      assert.match(problem.message, /kv_max_value_size/);
+      assert.match(problem.message, /\d+ service\(s\) wait for an address/);
+      const table = await kvTable(consul);
+      assert.ok(table !== undefined && JSON.stringify(table).length < limit, 'KV still holds the last table that fit');
+      // What had an address still serves, on the address KV gave it.
+      for (const name of early) {
+        assert.equal(served(agent).get(name)?.address, table[name]);
+        assert.equal(await whoAnswers(table[name]!, port), 'backend');
+      }
+      assert.equal((await health(agent)).code, 503);
+      // Room again (the late services deregistered): the problem clears by itself.
+      for (const name of late) await consul.deregister(`${name}-1`);
+      await eventually(async () => ((await health(agent)).code === 200 && !agent.problems().some((p) => p.code === 'LM_ERR_ADDRESS_TABLE_WRITE') ? true : undefined), 10_000, 'healthy again once the services that did not fit are gone');
+    } finally {
+      await node?.stop().catch(() => undefined);
+      await Promise.all([backend.close(), consul.close()]);
+      if (node) await removeDir(node.dir);
     }
-    assert.equal((await health(node.agent)).code, 503);
-    // Room again (the late services deregistered): the problem clears by itself.
-    for (const name of late) await consul.deregister(`${name}-1`);
-    await eventually(async () => ((await health(node.agent)).code === 200 && !node.agent.problems().some((p) => p.code === 'LM_ERR_ADDRESS_TABLE_WRITE') ? true : undefined), 10_000, 'healthy again once the services that did not fit are gone');
   });
 });
