@@ -527,7 +527,11 @@ export class CatalogWatcher {
       // An unexplained change under way looks at least as far.
       if (this.probing || this.sweepTimer !== undefined || this.sweeping) return this.scheduleVerify();
       this.probing = true;
-      void this.verifyExplained().finally(() => (this.probing = false)).then(
+      void this.verifyExplained().finally(() => {
+        this.probing = false;
+        // A change nothing explained that came meanwhile was not scheduled (a probe was out): now.
+        if (this.unexplained !== undefined && !this.stopped.signal.aborted) this.scheduleSweep();
+      }).then(
         (found) => {
           if (this.stopped.signal.aborted || found.length === 0) return;
           this.options.logger.debug({ found: found.slice(0, 20) }, 'a change hidden behind an explained one');

@@ -247,3 +247,37 @@ test('a sweep (a list change nothing explained) runs beside the targeted reads: 
   assert.equal(catalogs.at(-1)?.has('slow0'), true, 'the services the sweep is reading stay in the catalog meanwhile');
   await eventually(() => (reader.healthReads.get('slow3') ?? 0) >= 2, 5000, 'the sweep to read slow3 as well');
 });
+
+test('a change nothing explains, arriving while the look for hidden changes is out, is still read once that look ends', async (t) => {
+  // The probe (a filtered service list) answers slowly and finds nothing: the window is exact here.
+  // Each service's own index, as Consul keeps one per service (a sweep takes only what moved).
+  class SlowProbe extends ScriptedReader {
+    readonly serviceIndex = new Map<string, bigint>();
+    async catalogServicesFiltered(): Promise<QueryResult> {
+      await new Promise((r) => setTimeout(r, 800));
+      return { body: {}, index: 10n, knownLeader: true };
+    }
+    override async healthService(name: string): Promise<QueryResult> {
+      return { ...(await super.healthService(name)), index: this.serviceIndex.get(name) ?? 10n };
+    }
+  }
+  const reader = new SlowProbe();
+  reader.services = { web: [] };
+  reader.checks = [checkOf('web', 1)];
+  reader.health.set('web', [instance('web', 'web-1', 8000)]);
+  const { watcher, ports } = watch(reader);
+  watcher.start();
+  t.after(() => watcher.stop());
+  await eventually(() => ports('web')?.[0] === 8000, 5000, 'the first sync');
+  // A new service: explained by the list, so a look for hidden changes follows 1 s later.
+  reader.services = { web: [], fresh: [] };
+  reader.health.set('fresh', [instance('fresh', 'fresh-1', 9000)]);
+  reader.bump('services');
+  await eventually(() => ports('fresh')?.[0] === 9000, 5000, 'fresh live');
+  await eventually(() => ((watcher.status().probes ?? 0) >= 1 ? true : undefined), 5000, 'the look (a probe) to start');
+  // While it is out: web moves to another port, which only the list's index shows.
+  reader.health.set('web', [instance('web', 'web-1', 8001)]);
+  reader.serviceIndex.set('web', 20n);
+  reader.bump('services');
+  await eventually(() => ports('web')?.[0] === 8001, 5000, 'web at its new port');
+});
