@@ -591,7 +591,10 @@ export class CatalogWatcher {
     await this.readNodes(read, first, byNode, found);
     // Found nothing: a signal may still be on its way (it and the service list answer independently).
     // Read the other nodes too, rather than reading every service.
-    if (found.size === 0 && first.length < byNode.size) await this.readNodes(read, [...byNode.keys()].filter((node) => !first.includes(node)), byNode, found);
+    if (found.size === 0 && first.length < byNode.size) {
+      const read1 = new Set(first);
+      await this.readNodes(read, [...byNode.keys()].filter((node) => !read1.has(node)), byNode, found);
+    }
     this.options.logger.debug({ nodes: byNode.size, signalled: first.length, found: [...found].slice(0, 20) }, 'node sweep');
     return [...found];
   }
