@@ -12,6 +12,9 @@
  * deregistration, the name gone); p50 / p99 / max per kind and overall; the agent's RSS and CPU at
  * rest and under churn; requests and bytes it took from Consul per change and per minute at rest.
  * --routed R [--routed-kv]: the explicit-list modes (R services named by --services or a KV list).
+ * --seed-table: Consul KV's address table starts with an address for every one of the S services, as
+ * a node routing the whole catalog leaves it (with --routed, a new service's check-and-set then
+ * writes a table of S entries, as in a cluster where some node routes everything).
  * Defaults: 2,000 x 5, 100 changes. Bounded in time; everything it starts is stopped.
  */
 import { execa, type ResultPromise } from 'execa';
@@ -42,6 +45,7 @@ if (R !== undefined && R > S) {
   process.exit(2);
 }
 const routedCount = R ?? S;
+const seedTable = argv.includes('--seed-table');
 /** --agent-log FILE: the agent's log (debug level) goes there, to see where a change's time goes. */
 const agentLog = argv.indexOf('--agent-log') >= 0 ? argv[argv.indexOf('--agent-log') + 1] : undefined;
 /** --agent-profile DIR: a CPU profile of the agent (node --cpu-prof) is written there when it stops. */
@@ -185,6 +189,12 @@ async function run(): Promise<void> {
     for (let s = 0; s < S; s++) for (let k = 0; k < I; k++) ops.push(...instanceOps(`svc${s}`, k));
     await txn(ops);
     out(`loaded ${S} services x ${I} instances into Consul in ${((performance.now() - loadStarted) / 1000).toFixed(1)} s`);
+    if (seedTable) {
+      // 127.77.0.1, 127.77.0.2, ... in service order: the table a node routing every service leaves.
+      const addresses = Object.fromEntries(Array.from({ length: S }, (_, s) => [`svc${s}`, `127.77.${(s + 1) >> 8}.${(s + 1) & 255}`]));
+      await consul.api('PUT', '/v1/kv/loopmesh/addresses', { version: 1, addresses });
+      out(`address table seeded in Consul KV with ${S} entries`);
+    }
 
     // The explicit list: the routed services, and the names the changes register.
     const listed = R === undefined ? [] : [...Array.from({ length: R }, (_, i) => `svc${i}`), ...Array.from({ length: Math.ceil(N / 4) }, (_, i) => `new${i}`)];
@@ -285,6 +295,7 @@ async function run(): Promise<void> {
     const result = {
       services: S,
       routed: R === undefined ? 'all' : `${R} by ${routedKv ? '--services-kv' : '--services'}`,
+      seededTable: seedTable,
       instances: I,
       changes: N,
       firstSyncSeconds: Number(firstSync.toFixed(2)),
