@@ -309,14 +309,16 @@ export class CatalogWatcher {
    * A change the lists cannot explain (an address, port, meta or weight change) makes a node sweep,
    * and reading every node costs Consul the encoding of the whole catalog (about 6 MB and 100-200 ms
    * at 2,000 x 5). A blocking query on one node's registrations returns only when that node's
-   * registrations change; with a filter that matches nothing it carries no services. So on a large
-   * catalog (the filtered check list is watched), each node gets such a signal, at most
-   * --max-watches of them (each is a connection to the local agent), and a node sweep reads only the
-   * nodes whose signal fired since it last read them (see nodeSweep).
+   * registrations change; with a filter that matches nothing it carries no services. So each node
+   * holding a known instance gets such a signal while there are at most --max-watches of them (each
+   * is a connection to the local agent), whatever the catalog's size: a node sweep reads only the
+   * nodes whose signal fired since it last read them (see nodeSweep), and the look for a change
+   * hidden behind an explained one reads them too (a meta or weight change, which the probe cannot
+   * see, is found there).
    */
   private syncNodeSignals(): void {
     if (this.stopped.signal.aborted) return;
-    const byNode = this.checksFilteredQuery ? this.sweptNodes() : undefined;
+    const byNode = this.knownByNode();
     const wanted = byNode !== undefined && byNode.size <= (this.options.maxNodeSignals ?? 0) ? byNode : new Map<string, unknown>();
     for (const [node, query] of this.nodeSignals) {
       if (wanted.has(node)) continue;
@@ -514,10 +516,10 @@ export class CatalogWatcher {
    * A list answer whose names or tags changed is taken as explained by them, but a change the lists
    * cannot show (an address move) may have landed in the same answer, even in the same transaction.
    * So a moment later, once per burst, look for it the narrow way: the probe (up to 1,000
-   * registrations), or the nodes whose change signal fired since they were last read. What either
-   * finds is read; finding nothing is the common case and costs nothing more (never a sweep). On a
-   * large catalog with more nodes than --max-watches (no signals) such a change waits for the next
-   * change nothing explains.
+   * registrations), then the nodes whose change signal fired since they were last read. What either
+   * finds is read; finding nothing is the common case and costs nothing more (never a sweep). With
+   * more nodes than --max-watches (no signals) such a change waits for the next change nothing
+   * explains (up to 1,000 registrations, only a meta or weight change: the probe sees the rest).
    */
   private scheduleVerify(): void {
     if (this.verifyTimer !== undefined || this.stopped.signal.aborted) return;
@@ -544,14 +546,15 @@ export class CatalogWatcher {
   }
 
   private async verifyExplained(): Promise<string[]> {
-    const probed = await this.probe();
-    if (probed.length > 0) return probed;
+    const found = new Set(await this.probe());
+    // Then the signalled nodes, also when the probe found something (a meta or weight change beside
+    // it is only there). Without a signal per node nothing narrow is left to look at: up to 1,000
+    // registrations a hidden meta or weight change then waits for the next change nothing explains.
     const read = this.options.client.catalogNode?.bind(this.options.client);
-    const byNode = this.sweptNodes();
-    if (!read || !byNode || this.nodeSignals.size === 0) return [];
+    const byNode = this.knownByNode();
+    if (!read || !byNode || this.nodeSignals.size === 0) return [...found];
     const nodes = [...byNode.keys()].filter((node) => this.changedNodes.has(node) || (this.nodeSignals.has(node) && !this.armedNodes.has(node)));
     for (const node of nodes) this.changedNodes.delete(node);
-    const found = new Set<string>();
     await this.readNodes(read, nodes, byNode, found);
     return [...found];
   }
@@ -627,6 +630,13 @@ export class CatalogWatcher {
 
   /** Node -> the known instances on it, when a node sweep applies (services outnumber nodes); else undefined. */
   private sweptNodes(): Map<string, Array<{ service: string; id: string }>> | undefined {
+    const byNode = this.knownByNode();
+    if (byNode === undefined || byNode.size === 0 || byNode.size > maxSweptNodes || byNode.size > this.known.size / 2) return undefined;
+    return byNode;
+  }
+
+  /** Node -> the known instances on it (undefined when the client cannot read a node). */
+  private knownByNode(): Map<string, Array<{ service: string; id: string }>> | undefined {
     if (!this.options.client.catalogNode) return undefined;
     const byNode = new Map<string, Array<{ service: string; id: string }>>();
     for (const [service, list] of this.registered) {
@@ -637,7 +647,6 @@ export class CatalogWatcher {
         byNode.set(r.node, on);
       }
     }
-    if (byNode.size === 0 || byNode.size > maxSweptNodes || byNode.size > this.known.size / 2) return undefined;
     return byNode;
   }
 

@@ -150,6 +150,29 @@ describe('catalog watcher: one change costs the services it touched', { timeout:
     await eventually(() => (!catalog.has('moving') && !catalog.has('newcomer') ? true : undefined), 10_000, 'the side node gone');
   });
 
+  test('with a change signal per node: a meta change in the same transaction as a new service (the probe cannot see meta) is found by the look that follows, no sweep', async () => {
+    const svc = (id: string, name: string, meta: Record<string, string>): unknown => ({ Service: { Verb: 'set', Node: 'side2', Service: { ID: id, Service: name, Address: '10.9.0.5', Port: 7000, Meta: meta } } });
+    let seen: Catalog = new Map();
+    const signalled = new CatalogWatcher({ client, logger: silentLogger(), selection: { services: [], tag: undefined }, filter: { allowWarning: false }, waitMs: 30_000, maxNodeSignals: 10, onCatalog: (c) => (seen = c) });
+    signalled.start();
+    try {
+      await consul.api('PUT', '/v1/txn', [{ Node: { Verb: 'set', Node: { Node: 'side2', Address: '10.9.0.1' } } }, svc('meta-1', 'metasvc', { version: '1' })]);
+      await eventually(() => (seen.get('metasvc')?.[0]?.meta.version === '1' && (signalled.status().nodeSignals ?? 0) >= 2 ? true : undefined), 10_000, 'metasvc with version 1, and a signal for both nodes');
+      // Past the look after metasvc's own registration: what follows is the transaction's alone.
+      await new Promise((r) => setTimeout(r, 1_500));
+      const before = signalled.status();
+      await consul.api('PUT', '/v1/txn', [svc('meta-new-1', 'metanew', {}), svc('meta-1', 'metasvc', { version: '2' })]);
+      await eventually(() => (seen.has('metanew') && seen.get('metasvc')?.[0]?.meta.version === '2' ? true : undefined), 5_000, 'metanew, and metasvc with version 2');
+      const now = signalled.status();
+      process.stdout.write(`# watch cost: a meta change hidden behind a new service, with node signals: ${(now.serviceReads ?? 0) - (before.serviceReads ?? 0)} service reads, ${(now.probes ?? 0) - (before.probes ?? 0)} filtered list queries, ${(now.nodeReads ?? 0) - (before.nodeReads ?? 0)} node reads, ${(now.sweeps ?? 0) - (before.sweeps ?? 0)} sweeps\n`);
+      assert.equal((now.sweeps ?? 0) - (before.sweeps ?? 0), 0, 'no sweep');
+      assert.ok((now.nodeReads ?? 0) - (before.nodeReads ?? 0) <= 2, 'the signalled node read, not more than both');
+    } finally {
+      await signalled.stop();
+      await consul.api('PUT', '/v1/txn', [{ Node: { Verb: 'delete', Node: { Node: 'side2' } } }]);
+    }
+  });
+
   test('a node-level check (node maintenance): the services on that node are read', async () => {
     const c = await cost('node maintenance on', () => consul.api('PUT', '/v1/agent/maintenance?enable=true&reason=test').then(() => undefined), (x) => [...x.values()].every((i) => i.length === 0));
     assert.equal(c.sweeps, 0);
