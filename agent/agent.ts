@@ -17,6 +17,7 @@ import { prepareRunDir } from './fs/run-dir.js';
 import { codes, errorCode, errorMessage, type Problem, type RenderError } from './errors.js';
 import type { Logger } from './log.js';
 import { Retry } from './retry.js';
+import { IdleCollector } from './idle-gc.js';
 import { plan, planLabels, PlanMemo, type PlanProblem, type Route } from './plan/plan.js';
 import { balancerFile, hostsFile as renderedHostsFile } from './contract/files.js';
 import { renderAll, writeRendered } from './render/render.js';
@@ -57,6 +58,8 @@ export class Agent {
   private again = false;
   /** A reconcile that failed for a reason no catalog change will fix (EMFILE, a full disk) runs again. */
   private readonly retry = new Retry(() => void this.reconcile());
+  /** A full collection 5 s after the last change on a node routing 500 services or more (see IdleCollector). */
+  private readonly idle: IdleCollector;
   private readonly reported = new Set<string>();
   lastRenderAt: number | undefined;
   /** The local Consul agent's node name, once it answered (reports fall back to the hostname). */
@@ -72,6 +75,7 @@ export class Agent {
     inherited?: InheritedSockets,
   ) {
     this.client = new ConsulClient({ ...consulClientOptions(config, logger.child({ stage: 'consul' })), onCall: (call) => this.metrics.observeConsul(call) });
+    this.idle = new IdleCollector({ quietMs: 5_000, minRoutes: 500, logger });
     this.addresses = new AddressBook({
       client: this.client,
       logger: logger.child({ stage: 'plan' }),
@@ -155,6 +159,7 @@ export class Agent {
   /** With `drain` (a signal), open connections may finish before the process goes; see DataPlane.close. */
   async stop(options: { drain?: boolean; handedOver?: boolean } = {}): Promise<void> {
     this.retry.stop();
+    this.idle.stop();
     // A gateway that handed over to its successor stays registered: the successor is the same gateway.
     await Promise.all([this.watcher.stop(), this.addresses.stop(), this.traffic.stop(), this.registration?.stop({ deregister: !options.handedOver })]);
     await this.reconciling;
@@ -353,6 +358,7 @@ export class Agent {
     // Where a change's time goes (bench:converge --agent-log shows it per change).
     this.logger.debug({ routes: planned.routes.length, ms: { addresses: ms(t0, t1), plan: ms(t1, t2), render: ms(t2, t3), serve: ms(t3, t4), write: ms(t4, t5) } }, 'reconciled');
     this.metrics.rendered({ failed: this.renderErrors.length > 0, reloaded: reload });
+    this.idle.touched(planned.routes.length);
     // A gateway enters the nodes' sets only once it serves what it rendered (a node would otherwise
     // try it, be refused and go on to the next address, for nothing).
     if (this.registration && !this.registrationStarted) {
